@@ -1,0 +1,95 @@
+"""The `st2si` command: a thin Typer layer over the library.
+
+Each command group lives in a module of its own and is registered here. Heavy libraries (torch,
+transformers, deepspeed) are imported inside the command functions, so `st2si --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from st2si_cli import __version__
+from st2si_cli.cli.output import debug_enabled, err
+from st2si_cli.errors import St2siError
+
+app = typer.Typer(
+    name="st2si",
+    help="Turn a decoder-only language model into a sequential recommender (ST2SI).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class State:
+    zoo_path: Optional[Path] = None
+
+
+state = State()
+
+
+def open_zoo():
+    from st2si_cli.zoo.store import Zoo
+
+    return Zoo(state.zoo_path)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"st2si {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    zoo: Optional[Path] = typer.Option(
+        None, "--zoo", help="Zoo folder (default: $ST2SI_HOME, else the platform's user data dir).",
+        envvar=None,
+    ),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    state.zoo_path = zoo
+
+
+def _register() -> None:
+    from st2si_cli.cli import commands  # noqa: F401  (registers commands on `app`)
+
+
+def _click_exception_type() -> type[Exception]:
+    """Click's base exception class. Newer Typer vendors Click (`typer._click`), so `click.ClickException`
+    would not match what it raises: find the class through one that Typer exports."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def main() -> None:
+    _register()
+    try:
+        # Without standalone mode, Click hands back the code of a `typer.Exit`/`ctx.exit()` (--help is 0).
+        exit_code = app(standalone_mode=False)
+    except St2siError as e:
+        if debug_enabled():
+            raise
+        err.print(f"Error: {e}", markup=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("Aborted.", markup=False)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except SystemExit:
+        raise
+    except Exception as e:  # a click usage error or a bug
+        if isinstance(e, _click_exception_type()):
+            e.show()
+            sys.exit(e.exit_code)
+        if debug_enabled():
+            raise
+        err.print(f"Error: {type(e).__name__}: {e} (set ST2SI_DEBUG=1 for a traceback)", markup=False, soft_wrap=True)
+        sys.exit(1)
+    if isinstance(exit_code, int) and exit_code:
+        sys.exit(exit_code)

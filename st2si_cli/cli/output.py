@@ -1,0 +1,68 @@
+"""Output discipline: results on stdout (human tables or JSON), messages and progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("ST2SI_DEBUG", "") not in ("", "0")
+
+
+def print_json(obj: Any) -> None:
+    """One JSON document on stdout (plain print: no rich markup, no wrapping)."""
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_jsonl(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def progress_enabled() -> bool:
+    """Progress bars only for a person watching: stderr is a terminal and ST2SI_NO_PROGRESS is unset."""
+    if os.environ.get("ST2SI_NO_PROGRESS"):
+        return False
+    return err.is_terminal
+
+
+def make_progress(transient: bool = True):
+    """A rich Progress with ETA on stderr, disabled when nobody is watching."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=transient,
+        disable=not progress_enabled(),
+    )
