@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,7 +26,7 @@ app = typer.Typer(
 
 
 class State:
-    zoo_path: Optional[Path] = None
+    zoo_path: Path | None = None
 
 
 state = State()
@@ -47,7 +46,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    zoo: Optional[Path] = typer.Option(
+    zoo: Path | None = typer.Option(
         None, "--zoo", help="Zoo folder (default: $ST2SI_HOME, else the platform's user data dir).",
         envvar=None,
     ),

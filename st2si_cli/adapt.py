@@ -1,0 +1,189 @@
+"""`adapt` and `eval`: efficient ILP tuning on cached features of a frozen backbone, and evaluation.
+
+    dataset + backbone --(one forward pass, cached)--> features --(AdamW on the ILP)--> head
+
+The head records the backbone, dataset and feature-cache IDs, the catalog hash, its text and
+training settings, per-epoch validation metrics, and its validation and test metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from st2si_cli.errors import St2siError
+from st2si_cli.text import TextConfig
+from st2si_cli.zoo.store import Artifact, Zoo
+
+
+class Reporter:
+    """Progress hooks; the CLI draws bars, the library default stays silent."""
+
+    def features_start(self, total_tokens: int, n_samples: int) -> None: ...
+    def features_advance(self, tokens: int, samples: int) -> None: ...
+    def features_done(self) -> None: ...
+    def training_start(self, steps_per_epoch: int, max_epochs: int) -> None: ...
+    def training_step(self, n: int) -> None: ...
+    def epoch(self, record: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+@dataclass
+class FeatureOptions:
+    dtype: str = "auto"
+    device: str = "cpu"
+    batch_tokens: int = 16384
+    max_batch: int = 64
+    alignment: bool = True
+
+
+def get_features(
+    zoo: Zoo,
+    backbone_ref: str,
+    dataset_art: Artifact,
+    text: TextConfig,
+    opts: FeatureOptions,
+    reporter: Reporter | None = None,
+) -> tuple[Artifact, Any, Artifact]:
+    """(features artifact, FeatureSet, backbone artifact): from the cache, else one forward pass."""
+    from st2si_cli.backbones import ensure_backbone, load_backbone, resolve_dtype
+    from st2si_cli.data.prepare import load_dataset
+    from st2si_cli.features import cache_key, cache_name, compute_features, dtype_name, load_feature_set
+
+    reporter = reporter or Reporter()
+    bb_art = ensure_backbone(zoo, backbone_ref)
+    key = cache_key(bb_art.id, dataset_art.id, text, dtype_name(resolve_dtype(opts.dtype, opts.device)), opts.alignment)
+    cached = zoo.find(cache_name(key), kind="features")
+    if cached is not None:
+        reporter.message(f"Using cached features {cached.name} ({cached.meta.get('positions')} positions)")
+        return cached, load_feature_set(zoo, cached), bb_art
+    backbone = load_backbone(zoo, bb_art.id, dtype=opts.dtype, device=opts.device, query=text.query)
+    ds = load_dataset(zoo, dataset_art.id)
+    reporter.message(f"Computing features with {bb_art.name or bb_art.short_id} ({dtype_name(backbone.dtype)})")
+    art, fs = compute_features(
+        zoo, backbone, ds, dataset_art.id, text,
+        alignment=opts.alignment, batch_tokens=opts.batch_tokens, max_batch=opts.max_batch, device=opts.device,
+        on_start=reporter.features_start, on_progress=reporter.features_advance,
+    )
+    reporter.features_done()
+    return art, fs, bb_art
+
+
+def adapt(
+    zoo: Zoo,
+    domain: str,
+    *,
+    backbone: str = "smollm2-135m",
+    text: TextConfig | None = None,
+    head_cfg: Any = None,
+    feature_opts: FeatureOptions | None = None,
+    name: str | None = None,
+    reporter: Reporter | None = None,
+) -> Artifact:
+    """Train a new ILP head for `domain` on a frozen backbone; store and return it."""
+    from st2si_cli.data.prepare import load_dataset
+    from st2si_cli.features import TEST, VALID
+    from st2si_cli.heads import save_head
+    from st2si_cli.train.head import (
+        HeadConfig,
+        alignment_accuracy,
+        evaluate_split,
+        steps_per_epoch,
+        train_head,
+    )
+
+    reporter = reporter or Reporter()
+    text = text or TextConfig()
+    head_cfg = head_cfg or HeadConfig()
+    feature_opts = feature_opts or FeatureOptions(alignment=head_cfg.alignment)
+    dataset_art = zoo.get(domain, kind="dataset")
+    t0 = time.time()
+    feat_art, fs, bb_art = get_features(zoo, backbone, dataset_art, text, feature_opts, reporter)
+    t_features = time.time() - t0
+    ds = load_dataset(zoo, dataset_art.id)
+
+    reporter.training_start(steps_per_epoch(fs, head_cfg), head_cfg.max_epochs)
+    result = train_head(fs, ds.n_items, head_cfg, on_epoch=reporter.epoch, on_step=reporter.training_step)
+    valid = evaluate_split(result.weight, fs, VALID, ties=head_cfg.ties)
+    test = evaluate_split(result.weight, fs, TEST, ties=head_cfg.ties)
+    align = alignment_accuracy(result.weight, fs)
+    meta = {
+        "method": "ilp",
+        "dtype": feat_art.meta.get("dtype"),
+        "train": head_cfg.to_dict(),
+        "inputs": {"features": feat_art.id},
+        "metrics": {"valid": valid, "test": test, "alignment": align},
+        "protocol": {"ties": head_cfg.ties, "mask_history": False, "ranking": "full"},
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "timings": {
+            "features_seconds": round(t_features, 2),
+            "features_cached": feat_art.meta.get("timings", {}),
+            "training_seconds": round(result.seconds, 2),
+        },
+    }
+    return save_head(zoo, result.weight, domain=domain, backbone=bb_art, dataset=dataset_art, text=text,
+                     meta=meta, name=name)
+
+
+def evaluate(
+    zoo: Zoo,
+    domain: str,
+    *,
+    head_ref: str | None = None,
+    split: str = "test",
+    protocol: str = "full",
+    ties: str = "pessimistic",
+    mask_history: bool = False,
+    backbone: str | None = None,
+    feature_opts: FeatureOptions | None = None,
+    ks: tuple[int, ...] = (10,),
+    n_candidates: int = 20,
+    seeds: int = 20,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Metrics of a head on the validation or test targets of its domain."""
+    from st2si_cli.data.prepare import load_dataset
+    from st2si_cli.features import TEST, VALID
+    from st2si_cli.heads import check_compatible, find_head, head_text_config, load_head_weight
+    from st2si_cli.metrics import candidate_hit_ratio
+    from st2si_cli.train.head import alignment_accuracy, evaluate_split, history_exclusions
+
+    if split not in ("valid", "test"):
+        raise St2siError(f"--split must be valid or test, not {split!r}")
+    if protocol not in ("full", "candidates-20") and not protocol.startswith("candidates-"):
+        raise St2siError(f"--protocol must be full or candidates-N, not {protocol!r}")
+    t0 = time.time()
+    head = find_head(zoo, domain, head_ref)
+    dataset_art = zoo.get(domain, kind="dataset")
+    bb_ref = backbone or head.meta["backbone"]
+    bb_art = zoo.get(bb_ref, kind="backbone")
+    check_compatible(head, backbone=bb_art, dataset=dataset_art)
+    text = head_text_config(head)
+    opts = feature_opts or FeatureOptions(alignment=True)
+    _, fs, _ = get_features(zoo, bb_art.id, dataset_art, text, opts, reporter)
+    weight = load_head_weight(zoo, head)
+    role = VALID if split == "valid" else TEST
+    ds = load_dataset(zoo, dataset_art.id)
+    result: dict[str, Any] = {
+        "domain": domain,
+        "head": head.name,
+        "head_id": head.id,
+        "backbone": bb_art.name,
+        "split": split,
+        "protocol": {"ranking": protocol, "ties": ties, "mask_history": mask_history},
+    }
+    if protocol == "full":
+        result["metrics"] = evaluate_split(weight, fs, role, sequences=ds.sequences, ties=ties,
+                                           mask_history=mask_history, ks=ks)
+    else:
+        n = int(protocol.split("-", 1)[1])
+        rows = fs.rows(role)
+        scores = fs.feats[rows] @ weight.float().T
+        histories = history_exclusions(fs, rows, ds.sequences, role)
+        result["metrics"] = candidate_hit_ratio(scores, fs.targets[rows], histories, n_candidates=n,
+                                                seeds=range(seeds), ties=ties)
+    result["metrics"].update(alignment_accuracy(weight, fs))
+    result["seconds"] = round(time.time() - t0, 2)
+    return result

@@ -1,0 +1,115 @@
+"""`st2si adapt` and `st2si eval`."""
+
+from __future__ import annotations
+
+import typer
+
+from st2si_cli.cli.app import app, open_zoo
+from st2si_cli.cli.output import err, out, print_json
+
+DEFAULT_BACKBONE = "smollm2-135m"
+
+
+def metrics_table(title: str, rows: dict[str, dict[str, float]]):
+    from rich.table import Table
+
+    keys: list[str] = []
+    for m in rows.values():
+        keys += [k for k in m if k not in keys and k != "n_users" and not k.startswith("n_")]
+    table = Table(title=title)
+    table.add_column("")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *(f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys))
+    return table
+
+
+@app.command("adapt")
+def adapt_cmd(
+    domain: str = typer.Option(..., "--domain", help="Dataset name in the zoo (from `st2si prepare`)."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Backbone name or ID in the zoo."),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate of the head."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Query positions per step."),
+    epochs: int = typer.Option(100, "--epochs", help="Most epochs (early stopping usually ends sooner)."),
+    patience: int = typer.Option(5, "--patience", help="Epochs without a better valid NDCG@10 before stopping."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    seed: int = typer.Option(0, "--seed"),
+    attributes: str = typer.Option("title", "--attributes", help="Item attributes in order, comma-separated (e.g. title,brand,category)."),
+    max_items: int = typer.Option(50, "--max-items", help="Newest history items kept per user."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Token budget of a history, newest first."),
+    query_token: str = typer.Option("dot", "--query-token", help="dot: the tokenizer's '.'; new: an added [Q] token."),
+    no_multi_query: bool = typer.Option(False, "--no-multi-query", help="Train on each user's last query only."),
+    no_alignment: bool = typer.Option(False, "--no-alignment", help="Leave out the ID-alignment samples."),
+    no_clean: bool = typer.Option(False, "--no-clean", help="Keep HTML entities and whitespace as in the data."),
+    dtype: str = typer.Option("auto", "--dtype", help="Backbone dtype: auto (bf16 where native), bf16, fp32."),
+    device: str = typer.Option("cpu", "--device"),
+    batch_tokens: int = typer.Option(16384, "--batch-tokens", help="Padded tokens per forward batch."),
+    name: str | None = typer.Option(None, "--name", help="Name of the new head (default DOMAIN/BACKBONE)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the head's record as JSON."),
+) -> None:
+    """Train a new ILP head for a domain on a frozen backbone (features cached in the zoo)."""
+    from st2si_cli.adapt import FeatureOptions, adapt
+    from st2si_cli.cli.reporting import RichReporter
+    from st2si_cli.text import TextConfig
+    from st2si_cli.train.head import HeadConfig
+
+    text = TextConfig(
+        attributes=tuple(a.strip() for a in attributes.split(",") if a.strip()),
+        max_items=max_items, max_tokens=max_tokens, query=query_token, clean=not no_clean,
+    )
+    head_cfg = HeadConfig(
+        lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=epochs, patience=patience, seed=seed,
+        multi_query=not no_multi_query, alignment=not no_alignment,
+    )
+    reporter = RichReporter()
+    zoo = open_zoo()
+    try:
+        head = adapt(
+            zoo, domain, backbone=backbone, text=text, head_cfg=head_cfg,
+            feature_opts=FeatureOptions(dtype=dtype, device=device, batch_tokens=batch_tokens, alignment=True),
+            name=name, reporter=reporter,
+        )
+    finally:
+        reporter.close()
+    m = head.meta["metrics"]
+    if json_out:
+        print_json({"head": head.name, "id": head.id, "domain": domain, "metrics": m,
+                    "best_epoch": head.meta["best_epoch"], "timings": head.meta["timings"]})
+        return
+    out.print(metrics_table(f"{head.name} (best epoch {head.meta['best_epoch']})",
+                            {"valid": m["valid"], "test": {**m["test"], **m["alignment"]}}))
+    t = head.meta["timings"]
+    err.print(f"Stored head {head.name} ({head.short_id}); features {t['features_seconds']:.1f}s, "
+              f"training {t['training_seconds']:.1f}s", markup=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    domain: str = typer.Option(..., "--domain"),
+    head: str | None = typer.Option(None, "--head", help="Head name or ID (default: the domain's newest)."),
+    split: str = typer.Option("test", "--split", help="valid or test."),
+    protocol: str = typer.Option("full", "--protocol", help="full (rank all items) or candidates-20."),
+    ties: str = typer.Option("pessimistic", "--ties", help="pessimistic (default) or optimistic (the authors' rule)."),
+    mask_history: bool = typer.Option(False, "--mask-history", help="Never rank items the user already has."),
+    backbone: str | None = typer.Option(None, "--backbone", help="Backbone to use (must be the head's)."),
+    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = typer.Option("cpu", "--device"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Evaluate a head: NDCG@10, Recall@10, MRR, MRR@10 and text->ID accuracy (Acc@1, Acc@5)."""
+    from st2si_cli.adapt import FeatureOptions, evaluate
+    from st2si_cli.cli.reporting import RichReporter
+
+    reporter = RichReporter(quiet=json_out)
+    try:
+        result = evaluate(open_zoo(), domain, head_ref=head, split=split, protocol=protocol, ties=ties,
+                          mask_history=mask_history, backbone=backbone,
+                          feature_opts=FeatureOptions(dtype=dtype, device=device), reporter=reporter)
+    finally:
+        reporter.close()
+    if json_out:
+        print_json(result)
+        return
+    out.print(metrics_table(f"{result['head']} on {domain} ({split}, {protocol}, ties {ties})",
+                            {split: result["metrics"]}))

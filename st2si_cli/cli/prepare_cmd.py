@@ -1,0 +1,124 @@
+"""`st2si prepare`: raw data -> a dataset artifact in the zoo.
+
+The library does the work (`st2si_cli.data.prepare`); this module parses options and prints the
+paper's Table 1 statistics. The input is parsed completely before the zoo is opened, so bad input
+leaves the zoo untouched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from st2si_cli.cli.app import app, open_zoo
+from st2si_cli.cli.output import out, print_json
+
+FORMAT_HELP = (
+    "Input format: amazon-raw, recformer, json-lists, recbole, recbole-unisrec, generic (default: detect)."
+)
+
+
+def _report_lines(report: dict[str, Any]) -> list[str]:
+    skip = {"source", "format"}
+    lines = []
+    for key, value in report.items():
+        if key in skip:
+            continue
+        shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        lines.append(f"  {key.replace('_', ' ')}: {shown}")
+    return lines
+
+
+def _print_table(name: str, art_id: str, fmt: str, stats: dict[str, Any], report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Dataset {name} ({fmt})", title_justify="left")
+    for col in ("Dataset", "#Users", "#Items", "#Interactions", "Avg. length", "Density"):
+        table.add_column(col, justify="left" if col == "Dataset" else "right")
+    table.add_row(
+        name,
+        f"{stats['users']:,}",
+        f"{stats['items']:,}",
+        f"{stats['interactions']:,}",
+        f"{stats['avg_length']:.2f}",
+        f"{stats['density']:.4%}",
+    )
+    out.print(table)
+    out.print(f"dataset hash: {art_id}", markup=False, soft_wrap=True)
+    out.print("report:", markup=False)
+    for line in _report_lines(report):
+        out.print(line, markup=False, soft_wrap=True)
+
+
+@app.command("prepare")
+def prepare(
+    source: Path | None = typer.Argument(
+        None,
+        metavar="SOURCE",
+        help="Folder holding the raw files (or one of its files). Format detected from the file names.",
+    ),
+    domain: str | None = typer.Option(
+        None, "--domain", help="Dataset name in the zoo (default with --source: the index's domain)."
+    ),
+    format: str | None = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
+    source_name: str | None = typer.Option(
+        None,
+        "--source",
+        help="A short name from the dataset index instead of SOURCE (movielens-100k, movielens-1m).",
+    ),
+    k_core: int = typer.Option(
+        0, "--k-core", min=0, help="Keep only users and items with >= K interactions (0: off)."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Interactions naming items absent from the item file are an error."
+    ),
+    items: Path | None = typer.Option(
+        None, "--items", help="Item file (with --interactions, instead of SOURCE)."
+    ),
+    interactions: Path | None = typer.Option(
+        None, "--interactions", help="Interaction file (with --items, instead of SOURCE)."
+    ),
+    min_user_interactions: int = typer.Option(
+        3,
+        "--min-user-interactions",
+        min=3,
+        help="Drop users with fewer interactions (leave-one-out needs 3).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
+) -> None:
+    """Turn raw data into a dataset artifact (catalog + user sequences) and print its statistics and hash."""
+    from st2si_cli.data.prepare import parse_dataset, resolve_source_name, store_dataset
+
+    src: Path | str | None = source
+    if source_name is not None:
+        if source is not None or items is not None or interactions is not None:
+            raise typer.BadParameter(
+                "--source NAME replaces SOURCE and --items/--interactions", param_hint="--source"
+            )
+        path, fmt_default, entry = resolve_source_name(source_name)
+        src = path
+        format = format or fmt_default
+        domain = domain or entry.get("domain") or source_name
+    if not domain:
+        raise typer.BadParameter("a dataset needs a name: pass --domain NAME", param_hint="--domain")
+
+    ds, fmt = parse_dataset(
+        src,
+        format=format,
+        k_core=k_core,
+        strict=strict,
+        min_user_interactions=min_user_interactions,
+        item_file=items,
+        interactions_file=interactions,
+    )
+    label = src if src is not None else interactions
+    extra = {"source_name": source_name} if source_name else None
+    with open_zoo() as zoo:  # opened only now: bad input above leaves the zoo untouched
+        art = store_dataset(zoo, ds, domain=domain, fmt=fmt, source=label, extra_meta=extra)
+    stats = ds.stats()
+    if as_json:
+        print_json({"name": domain, "id": art.id, "stats": stats, "report": ds.report, "format": fmt})
+    else:
+        _print_table(domain, art.id, fmt, stats, ds.report)

@@ -1,0 +1,28 @@
+"""`st2si zoo pull`: build or fetch a backbone into the zoo."""
+
+from __future__ import annotations
+
+import typer
+
+from st2si_cli.cli.app import open_zoo
+from st2si_cli.cli.output import err, human_size, print_json
+from st2si_cli.cli.zoo_cmd import zoo_app
+
+
+@zoo_app.command("pull")
+def pull_cmd(
+    ref: str = typer.Argument(..., help="smollm2-135m (offline default), tiny-opt, tiny-llama, a hub id, a .gguf file or an HF folder."),
+    name: str | None = typer.Option(None, "--name", help="Name in the zoo."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Build or download a backbone and store it in the zoo."""
+    from st2si_cli.backbones import pull
+    from st2si_cli.hf import quiet_transformers
+
+    quiet_transformers()
+    err.print(f"Pulling {ref} ...", markup=False)
+    art = pull(open_zoo(), ref, name)
+    if json_out:
+        print_json(art.to_dict())
+    else:
+        err.print(f"Stored backbone {art.name} ({art.short_id}, {human_size(art.size)})", markup=False)

@@ -1,0 +1,66 @@
+"""A `Reporter` that draws rich progress bars (with ETA) and epoch lines on stderr."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from st2si_cli.adapt import Reporter
+from st2si_cli.cli.output import err, make_progress, progress_enabled
+
+
+class RichReporter(Reporter):
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.progress = make_progress(transient=False)
+        self._task: Any = None
+        self._train: Any = None
+        self._started = False
+
+    def _start(self) -> None:
+        if not self._started and progress_enabled() and not self.quiet:
+            self.progress.start()
+            self._started = True
+
+    def close(self) -> None:
+        if self._started:
+            self.progress.stop()
+            self._started = False
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            err.print(text, markup=False)
+
+    def features_start(self, total_tokens: int, n_samples: int) -> None:
+        self._start()
+        self.message(f"Feature pass: {n_samples:,} samples, {total_tokens:,} tokens")
+        self._task = self.progress.add_task("features (tokens)", total=total_tokens, rate="")
+
+    def features_advance(self, tokens: int, samples: int) -> None:
+        if self._task is not None:
+            self.progress.advance(self._task, tokens)
+            task = self.progress.tasks[self._task]
+            if task.speed:
+                self.progress.update(self._task, rate=f"{task.speed:,.0f} tok/s")
+
+    def features_done(self) -> None:
+        if self._task is not None:
+            self.progress.remove_task(self._task)
+            self._task = None
+
+    def training_start(self, steps_per_epoch: int, max_epochs: int) -> None:
+        self._start()
+        self._steps = steps_per_epoch
+        self._train = self.progress.add_task("epoch 1", total=steps_per_epoch, rate="")
+
+    def training_step(self, n: int) -> None:
+        if self._train is not None:
+            self.progress.advance(self._train, n)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        mark = "*" if record.get("improved") else " "
+        self.message(
+            f"epoch {record['epoch']:3d}{mark} loss {record['loss']:.4f}  valid NDCG@10 {record['valid_NDCG@10']:.4f}"
+            f"  Recall@10 {record['valid_Recall@10']:.4f}  ({record['seconds']:.1f}s)"
+        )
+        if self._train is not None:
+            self.progress.reset(self._train, total=self._steps, description=f"epoch {record['epoch'] + 1}")

@@ -1,0 +1,408 @@
+"""`st2si zoo ...`: look at and tidy the local store of artifacts.
+
+The logic lives in `st2si_cli.zoo.store` (plain dataclasses); this module only formats it. Results go
+to stdout (rich tables, or JSON with `--json`), warnings, prompts and progress to stderr. Other
+modules add commands to `zoo_app` (e.g. `pull`), so it is exported.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from st2si_cli.cli.app import app, open_zoo, state
+from st2si_cli.cli.output import err, human_size, make_progress, out, print_json
+from st2si_cli.errors import St2siError
+
+if TYPE_CHECKING:  # the store pulls in sqlite-utils: imported only when a command runs
+    from st2si_cli.zoo.store import Artifact, RemovalPlan, VerifyReport, Zoo
+
+zoo_app = typer.Typer(
+    help="Look at and tidy the local zoo of artifacts (datasets, catalogs, backbones, heads, features, runs).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(zoo_app, name="zoo")
+
+JSON_HELP = "Print JSON on stdout instead of a table."
+# Metrics shown in `ls`, in this order, when an artifact records them (matched case-insensitively).
+HEADLINE_METRICS = ("ndcg@10", "recall@10", "hr@10", "mrr@10")
+
+
+# ---- formatting helpers ------------------------------------------------------------------------------
+def _label(art: Artifact) -> str:
+    """`kind name (short id)`, or `kind short id` for an unnamed artifact."""
+    return f"{art.kind} {art.name} ({art.short_id})" if art.name else f"{art.kind} {art.short_id}"
+
+
+def _local_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _number(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _headline_metrics(metrics: Any, limit: int = 2) -> list[tuple[str, Any]]:
+    """The few metrics worth a glance: test split if metrics are per split, NDCG@10 first."""
+    if not isinstance(metrics, Mapping):
+        return []
+    for split in ("test", "valid", "validation"):
+        if isinstance(metrics.get(split), Mapping):
+            metrics = metrics[split]
+            break
+    numeric = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    by_key = {k.lower(): (k, v) for k, v in numeric}
+    chosen = [by_key[k] for k in HEADLINE_METRICS if k in by_key]
+    return (chosen or numeric)[:limit]
+
+
+def _flags(flags: Any) -> str:
+    if isinstance(flags, Mapping):
+        return " ".join(k if v is True else f"{k}={v}" for k, v in flags.items() if v not in (False, None))
+    if isinstance(flags, (list, tuple)):
+        return " ".join(str(f) for f in flags)
+    return str(flags) if flags else ""
+
+
+def summarize(art: Artifact) -> str:
+    """One short line from meta: dataset stats, headline metrics, run flags."""
+    meta = art.meta
+    parts = []
+    stats = meta.get("stats")
+    if isinstance(stats, Mapping):
+        parts += [
+            f"{key} {_number(stats[key])}" for key in ("users", "items", "interactions") if key in stats
+        ]
+    parts += [f"{k} {_number(v)}" for k, v in _headline_metrics(meta.get("metrics"))]
+    flags = _flags(meta.get("flags"))
+    if flags:
+        parts.append(f"[{flags}]")
+    return ", ".join(parts)
+
+
+def _brief(art: Artifact) -> dict[str, Any]:
+    return {"id": art.id, "kind": art.kind, "name": art.name}
+
+
+def _require_kind(kind: str | None) -> None:
+    from st2si_cli.zoo.store import KINDS
+
+    if kind is not None and kind not in KINDS:
+        raise typer.BadParameter(f"{kind!r} is not one of {', '.join(KINDS)}", param_hint="'--kind'")
+
+
+# ---- commands ----------------------------------------------------------------------------------------
+@zoo_app.command("path")
+def path_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Print the zoo folder: --zoo PATH, else $ST2SI_HOME, else the platform's user data dir."""
+    from st2si_cli.zoo.store import resolve_root
+
+    root = resolve_root(state.zoo_path)
+    if as_json:
+        print_json({"root": str(root)})
+    else:
+        typer.echo(str(root))
+
+
+@zoo_app.command("ls")
+def ls_cmd(
+    kind: str | None = typer.Option(
+        None, "--kind", help="Only this kind: dataset, catalog, backbone, head, features or run."
+    ),
+    domain: str | None = typer.Option(None, "--domain", help="Only this domain (e.g. ml-100k)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array of artifacts on stdout."),
+) -> None:
+    """List artifacts, newest first."""
+    _require_kind(kind)
+    zoo = open_zoo()
+    arts = zoo.ls(kind=kind, domain=domain)
+    if as_json:
+        print_json([{**a.to_dict(), "names": zoo.names_of(a)} for a in arts])
+        return
+    if not arts:
+        what = " ".join(x for x in (kind and f"kind={kind}", domain and f"domain={domain}") if x)
+        err.print(f"No artifacts{' with ' + what if what else ''} in the zoo at {zoo.root}.", markup=False)
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, pad_edge=False)
+    table.add_column("NAME", overflow="fold")
+    table.add_column("KIND")
+    table.add_column("DOMAIN", overflow="fold")
+    table.add_column("ID", no_wrap=True)
+    table.add_column("SIZE", justify="right", no_wrap=True)
+    table.add_column("CREATED", no_wrap=True)
+    table.add_column("SUMMARY")
+    for a in arts:  # Text cells: names and meta are data, never rich markup
+        cells = (a.name or "", a.kind, a.domain or "", a.short_id, human_size(a.size), _local_time(a.created))
+        table.add_row(*(Text(c) for c in cells), Text(summarize(a)))
+    out.print(table)
+    total = sum(a.size for a in arts)
+    err.print(
+        f"{len(arts)} artifact(s), {human_size(total)} (shared blobs counted once per artifact).",
+        markup=False,
+    )
+
+
+def _inputs(zoo: Zoo, art: Artifact) -> list[dict[str, Any]]:
+    """meta["inputs"] with each ID looked up: role, id, and the name and kind if it is still in the zoo."""
+    from st2si_cli.zoo.store import input_ids
+
+    inputs = art.meta.get("inputs") or {}
+    roles = inputs.items() if isinstance(inputs, Mapping) else [("", v) for v in inputs]
+    rows = []
+    for role, value in roles:
+        for ref in sorted(input_ids({"inputs": {role: value}})):
+            try:
+                found = zoo.find(ref)
+            except St2siError:  # an ambiguous prefix: not a clean reference
+                found = None
+            rows.append(
+                {
+                    "role": role,
+                    "id": ref,
+                    "present": found is not None,
+                    "name": found.name if found else None,
+                    "kind": found.kind if found else None,
+                }
+            )
+    return rows
+
+
+def _info_dict(zoo: Zoo, art: Artifact) -> dict[str, Any]:
+    sizes = {
+        r["sha256"]: r["size"]
+        for r in zoo.db["blobs"].rows_where("sha256 IN (SELECT blob FROM files WHERE artifact = ?)", [art.id])
+    }
+    return {
+        **art.to_dict(),
+        "names": zoo.names_of(art),
+        "file_details": [
+            {"name": f, "sha256": sha, "size": sizes.get(sha), "path": str(zoo.blob_path(sha))}
+            for f, sha in sorted(art.files.items())
+        ],
+        "inputs": _inputs(zoo, art),
+        "dependents": [_brief(d) for d in zoo.dependents(art)],
+    }
+
+
+@zoo_app.command("info")
+def info_cmd(
+    ref: str = typer.Argument(
+        ..., metavar="NAME|ID", help="A name, a full ID or a unique ID prefix (6+ characters)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Everything about one artifact: files, meta (config, inputs, versions, metrics), names, dependents."""
+    zoo = open_zoo()
+    art = zoo.get(ref)
+    info = _info_dict(zoo, art)
+    if as_json:
+        print_json(info)
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    head = Table(box=None, show_header=False, pad_edge=False)
+    head.add_column(style="bold", no_wrap=True)
+    head.add_column(overflow="fold")
+    head.add_row("id", Text(art.id))
+    head.add_row("kind", art.kind)
+    head.add_row("names", Text(", ".join(info["names"]) or "(none)"))
+    head.add_row("domain", Text(art.domain or ""))
+    head.add_row("created", f"{_local_time(art.created)} ({info['created']})")
+    head.add_row("size", f"{human_size(art.size)} ({art.size:,} bytes)")
+    summary = summarize(art)
+    if summary:
+        head.add_row("summary", Text(summary))
+    out.print(head)
+
+    files = Table(title="Files", title_justify="left", box=None, pad_edge=False)
+    files.add_column("FILE", overflow="fold")
+    files.add_column("SIZE", justify="right", no_wrap=True)
+    files.add_column("BLOB", no_wrap=True)
+    for f in info["file_details"]:
+        files.add_row(Text(f["name"]), human_size(f["size"] or 0), f["sha256"][:12])
+    out.print()
+    out.print(files)
+
+    if info["inputs"]:
+        out.print()
+        out.print("Inputs", style="bold")
+        for i in info["inputs"]:
+            where = f"{i['kind']} {i['name'] or ''}".strip() if i["present"] else "MISSING from the zoo"
+            out.print(f"  {i['role']}: {i['id'][:12]}  {where}", markup=False, soft_wrap=True)
+    out.print()
+    out.print("Used by", style="bold")
+    if info["dependents"]:
+        for d in info["dependents"]:
+            out.print(
+                f"  {d['kind']} {d['name'] or d['id'][:12]} ({d['id'][:12]})", markup=False, soft_wrap=True
+            )
+    else:
+        out.print("  (nothing in the zoo lists it as an input)", markup=False)
+    meta = {k: v for k, v in art.meta.items() if k != "inputs"}
+    if meta:
+        import json
+
+        out.print()
+        out.print("Meta", style="bold")
+        out.print(json.dumps(meta, indent=2, ensure_ascii=False, default=str), markup=False, soft_wrap=True)
+
+
+def _plan_dict(zoo: Zoo, plan: RemovalPlan) -> dict[str, Any]:
+    art = plan.artifact
+    return {
+        **_brief(art),
+        "names": plan.names,
+        "size": art.size,
+        "files": len(art.files),
+        "blobs_freed": [{"sha256": sha, "size": size} for sha, size in plan.blobs],
+        "blobs_kept": len(set(art.files.values())) - len(plan.blobs),
+        "bytes_freed": plan.bytes_freed,
+        "dependents": [_brief(d) for d in plan.dependents],
+    }
+
+
+def _print_plan(plan: RemovalPlan, dry_run: bool) -> None:
+    art = plan.artifact
+    verb = "Would remove" if dry_run else "Will remove"
+    kept = len(set(art.files.values())) - len(plan.blobs)
+    out.print(f"{verb} {_label(art)}: {len(art.files)} file(s)", markup=False, soft_wrap=True)
+    out.print(f"  names dropped: {', '.join(plan.names) or '(none)'}", markup=False, soft_wrap=True)
+    freed = f"  frees {human_size(plan.bytes_freed)} in {len(plan.blobs)} blob(s)"
+    if kept:
+        freed += f"; {kept} blob(s) shared with other artifacts are kept"
+    out.print(freed, markup=False, soft_wrap=True)
+
+
+def _warn_dependents(plan: RemovalPlan) -> None:
+    if not plan.dependents:
+        return
+    err.print(
+        f"Warning: {len(plan.dependents)} artifact(s) list {_label(plan.artifact)} as an input and would be "
+        "left with a dangling input:",
+        markup=False,
+        soft_wrap=True,
+    )
+    for d in plan.dependents:
+        err.print(f"  {_label(d)}", markup=False, soft_wrap=True)
+
+
+@zoo_app.command("rm")
+def rm_cmd(
+    ref: str = typer.Argument(
+        ..., metavar="NAME|ID", help="A name, a full ID or a unique ID prefix (6+ characters)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be removed and change nothing."),
+    yes: bool = typer.Option(
+        False, "--yes", "-y", help="Do not ask for confirmation (required when stdin is not a terminal)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Remove an artifact, its names and the blobs no other artifact uses (planned first, then done)."""
+    zoo = open_zoo()
+    plan = zoo.plan_rm(ref)
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if not (dry_run or yes or interactive):
+        raise St2siError(
+            f"refusing to remove {_label(plan.artifact)} without --yes: stdin is not a terminal "
+            "(see the plan with --dry-run)"
+        )
+    result = _plan_dict(zoo, plan)
+    if not as_json:
+        _print_plan(plan, dry_run)
+    _warn_dependents(plan)
+    if dry_run:
+        if as_json:
+            print_json({**result, "dry_run": True, "removed": False})
+        return
+    if not yes and not typer.confirm(f"Remove {_label(plan.artifact)}?", default=False, err=True):
+        err.print("Nothing removed.", markup=False)
+        raise typer.Exit(1)
+    freed = zoo.execute_rm(plan)
+    freed_set = set(freed)
+    bytes_freed = sum(size for sha, size in plan.blobs if sha in freed_set)
+    if as_json:
+        print_json({**result, "bytes_freed": bytes_freed, "dry_run": False, "removed": True})
+    else:
+        out.print(
+            f"Removed {_label(plan.artifact)}: freed {human_size(bytes_freed)}.", markup=False, soft_wrap=True
+        )
+
+
+def _verify_dict(zoo: Zoo, report: VerifyReport) -> dict[str, Any]:
+    def users(sha: str) -> list[dict[str, Any]]:
+        return [_brief(zoo.get(a)) for a in sorted(set(zoo.artifacts_using_blob(sha)))]
+
+    def blob(sha: str) -> dict[str, Any]:
+        return {"sha256": sha, "path": str(zoo.blob_path(sha)), "artifacts": users(sha)}
+
+    return {
+        "root": str(zoo.root),
+        "checked": report.checked,
+        "ok": report.ok,
+        "mismatched": [blob(sha) for sha in report.mismatched],
+        "missing": [blob(sha) for sha in report.missing],
+        "orphans": [{"sha256": name, "path": str(zoo.blob_path(name))} for name in report.orphans],
+    }
+
+
+def _run_verify(zoo: Zoo) -> VerifyReport:
+    total = zoo.blobs_total_size()
+    with make_progress() as progress:
+        task = progress.add_task("Verifying blobs", total=total, rate="")
+
+        def advance(n: int) -> None:
+            speed = progress.tasks[task].speed
+            progress.update(task, advance=n, rate=f"{human_size(speed)}/s" if speed else "")
+
+        return zoo.verify(progress=advance)
+
+
+@zoo_app.command("verify")
+def verify_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Re-hash every blob; report changed and missing blobs (exit 1) and orphan files (a warning)."""
+    zoo = open_zoo()
+    report = _run_verify(zoo)
+    result = _verify_dict(zoo, report)
+    if as_json:
+        print_json(result)
+    else:
+        for problem, key in (("MISMATCH", "mismatched"), ("MISSING", "missing")):
+            for b in result[key]:
+                used_by = (
+                    ", ".join(f"{a['kind']} {a['name'] or a['id'][:12]}" for a in b["artifacts"])
+                    or "no artifact"
+                )
+                out.print(f"{problem}  {b['sha256']}  used by {used_by}", markup=False, soft_wrap=True)
+        status = "OK" if report.ok else "FAILED"
+        out.print(
+            f"{status}: checked {report.checked} blob(s) ({human_size(zoo.blobs_total_size())}): "
+            f"{len(report.mismatched)} mismatched, {len(report.missing)} missing.",
+            markup=False,
+            soft_wrap=True,
+        )
+    if report.orphans:
+        err.print(
+            f"Warning: {len(report.orphans)} orphan file(s) under {zoo.root / 'blobs'} that no artifact uses "
+            "(left by an interrupted put or rm):",
+            markup=False,
+            soft_wrap=True,
+        )
+        for name in report.orphans:
+            err.print(f"  {zoo.blob_path(name)}", markup=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)

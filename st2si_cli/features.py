@@ -1,0 +1,334 @@
+"""Samples and features: one forward pass per user yields every query position's hidden state.
+
+Attention is causal, so over a user's history without its test item, the query after item j sees
+items 1..j only: the last query predicts the test item, the one before it the validation item, and
+the rest are training positions, all from one pass without leakage. With the backbone frozen in eval
+mode these features are fixed, so they are computed once and cached in the zoo (in shards, so a killed
+run resumes), and head training becomes epochs over a matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from st2si_cli import __version__
+from st2si_cli.data.dataset import Dataset
+from st2si_cli.text import ItemTokenizer, TextConfig
+from st2si_cli.zoo.store import Artifact, Zoo, canonical_json
+
+FEATURE_FORMAT = 1  # bump when the layout or the sample definition changes
+TRAIN, VALID, TEST, ALIGN = 0, 1, 2, 3
+ROLE_NAMES = {TRAIN: "train", VALID: "valid", TEST: "test", ALIGN: "align"}
+
+
+@dataclass
+class Sample:
+    """One backbone input: a user's history or an alignment instruction."""
+
+    tokens: list[int]
+    query_pos: list[int]  # indices into tokens of the [Q] tokens whose features are used
+    targets: list[int]  # item ID each query predicts
+    roles: list[int]  # TRAIN / VALID / TEST / ALIGN per query
+    owner: int  # user index (history) or item index (alignment)
+
+
+def build_samples(ds: Dataset, itok: ItemTokenizer, item_tokens: list[list[int]], alignment: bool = True) -> list[Sample]:
+    """History samples (one per user) then alignment samples (one per item)."""
+    samples: list[Sample] = []
+    for u, seq in enumerate(ds.sequences):
+        n = len(seq)
+        history = seq[:-1]  # everything but the test target
+        m = itok.history_window([item_tokens[i] for i in history])
+        start = len(history) - m
+        tokens, qpos = itok.sequence([item_tokens[i] for i in history[start:]])
+        targets = [seq[start + j + 1] for j in range(m)]
+        roles = []
+        for j in range(m):
+            t = start + j + 1  # index of the target within seq
+            roles.append(TEST if t == n - 1 else VALID if t == n - 2 else TRAIN)
+        samples.append(Sample(tokens, qpos, targets, roles, u))
+    if alignment:
+        for i, ids in enumerate(item_tokens):
+            tokens = itok.alignment(ids)
+            samples.append(Sample(tokens, [len(tokens) - 1], [i], [ALIGN], i))
+    return samples
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
+    """Sample indices grouped into batches of similar length (longest first, so memory peaks early).
+
+    A batch holds at most `max_batch` samples and at most `batch_tokens` padded tokens.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) >= max_batch or (len(current) + 1) * width > batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def forward_batch(backbone: Any, samples: Sequence[Sample], device: str = "cpu") -> list[Any]:
+    """Right-padded forward of several samples; returns each sample's query features [q, d] (fp32)."""
+    import torch
+
+    width = max(len(s.tokens) for s in samples)
+    pad = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(samples), width), pad, dtype=torch.long)
+    for r, s in enumerate(samples):
+        ids[r, : len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
+    hidden = backbone.hidden_states(ids.to(device))  # [B, L, d]
+    return [hidden[r, s.query_pos].float().cpu() for r, s in enumerate(samples)]
+
+
+@dataclass
+class FeatureSet:
+    """Query-position features of a dataset, flattened over samples.
+
+    feats:   [P, d] float32, hidden state at each query position
+    targets: [P] long, the item each position predicts
+    roles:   [P] int8, TRAIN / VALID / TEST / ALIGN
+    owner:   [P] long, user index (history rows) or item index (alignment rows)
+    sample:  [P] long, index of the sample the row came from
+    """
+
+    feats: Any
+    targets: Any
+    roles: Any
+    owner: Any
+    sample: Any
+
+    def rows(self, role: int) -> Any:
+        import torch
+
+        return torch.nonzero(self.roles == role).flatten()
+
+    def tensors(self) -> dict[str, Any]:
+        return {"feats": self.feats, "targets": self.targets, "roles": self.roles, "owner": self.owner, "sample": self.sample}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, Any]) -> FeatureSet:
+        return cls(t["feats"].float(), t["targets"].long(), t["roles"], t["owner"].long(), t["sample"].long())
+
+    @classmethod
+    def concat(cls, parts: Sequence[FeatureSet]) -> FeatureSet:
+        import torch
+
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("feats", "targets", "roles", "owner", "sample")))
+
+
+def index_rows(samples: Sequence[Sample]) -> FeatureSet:
+    """The FeatureSet layout (all but the features themselves) in sample order."""
+    import torch
+
+    targets, roles, owner, sample = [], [], [], []
+    for k, s in enumerate(samples):
+        targets += s.targets
+        roles += s.roles
+        owner += [s.owner] * len(s.targets)
+        sample += [k] * len(s.targets)
+    return FeatureSet(
+        feats=None,
+        targets=torch.tensor(targets, dtype=torch.long),
+        roles=torch.tensor(roles, dtype=torch.int8),
+        owner=torch.tensor(owner, dtype=torch.long),
+        sample=torch.tensor(sample, dtype=torch.long),
+    )
+
+
+def cache_key(backbone_id: str, dataset_id: str, text: TextConfig, dtype: str, alignment: bool = True) -> str:
+    spec = {
+        "format": FEATURE_FORMAT,
+        "backbone": backbone_id,
+        "dataset": dataset_id,
+        "text": text.to_dict(),
+        "dtype": dtype,
+        "alignment": alignment,
+    }
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()
+
+
+def cache_name(key: str) -> str:
+    return f"features-{key[:16]}"
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _write_atomic_safetensors(tensors: dict[str, Any], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def compute_features(
+    zoo: Zoo,
+    backbone: Any,
+    ds: Dataset,
+    dataset_id: str,
+    text: TextConfig,
+    *,
+    alignment: bool = True,
+    batch_tokens: int = 16384,
+    max_batch: int = 64,
+    shard_samples: int = 1024,
+    device: str = "cpu",
+    on_progress: Callable[[int, int], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> tuple[Artifact, FeatureSet]:
+    """The feature cache for (backbone, dataset, text settings): loaded if present, else computed.
+
+    Work is written in shards under the zoo's tmp/ folder as it goes; a rerun after a kill skips
+    the shards already written. The finished cache is one artifact (kind "features").
+    `on_start(total_tokens, total_samples)` and `on_progress(tokens, samples)` drive a progress bar.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    key = cache_key(backbone.artifact_id, dataset_id, text, dtype_name(backbone.dtype), alignment)
+    existing = zoo.find(cache_name(key), kind="features")
+    if existing is not None:
+        return existing, load_feature_set(zoo, existing)
+
+    t0 = time.time()
+    itok = ItemTokenizer.create(backbone.tokenizer, text)
+    item_tokens = itok.encode_items(ds.items)
+    samples = build_samples(ds, itok, item_tokens, alignment=alignment)
+    lengths = [len(s.tokens) for s in samples]
+    batches = plan_batches(lengths, batch_tokens, max_batch)
+    stage = zoo.staging_dir(cache_name(key))
+    spec = {"key": key, "n_samples": len(samples), "batch_tokens": batch_tokens, "max_batch": max_batch,
+            "shard_samples": shard_samples}
+    spec_path = stage / "spec.json"
+    if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
+        for old in stage.glob("shard-*.safetensors"):  # shards of another plan cannot be reused
+            old.unlink()
+    spec_path.write_text(json.dumps(spec))
+
+    # Shards are runs of consecutive batches in plan order; each holds the features of its samples.
+    shards: list[list[list[int]]] = []
+    count = 0
+    for b in batches:
+        if not shards or count >= shard_samples:
+            shards.append([])
+            count = 0
+        shards[-1].append(b)
+        count += len(b)
+
+    total_tokens = sum(lengths)
+    if on_start:
+        on_start(total_tokens, len(samples))
+    computed_tokens = 0
+    per_sample: dict[int, Any] = {}
+    with torch.inference_mode():
+        for k, shard in enumerate(shards):
+            path = stage / f"shard-{k:05d}.safetensors"
+            members = [i for b in shard for i in b]
+            if path.exists():
+                loaded = load_file(str(path))
+                feats = loaded["feats"]
+                offsets = loaded["offsets"].tolist()
+                for j, i in enumerate(members):
+                    per_sample[i] = feats[offsets[j] : offsets[j + 1]]
+                if on_progress:
+                    on_progress(sum(lengths[i] for i in members), len(members))
+                continue
+            shard_feats: list[Any] = []
+            for b in shard:
+                outs = forward_batch(backbone, [samples[i] for i in b], device)
+                for i, f in zip(b, outs):
+                    per_sample[i] = f
+                    shard_feats.append(f)
+                btok = sum(lengths[i] for i in b)
+                computed_tokens += btok
+                if on_progress:
+                    on_progress(btok, len(b))
+            sizes = [per_sample[i].shape[0] for i in members]
+            offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.long)
+            _write_atomic_safetensors(
+                {"feats": torch.cat(shard_feats).to(backbone.dtype), "offsets": offsets}, path
+            )
+
+    seconds = time.time() - t0
+    fs = index_rows(samples)
+    fs.feats = torch.cat([per_sample[i] for i in range(len(samples))]).float()
+    out = stage / "features.safetensors"
+    stored = fs.tensors()
+    stored["feats"] = fs.feats.to(backbone.dtype)  # bf16 features are exact in bf16
+    _write_atomic_safetensors(stored, out)
+    meta = {
+        "key": key,
+        "inputs": {"backbone": backbone.artifact_id, "dataset": dataset_id},
+        "text": text.to_dict(),
+        "dtype": dtype_name(backbone.dtype),
+        "alignment": alignment,
+        "positions": int(fs.targets.numel()),
+        "samples": len(samples),
+        "hidden": int(fs.feats.shape[1]),
+        "timings": {
+            "seconds": round(seconds, 2),
+            "tokens": total_tokens,
+            "tokens_computed": computed_tokens,
+            "tokens_per_s": round(computed_tokens / seconds, 1) if seconds > 0 else None,
+            "batches": len(batches),
+            "padded_tokens": sum(len(b) * lengths[b[0]] for b in batches),
+        },
+        "versions": {"st2si": __version__, "torch": torch.__version__},
+    }
+    art = zoo.put("features", {"features.safetensors": out}, meta, name=cache_name(key), identity={"key": key}, move=True)
+    import shutil
+
+    shutil.rmtree(stage, ignore_errors=True)
+    return art, fs
+
+
+def load_feature_set(zoo: Zoo, art: Artifact) -> FeatureSet:
+    from safetensors.torch import load_file
+
+    return FeatureSet.from_tensors(load_file(str(zoo.file(art, "features.safetensors"))))
+
+
+def iter_chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def live_features(backbone: Any, samples: Sequence[Sample], fs: FeatureSet, device: str = "cpu",
+                  max_batch: int = 64) -> Callable[[Any], Any]:
+    """`features_of(rows)` that runs the backbone on the rows' samples at every call.
+
+    This is ILP tuning with the backbone in the loop (the authors' way). With the backbone in eval
+    mode it returns what the cache holds, which the exactness test relies on.
+    """
+    import torch
+
+    first_row = torch.zeros(len(samples) + 1, dtype=torch.long)
+    first_row[1:] = torch.tensor([len(s.targets) for s in samples]).cumsum(0)
+
+    def features_of(rows: Any) -> Any:
+        sample_ids = fs.sample[rows]
+        unique = sorted(set(sample_ids.tolist()))
+        where = {s: k for k, s in enumerate(unique)}
+        grad = torch.is_grad_enabled() and backbone.model.training
+        outs: list[Any] = []
+        with torch.set_grad_enabled(grad):
+            for b0 in range(0, len(unique), max_batch):
+                outs += forward_batch(backbone, [samples[i] for i in unique[b0 : b0 + max_batch]], device)
+        return torch.stack([outs[where[int(s)]][int(r - first_row[s])] for r, s in zip(rows, sample_ids)])
+
+    return features_of

@@ -1,0 +1,153 @@
+"""`recommend`: top-k catalog items for histories given as catalog IDs or as item texts.
+
+Input: one JSON object per line, `{"user": ..., "history": [...]}`, where each history entry is a
+catalog item ID (string or number) or an object with attributes (`{"title": ...}`; an object with
+only `"id"` is a catalog reference). Items outside the catalog are fine in a history: the model
+reads text; only the predicted items need IDs. Output: one JSON object per input line, in order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from st2si_cli.errors import InputError, St2siError
+from st2si_cli.zoo.store import Zoo
+
+
+@dataclass
+class Request:
+    line: int
+    user: Any
+    items: list[dict[str, Any]]  # attributes of each history item, oldest first
+    catalog_ids: list[int | None] = field(default_factory=list)  # catalog index where known
+
+
+@dataclass
+class BadLine:
+    line: int
+    user: Any
+    error: str
+
+
+def parse_requests(
+    lines: Iterable[str], source: str, catalog: list[dict[str, Any]], *, skip_bad: bool = False
+) -> list[Request | BadLine]:
+    """Validate every line before any work: a bad line raises (or, with skip_bad, becomes a BadLine)."""
+    index = {item["id"]: i for i, item in enumerate(catalog)}
+    out: list[Request | BadLine] = []
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        user = None
+        try:
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError("expected a JSON object with a history")
+            user = obj.get("user", obj.get("user_id"))
+            history = obj.get("history")
+            if not isinstance(history, list):
+                raise ValueError('missing "history" list')
+            if not history:
+                raise ValueError("empty history")
+            items, ids = [], []
+            for entry in history:
+                if isinstance(entry, dict) and entry.get("title") is not None:
+                    items.append({k: v for k, v in entry.items() if k != "id"})
+                    ids.append(index.get(str(entry["id"])) if "id" in entry else None)
+                elif isinstance(entry, dict) and "id" in entry or isinstance(entry, (str, int)) and not isinstance(entry, bool):
+                    key = str(entry["id"] if isinstance(entry, dict) else entry)
+                    if key not in index:
+                        raise ValueError(f"unknown item ID {key!r} (give an object with a title for items outside the catalog)")
+                    items.append(catalog[index[key]])
+                    ids.append(index[key])
+                else:
+                    raise ValueError(f"history entry {json.dumps(entry)[:60]} is neither an item ID nor an object with a title")
+        except ValueError as e:
+            if not skip_bad:
+                raise InputError(source, str(e), n) from None
+            out.append(BadLine(n, user, str(e)))
+            continue
+        out.append(Request(n, user, items, ids))
+    return out
+
+
+def recommend(
+    zoo: Zoo,
+    domain: str,
+    requests: list[Request | BadLine],
+    *,
+    k: int = 10,
+    exclude_history: bool = False,
+    head_ref: str | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    batch_tokens: int = 16384,
+    max_batch: int = 64,
+    on_progress: Any = None,
+) -> list[dict[str, Any]]:
+    """One output object per request (errors for BadLines), in input order."""
+    import torch
+
+    from st2si_cli.backbones import load_backbone
+    from st2si_cli.data.prepare import load_dataset
+    from st2si_cli.features import Sample, forward_batch, plan_batches
+    from st2si_cli.heads import check_compatible, find_head, head_text_config, load_head_weight
+    from st2si_cli.scoring import top_k
+    from st2si_cli.text import ItemTokenizer
+
+    if k < 1:
+        raise St2siError("-k must be at least 1")
+    head = find_head(zoo, domain, head_ref)
+    dataset_art = zoo.get(domain, kind="dataset")
+    check_compatible(head, dataset=dataset_art)
+    ds = load_dataset(zoo, dataset_art.id)
+    text = head_text_config(head)
+    backbone = load_backbone(zoo, head.meta["backbone"], dtype=dtype or head.meta.get("dtype") or "auto",
+                             device=device, query=text.query)
+    weight = load_head_weight(zoo, head)
+    itok = ItemTokenizer.create(backbone.tokenizer, text)
+
+    good = [r for r in requests if isinstance(r, Request)]
+    # Tokenise each distinct item once: catalog items by index, text items by their attributes.
+    cache: dict[Any, list[int]] = {}
+    samples: list[Sample] = []
+    for r in good:
+        keys = [("c", i) if i is not None else ("t", json.dumps(it, sort_keys=True)) for it, i in zip(r.items, r.catalog_ids)]
+        missing = [(key, it) for key, it in zip(keys, r.items) if key not in cache]
+        if missing:
+            for (key, _), ids in zip(missing, itok.encode_items([it for _, it in missing])):
+                cache[key] = ids
+        toks = [cache[key] for key in keys]
+        m = itok.history_window(toks)
+        tokens, qpos = itok.sequence(toks[len(toks) - m :])
+        samples.append(Sample(tokens, [qpos[-1]], [], [], 0))
+
+    hidden = torch.empty(len(samples), backbone.hidden_size)
+    with torch.inference_mode():
+        for batch in plan_batches([len(s.tokens) for s in samples], batch_tokens, max_batch):
+            for i, f in zip(batch, forward_batch(backbone, [samples[i] for i in batch], device)):
+                hidden[i] = f[0]
+            if on_progress:
+                on_progress(len(batch))
+        exclude = [[i for i in r.catalog_ids if i is not None] for r in good] if exclude_history else None
+        scores, idx = top_k(weight, hidden, k, exclude=exclude)
+
+    results: list[dict[str, Any]] = []
+    g = 0
+    for r in requests:
+        if isinstance(r, BadLine):
+            results.append({"user": r.user, "line": r.line, "error": r.error})
+            continue
+        recs = []
+        for s, i in zip(scores[g].tolist(), idx[g].tolist()):
+            item = ds.items[i]
+            recs.append({"id": item["id"], "title": item.get("title"), "score": round(s, 4)})
+        results.append({"user": r.user, "items": recs})
+        g += 1
+    return results

@@ -1,0 +1,160 @@
+"""Item text and tokenisation: attributes -> token IDs, multi-query sequences, alignment samples.
+
+An item's text is its attributes in a fixed order: the first written as is, later ones as
+` name: value`; each attribute (prefix included) is cut to `max_attr_tokens` tokens. A sequence is
+`T1 [Q] T2 [Q] ... Tn [Q]`, where `[Q]` is the tokenizer's existing "." token by default (a newly
+added token would keep its random embedding while the backbone is frozen). No BOS token is added.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ALIGNMENT_PROMPT = "Please give the index of the following item: "
+NEW_QUERY_TOKEN = "[Q]"
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """How items become tokens. Part of the feature-cache key and recorded in every head."""
+
+    attributes: tuple[str, ...] = ("title",)  # attribute order; the first is written without a name
+    max_attr_tokens: int = 32  # cap per attribute, its ` name: ` prefix included
+    query: str = "dot"  # "dot": the tokenizer's existing "." token; "new": an added [Q] token
+    max_items: int = 50  # newest items kept in a history
+    max_tokens: int = 1024  # token budget of a history (items + query tokens), newest first
+    clean: bool = True  # decode HTML entities and collapse whitespace (the authors did not)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["attributes"] = list(self.attributes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TextConfig:
+        d = dict(d)
+        d["attributes"] = tuple(d.get("attributes", ("title",)))
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def clean_text(text: str) -> str:
+    return _SPACES.sub(" ", html.unescape(text)).strip()
+
+
+def item_text_parts(item: Mapping[str, Any], cfg: TextConfig) -> list[str]:
+    """The attribute strings of one item, in order; missing attributes are skipped."""
+    parts = (_one_part(item, cfg, a) for a in range(len(cfg.attributes)))
+    return [p for p in parts if p is not None]
+
+
+def build_item_text(item: Mapping[str, Any], cfg: TextConfig) -> str:
+    return "".join(item_text_parts(item, cfg))
+
+
+@dataclass
+class ItemTokenizer:
+    """Tokenises item texts once and assembles token sequences for the model.
+
+    `tokenizer` is a Hugging Face tokenizer; `query_id` the token ID of `[Q]`.
+    """
+
+    tokenizer: Any
+    cfg: TextConfig
+    query_id: int
+    pad_id: int
+    prompt_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, tokenizer: Any, cfg: TextConfig) -> ItemTokenizer:
+        return cls(
+            tokenizer=tokenizer,
+            cfg=cfg,
+            query_id=query_token_id(tokenizer, cfg.query),
+            pad_id=pad_token_id(tokenizer),
+            prompt_ids=tokenizer(ALIGNMENT_PROMPT, add_special_tokens=False)["input_ids"],
+        )
+
+    def encode_items(self, items: Sequence[Mapping[str, Any]], batch: int = 2048) -> list[list[int]]:
+        """Token IDs of each item's text (without the query token), attribute caps applied."""
+        out: list[list[int]] = [[] for _ in items]
+        n_attr = len(self.cfg.attributes)
+        # Tokenise attribute by attribute, in batches (fast tokenizers parallelise a batch).
+        for a in range(n_attr):
+            texts, owners = [], []
+            for i, item in enumerate(items):
+                parts = _one_part(item, self.cfg, a)
+                if parts is not None:
+                    texts.append(parts)
+                    owners.append(i)
+            for start in range(0, len(texts), batch):
+                ids = self.tokenizer(texts[start : start + batch], add_special_tokens=False)["input_ids"]
+                for owner, tok in zip(owners[start : start + batch], ids):
+                    out[owner].extend(tok[: self.cfg.max_attr_tokens])
+        for i, ids in enumerate(out):
+            if not ids:  # an item with none of the chosen attributes still needs a token
+                out[i] = [self.pad_id]
+        return out
+
+    def history_window(self, item_ids: Sequence[Sequence[int]]) -> int:
+        """How many of the newest items fit: at most max_items and max_tokens (queries counted)."""
+        total, kept = 0, 0
+        for ids in reversed(item_ids):
+            cost = len(ids) + 1
+            if kept >= self.cfg.max_items or (kept > 0 and total + cost > self.cfg.max_tokens):
+                break
+            total += cost
+            kept += 1
+        return kept
+
+    def sequence(self, item_ids: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+        """`T1 [Q] ... Tn [Q]` for already-windowed items; returns (tokens, query positions)."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        for ids in item_ids:
+            tokens.extend(ids)
+            positions.append(len(tokens))
+            tokens.append(self.query_id)
+        return tokens, positions
+
+    def alignment(self, ids: Sequence[int]) -> list[int]:
+        """`Please give the index of the following item: T [Q]`; the query is the last token."""
+        return [*self.prompt_ids, *ids, self.query_id]
+
+
+def _one_part(item: Mapping[str, Any], cfg: TextConfig, a: int) -> str | None:
+    name = cfg.attributes[a]
+    value = item.get(name)
+    if value is None or value == "":
+        return None
+    value = str(value)
+    if cfg.clean:
+        value = clean_text(value)
+    if not value:
+        return None
+    return value if a == 0 else f" {name}: {value}"
+
+
+def query_token_id(tokenizer: Any, query: str) -> int:
+    if query == "dot":
+        ids = tokenizer(".", add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"'.' is not a single token for this tokenizer ({ids})")
+        return ids[0]
+    if query == "new":
+        tid = tokenizer.convert_tokens_to_ids(NEW_QUERY_TOKEN)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {NEW_QUERY_TOKEN} token; add it first")
+        return tid
+    raise ValueError(f"query must be 'dot' or 'new', not {query!r}")
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
