@@ -196,6 +196,8 @@ def download_from_hub(zoo: Zoo, repo_id: str, name: str, revision: str | None = 
         raise
     except Exception as e:  # offline, unknown repo, gated model: one line, not a traceback
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if any(w in f"{type(e).__name__} {reason}" for w in ("Connect", "Offline", "LocalEntryNotFound", "resolve")):
+            reason = f"the hub is unreachable (offline?): {reason}"
         raise St2siError(f"could not download {repo_id!r} from the Hugging Face hub: {reason}") from None
 
 
