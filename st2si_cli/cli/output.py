@@ -9,8 +9,9 @@ from typing import Any
 
 from rich.console import Console
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Piped output gets a wide console: tables should not wrap names mid-word inside `| less` or a log.
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def debug_enabled() -> bool:
