@@ -1,0 +1,93 @@
+"""`st2si pretrain`: full tuning (backbone + ILP) on one or more domains, in one process or many."""
+
+from __future__ import annotations
+
+import typer
+
+from st2si_cli.cli.adapt_cmd import DEFAULT_BACKBONE, metrics_table
+from st2si_cli.cli.app import app, open_zoo
+from st2si_cli.cli.output import err, out, print_json
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    domain: list[str] = typer.Option(..., "--domain", help="Dataset in the zoo; repeat for one item space over several."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Backbone name or ID to start from."),
+    out_name: str | None = typer.Option(None, "--out", help="Name of the new backbone (default BACKBONE-st2si-DOMAINS)."),
+    epochs: int = typer.Option(30, "--epochs", help="Most epochs (early stopping usually ends sooner)."),
+    patience: int = typer.Option(5, "--patience", help="Epochs without a better valid NDCG@10 before stopping."),
+    lr: float = typer.Option(5e-5, "--lr", help="AdamW learning rate (backbone and ILP)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", help="Linear warm-up steps, then cosine (clipped to a tenth of the run)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Samples per micro-batch per process."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off)."),
+    sampling: str = typer.Option("all", "--sampling", help="all: every training query of each history; crop: one random crop per user per epoch."),
+    no_multi_query: bool = typer.Option(False, "--no-multi-query", help="Only the last query of each history trains."),
+    no_alignment: bool = typer.Option(False, "--no-alignment", help="Leave out the ID-alignment samples."),
+    query_token: str = typer.Option("dot", "--query-token", help="dot: the tokenizer's '.'; new: an added [Q] token (saved with the backbone)."),
+    attributes: str = typer.Option("title", "--attributes", help="Item attributes in order, comma-separated."),
+    max_items: int = typer.Option(50, "--max-items", help="Newest history items kept per user."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Token budget of a history, newest first."),
+    no_clean: bool = typer.Option(False, "--no-clean", help="Keep HTML entities and whitespace as in the data."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, cuda:N."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16, else fp16, on GPU; fp32 on CPU), fp32, bf16, fp16."),
+    deepspeed: str | None = typer.Option(None, "--deepspeed", help="zero0, zero1, zero2, zero3 or a DeepSpeed JSON config."),
+    save_every: int = typer.Option(0, "--save-every", help="Also checkpoint every N optimizer steps (0: epoch ends only)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run with these settings."),
+    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run's checkpoint and start over."),
+    eval_batch_tokens: int = typer.Option(16384, "--eval-batch-tokens", help="Padded tokens per validation batch."),
+    json_out: bool = typer.Option(False, "--json", help="Print the run's record as JSON."),
+) -> None:
+    """Full tuning with multi-query input and ID alignment: a new backbone, a head per domain, a run record.
+
+    One process: `st2si pretrain --domain A`. Several: `torchrun --nproc_per_node 2 -m st2si_cli pretrain ...`
+    (torch DDP) or `deepspeed --num_gpus 8 --no_local_rank -m st2si_cli pretrain ... --deepspeed zero2`.
+    """
+    from st2si_cli.cli.reporting import RichReporter
+    from st2si_cli.text import TextConfig
+    from st2si_cli.train.distributed import launch_env
+    from st2si_cli.train.full import PretrainConfig, pretrain
+
+    if resume and restart:
+        raise typer.BadParameter("--resume and --restart exclude each other", param_hint="'--restart'")
+    if query_token not in ("dot", "new"):
+        raise typer.BadParameter(f"{query_token!r} is not dot or new", param_hint="'--query-token'")
+    text = TextConfig(
+        attributes=tuple(a.strip() for a in attributes.split(",") if a.strip()),
+        max_items=max_items, max_tokens=max_tokens, query=query_token, clean=not no_clean,
+    )
+    cfg = PretrainConfig(
+        lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, epochs=epochs, patience=patience,
+        batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm, sampling=sampling,
+        multi_query=not no_multi_query, alignment=not no_alignment, seed=seed, precision=precision,
+        save_every=save_every, eval_batch_tokens=eval_batch_tokens,
+    )
+    main_rank = launch_env()[0] == 0
+    reporter = RichReporter(quiet=json_out or not main_rank)
+    try:
+        result = pretrain(
+            open_zoo(), domain, backbone=backbone, text=text, cfg=cfg, out=out_name, device=device,
+            deepspeed=deepspeed, resume=resume, restart=restart, reporter=reporter,
+        )
+    finally:
+        reporter.close()
+    if result.run is None:  # ranks other than 0 print nothing
+        return
+    meta = result.run.meta
+    if json_out:
+        print_json({"run": result.run.name, "run_id": result.run.id, "backbone": result.backbone.name,
+                    "backbone_id": result.backbone.id,
+                    "heads": {d: {"name": h.name, "id": h.id} for d, h in result.heads.items()},
+                    "metrics": meta["metrics"], "best_epoch": meta["best_epoch"], "flags": meta["flags"],
+                    "world_size": meta["world_size"], "timings": meta["timings"]})
+        return
+    rows = {"valid": meta["metrics"]["valid"], "test": {**meta["metrics"]["test"], **meta["metrics"]["alignment"]}}
+    if len(domain) > 1:
+        rows.update({f"test {d}": m["test"] for d, m in meta["metrics"]["domains"].items()})
+    out.print(metrics_table(f"{result.backbone.name} (best epoch {meta['best_epoch']})", rows))
+    t = meta["timings"]
+    err.print(f"Stored backbone {result.backbone.name} ({result.backbone.short_id}), heads "
+              f"{', '.join(h.name for h in result.heads.values())} and {result.run.name}; "
+              f"{t['epochs']} epochs, {t['epoch_seconds']:.1f}s each, {t['total_seconds']:.0f}s in all", markup=False)
