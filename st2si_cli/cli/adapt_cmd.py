@@ -29,7 +29,7 @@ def metrics_table(title: str, rows: dict[str, dict[str, float]]):
 def adapt_cmd(
     domain: str = typer.Option(..., "--domain", help="Dataset name in the zoo (from `st2si prepare`)."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Backbone name or ID in the zoo."),
-    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate of the head."),
+    lr: float = typer.Option(3e-4, "--lr", help="AdamW learning rate of the head (1e-4 suits a pretrained backbone)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Query positions per step."),
     epochs: int = typer.Option(100, "--epochs", help="Most epochs (early stopping usually ends sooner)."),
     patience: int = typer.Option(5, "--patience", help="Epochs without a better valid NDCG@10 before stopping."),

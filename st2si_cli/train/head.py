@@ -24,7 +24,7 @@ from st2si_cli.scoring import linear_cross_entropy, rank_rows
 class HeadConfig:
     """ILP-tuning settings, recorded in every head."""
 
-    lr: float = 1e-3  # AdamW learning rate (authors: 3e-4 from scratch, 1e-4 after pretraining)
+    lr: float = 3e-4  # AdamW learning rate (the authors: 3e-4 from scratch, 1e-4 after pretraining)
     weight_decay: float = 0.0
     batch_size: int = 256  # query positions per step
     max_epochs: int = 100
