@@ -48,12 +48,8 @@ TOL = dict(rtol=0, atol=2e-5)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(one_thread):
+    """Every test here runs on one intra-op thread (fixture in conftest.py)."""
 
 
 @pytest.fixture(scope="module")
