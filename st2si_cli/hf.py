@@ -7,6 +7,7 @@ import os
 
 def quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantiser draws its own tqdm bar
     try:
         import torch
 
