@@ -165,9 +165,25 @@ class Timed:
     stderr: str
 
     def record(self) -> dict[str, Any]:
-        return {"command": shlex.join(self.argv), "returncode": self.returncode, "wall_s": round(self.wall_s, 3),
+        return {"command": shown_command(self.argv), "returncode": self.returncode, "wall_s": round(self.wall_s, 3),
                 "peak_rss_mb": None if self.peak_rss_mb is None else round(self.peak_rss_mb, 1),
                 "rss_source": self.rss_source}
+
+
+def shown_command(argv: list[str]) -> str:
+    """The command as a reader would type it: no interpreter or scratch paths of this machine."""
+    import tempfile
+
+    scratch = Path(tempfile.gettempdir())
+    words = [shlex.quote(Path(argv[0]).name)]
+    for w in argv[1:]:
+        p = Path(w)
+        if p.is_absolute() and p.is_relative_to(scratch) and p != scratch:
+            rest = p.relative_to(scratch).parts[1:]  # drop the run's own temporary folder
+            words.append("/".join(["$SCRATCH", *map(shlex.quote, rest)]))
+        else:
+            words.append(shlex.quote(w))
+    return " ".join(words)
 
 
 _MAXRSS = re.compile(r"Maximum resident set size \(kbytes\):\s*(\d+)")

@@ -1,6 +1,6 @@
 """The input formats of `st2si prepare`: detection, parsing, and one dataset hash whatever the format.
 
-Real data is read where it lies (`/work/shared/data`, the recbole wheel) and never copied; the small
+Real data is read where it lies (the shared data folder beside the repository, the recbole wheel) and never copied; the small
 datasets are written into tmp_path.
 """
 
