@@ -45,8 +45,12 @@ def get_features(
     text: TextConfig,
     opts: FeatureOptions,
     reporter: Reporter | None = None,
+    ds: Any = None,
 ) -> tuple[Artifact, Any, Artifact]:
-    """(features artifact, FeatureSet, backbone artifact): from the cache, else one forward pass."""
+    """(features artifact, FeatureSet, backbone artifact): from the cache, else one forward pass.
+
+    `ds` is the loaded dataset of `dataset_art` where the caller has it already.
+    """
     from st2si_cli.backbones import ensure_backbone, load_backbone, resolve_dtype
     from st2si_cli.data.prepare import load_dataset
     from st2si_cli.features import cache_key, cache_name, compute_features, dtype_name, load_feature_set
@@ -59,7 +63,7 @@ def get_features(
         reporter.message(f"Using cached features {cached.name} ({cached.meta.get('positions')} positions)")
         return cached, load_feature_set(zoo, cached), bb_art
     backbone = load_backbone(zoo, bb_art.id, dtype=opts.dtype, device=opts.device, query=text.query)
-    ds = load_dataset(zoo, dataset_art.id)
+    ds = ds if ds is not None else load_dataset(zoo, dataset_art.id)
     reporter.message(f"Computing features with {bb_art.name or bb_art.short_id} ({dtype_name(backbone.dtype)})")
     art, fs = compute_features(
         zoo, backbone, ds, dataset_art.id, text,
@@ -98,10 +102,10 @@ def adapt(
     head_cfg = head_cfg or HeadConfig()
     feature_opts = feature_opts or FeatureOptions(alignment=head_cfg.alignment)
     dataset_art = zoo.get(domain, kind="dataset")
-    t0 = time.time()
-    feat_art, fs, bb_art = get_features(zoo, backbone, dataset_art, text, feature_opts, reporter)
-    t_features = time.time() - t0
     ds = load_dataset(zoo, dataset_art.id)
+    t0 = time.time()
+    feat_art, fs, bb_art = get_features(zoo, backbone, dataset_art, text, feature_opts, reporter, ds=ds)
+    t_features = time.time() - t0
 
     reporter.training_start(steps_per_epoch(fs, head_cfg), head_cfg.max_epochs)
     result = train_head(fs, ds.n_items, head_cfg, on_epoch=reporter.epoch, on_step=reporter.training_step)
@@ -162,10 +166,10 @@ def evaluate(
     check_compatible(head, backbone=bb_art, dataset=dataset_art)
     text = head_text_config(head)
     opts = feature_opts or FeatureOptions(alignment=True)
-    _, fs, _ = get_features(zoo, bb_art.id, dataset_art, text, opts, reporter)
+    ds = load_dataset(zoo, dataset_art.id)
+    _, fs, _ = get_features(zoo, bb_art.id, dataset_art, text, opts, reporter, ds=ds)
     weight = load_head_weight(zoo, head)
     role = VALID if split == "valid" else TEST
-    ds = load_dataset(zoo, dataset_art.id)
     result: dict[str, Any] = {
         "domain": domain,
         "head": head.name,

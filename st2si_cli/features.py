@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,12 +121,6 @@ class FeatureSet:
     @classmethod
     def from_tensors(cls, t: dict[str, Any]) -> FeatureSet:
         return cls(t["feats"].float(), t["targets"].long(), t["roles"], t["owner"].long(), t["sample"].long())
-
-    @classmethod
-    def concat(cls, parts: Sequence[FeatureSet]) -> FeatureSet:
-        import torch
-
-        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("feats", "targets", "roles", "owner", "sample")))
 
 
 def index_rows(samples: Sequence[Sample]) -> FeatureSet:
@@ -301,11 +295,6 @@ def load_feature_set(zoo: Zoo, art: Artifact) -> FeatureSet:
     from safetensors.torch import load_file
 
     return FeatureSet.from_tensors(load_file(str(zoo.file(art, "features.safetensors"))))
-
-
-def iter_chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, size):
-        yield start, min(n, start + size)
 
 
 def live_features(backbone: Any, samples: Sequence[Sample], fs: FeatureSet, device: str = "cpu",

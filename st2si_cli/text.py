@@ -46,16 +46,6 @@ def clean_text(text: str) -> str:
     return _SPACES.sub(" ", html.unescape(text)).strip()
 
 
-def item_text_parts(item: Mapping[str, Any], cfg: TextConfig) -> list[str]:
-    """The attribute strings of one item, in order; missing attributes are skipped."""
-    parts = (_one_part(item, cfg, a) for a in range(len(cfg.attributes)))
-    return [p for p in parts if p is not None]
-
-
-def build_item_text(item: Mapping[str, Any], cfg: TextConfig) -> str:
-    return "".join(item_text_parts(item, cfg))
-
-
 @dataclass
 class ItemTokenizer:
     """Tokenises item texts once and assembles token sequences for the model.

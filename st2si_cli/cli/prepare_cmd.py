@@ -89,7 +89,7 @@ def prepare(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
 ) -> None:
     """Turn raw data into a dataset artifact (catalog + user sequences) and print its statistics and hash."""
-    from st2si_cli.data.prepare import parse_dataset, resolve_source_name, store_dataset
+    from st2si_cli.data.prepare import prepare_dataset, resolve_source_name
 
     src: Path | str | None = source
     if source_name is not None:
@@ -104,19 +104,19 @@ def prepare(
     if not domain:
         raise typer.BadParameter("a dataset needs a name: pass --domain NAME", param_hint="--domain")
 
-    ds, fmt = parse_dataset(
+    art, ds = prepare_dataset(
         src,
         format=format,
+        domain=domain,
+        zoo=open_zoo,  # called only after the input parsed: bad input leaves the zoo untouched
         k_core=k_core,
         strict=strict,
         min_user_interactions=min_user_interactions,
         item_file=items,
         interactions_file=interactions,
+        extra_meta={"source_name": source_name} if source_name else None,
     )
-    label = src if src is not None else interactions
-    extra = {"source_name": source_name} if source_name else None
-    with open_zoo() as zoo:  # opened only now: bad input above leaves the zoo untouched
-        art = store_dataset(zoo, ds, domain=domain, fmt=fmt, source=label, extra_meta=extra)
+    fmt = ds.report["format"]
     stats = ds.stats()
     if as_json:
         print_json({"name": domain, "id": art.id, "stats": stats, "report": ds.report, "format": fmt})

@@ -8,7 +8,7 @@ zoo is touched: bad input raises `InputError` and leaves the zoo as it was.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -157,14 +157,19 @@ def prepare_dataset(
     *,
     format: str | None = None,
     domain: str,
-    zoo: Zoo,
+    zoo: Zoo | Callable[[], Zoo],
     k_core: int = 0,
     strict: bool = False,
     min_user_interactions: int = MIN_USER_INTERACTIONS,
     item_file: str | Path | None = None,
     interactions_file: str | Path | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
 ) -> tuple[Artifact, Dataset]:
-    """Parse `source` (or `interactions_file` + `item_file`) and store it as the dataset `domain`."""
+    """Parse `source` (or `interactions_file` + `item_file`) and store it as the dataset `domain`.
+
+    `zoo` may be a function that opens it: it is called only once the whole input has parsed, so bad
+    input never creates or touches a zoo.
+    """
     if not domain:
         raise St2siError("a dataset needs a domain name")
     ds, fmt = parse_dataset(
@@ -177,7 +182,8 @@ def prepare_dataset(
         interactions_file=interactions_file,
     )
     label = source if source is not None else interactions_file
-    return store_dataset(zoo, ds, domain=domain, fmt=fmt, source=label), ds
+    store = zoo if isinstance(zoo, Zoo) else zoo()
+    return store_dataset(store, ds, domain=domain, fmt=fmt, source=label, extra_meta=extra_meta), ds
 
 
 def load_dataset(zoo: Zoo, domain_or_ref: str) -> Dataset:
