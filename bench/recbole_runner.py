@@ -37,10 +37,6 @@ from pathlib import Path
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # work-around 1 (before torch is imported)
 
 
-class TimeBudgetReached(Exception):
-    pass
-
-
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -53,11 +49,10 @@ def main() -> int:
     ap.add_argument("--n-items", type=int, required=True, help="st2si catalog size (score matrix width)")
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--stopping-step", type=int, default=10)
-    ap.add_argument("--max-train-minutes", type=float, default=None,
-                    help="stop after the first epoch that ends past this budget (best checkpoint is tested)")
     ap.add_argument("--seed", type=int, default=2020)
     ap.add_argument("--max-len", type=int, default=50)
-    ap.add_argument("--train-batch-size", type=int, default=2048)
+    ap.add_argument("--train-batch-size", type=int, default=256)
+    ap.add_argument("--learning-rate", type=float, default=0.001)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, = cores)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -97,6 +92,7 @@ def main() -> int:
         "epochs": args.epochs,
         "stopping_step": args.stopping_step,
         "train_batch_size": args.train_batch_size,
+        "learning_rate": args.learning_rate,
         "seed": args.seed,
         "reproducibility": True,
         "show_progress": False,
@@ -124,8 +120,32 @@ def main() -> int:
         f"{len(train_data.dataset)} training prefixes, {n_params:,} parameters")
 
     history: list[dict] = []
+    # Resumable: after every validated epoch the whole training state goes to resume.pt (this process's
+    # own file, like RecBole's checkpoint); a rerun with the same --out continues from the next epoch.
+    resume_path = out / "resume.pt"
+    resumed_from = None
+    spent = 0.0
+    if resume_path.exists():
+        import random
+
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.start_epoch = state["epoch"] + 1
+        trainer.cur_step = state["cur_step"]
+        trainer.best_valid_score = state["best_valid_score"]
+        trainer.best_valid_result = state["best_valid_result"]
+        trainer.saved_model_file = state["saved_model_file"]
+        train_data.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        history[:] = state["history"]
+        spent = state["train_seconds"]
+        resumed_from = state["epoch"] + 1
+        say(f"[{args.model}] resuming after epoch {resumed_from} (best valid {trainer.best_valid_score:.4f})")
     orig_train, orig_valid = trainer._train_epoch, trainer._valid_epoch
-    t_fit = time.time()
+    t_fit = time.time() - spent
 
     def train_epoch(train_data, epoch_idx, *a, **kw):
         t0 = time.time()
@@ -148,20 +168,26 @@ def main() -> int:
 
     trainer._train_epoch, trainer._valid_epoch = train_epoch, valid_epoch
 
-    def budget(epoch_idx, valid_score):
-        if args.max_train_minutes is not None and time.time() - t_fit > 60 * args.max_train_minutes:
-            raise TimeBudgetReached
+    def save_state(epoch_idx, valid_score):
+        import random
 
-    stopped = "epoch cap"
-    try:
-        best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False,
-                                                          callback_fn=budget)
-    except TimeBudgetReached:
-        stopped = f"time budget ({args.max_train_minutes} min)"
-        best_valid_score, best_valid_result = trainer.best_valid_score, trainer.best_valid_result
+        state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                 "epoch": epoch_idx, "cur_step": trainer.cur_step, "best_valid_score": trainer.best_valid_score,
+                 "best_valid_result": trainer.best_valid_result, "saved_model_file": trainer.saved_model_file,
+                 "generator": train_data.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                 "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), "history": history,
+                 "train_seconds": time.time() - t_fit}
+        tmp = resume_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, resume_path)
+
+    if trainer.start_epoch < args.epochs and not (history and trainer.cur_step >= args.stopping_step):
+        trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=save_state)
+    best_valid_score, best_valid_result = trainer.best_valid_score, trainer.best_valid_result
     train_seconds = time.time() - t_fit
-    if stopped == "epoch cap" and len(history) < args.epochs:
-        stopped = f"early stopping ({args.stopping_step} epochs without a better valid NDCG@10)"
+    early_stopped = len(history) < args.epochs
+    stopped = (f"early stopping ({args.stopping_step} epochs without a better valid NDCG@10)" if early_stopped
+               else f"epoch cap ({args.epochs}) reached before early stopping: not converged")
     best_epoch = max(history, key=lambda r: (r.get("valid_NDCG@10", -1), -r["epoch"]))["epoch"] if history else None
 
     t_eval = time.time()
@@ -215,6 +241,8 @@ def main() -> int:
         "epochs_run": len(history),
         "epoch_cap": args.epochs,
         "stopped": stopped,
+        "early_stopped": early_stopped,
+        "resumed_from_epoch": resumed_from,
         "history": history,
         "n_params": n_params,
         "n_test_users": n_test,
