@@ -23,7 +23,7 @@ from st2si_cli.data.dataset import Dataset
 from st2si_cli.text import ItemTokenizer, TextConfig
 from st2si_cli.zoo.store import Artifact, Zoo, canonical_json
 
-FEATURE_FORMAT = 1  # bump when the layout or the sample definition changes
+FEATURE_FORMAT = 2  # bump when the layout or the sample definition changes
 TRAIN, VALID, TEST, ALIGN = 0, 1, 2, 3
 ROLE_NAMES = {TRAIN: "train", VALID: "valid", TEST: "test", ALIGN: "align"}
 
@@ -39,21 +39,29 @@ class Sample:
     owner: int  # user index (history) or item index (alignment)
 
 
-def build_samples(ds: Dataset, itok: ItemTokenizer, item_tokens: list[list[int]], alignment: bool = True) -> list[Sample]:
-    """History samples (one per user) then alignment samples (one per item)."""
+def build_samples(ds: Dataset, itok: ItemTokenizer, item_tokens: list[list[int]], alignment: bool = True,
+                  every_position: bool = True) -> list[Sample]:
+    """History samples (windows per user, oldest first) then alignment samples (one per item).
+
+    With `every_position`, each user's history is cut into the windows of `ItemTokenizer.windows`,
+    so every position gets one feature (row); otherwise only the newest window (the evaluation and
+    inference input) is built.
+    """
     samples: list[Sample] = []
     for u, seq in enumerate(ds.sequences):
         n = len(seq)
         history = seq[:-1]  # everything but the test target
-        m = itok.history_window([item_tokens[i] for i in history])
-        start = len(history) - m
-        tokens, qpos = itok.sequence([item_tokens[i] for i in history[start:]])
-        targets = [seq[start + j + 1] for j in range(m)]
-        roles = []
-        for j in range(m):
-            t = start + j + 1  # index of the target within seq
-            roles.append(TEST if t == n - 1 else VALID if t == n - 2 else TRAIN)
-        samples.append(Sample(tokens, qpos, targets, roles, u))
+        toks = [item_tokens[i] for i in history]
+        if every_position:
+            windows = itok.windows(toks)
+        else:
+            m = itok.history_window(toks)
+            windows = [(len(history) - m, len(history) - m, len(history))]
+        for start, used, end in windows:
+            tokens, qpos = itok.sequence(toks[start:end])
+            positions = range(used, end)  # position j's query predicts seq[j + 1]
+            roles = [TEST if j + 1 == n - 1 else VALID if j + 1 == n - 2 else TRAIN for j in positions]
+            samples.append(Sample(tokens, qpos[used - start :], [seq[j + 1] for j in positions], roles, u))
     if alignment:
         for i, ids in enumerate(item_tokens):
             tokens = itok.alignment(ids)

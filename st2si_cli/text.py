@@ -26,8 +26,9 @@ class TextConfig:
     attributes: tuple[str, ...] = ("title",)  # attribute order; the first is written without a name
     max_attr_tokens: int = 32  # cap per attribute, its ` name: ` prefix included
     query: str = "dot"  # "dot": the tokenizer's existing "." token; "new": an added [Q] token
-    max_items: int = 50  # newest items kept in a history
-    max_tokens: int = 1024  # token budget of a history (items + query tokens), newest first
+    max_items: int = 50  # items in one history window (the newest ones at inference)
+    max_tokens: int = 1024  # token budget of a window (items + query tokens), newest first
+    stride: int = 25  # training windows step back this many positions: each position sees >= max_items - stride items
     clean: bool = True  # decode HTML entities and collapse whitespace (the authors did not)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +101,31 @@ class ItemTokenizer:
             total += cost
             kept += 1
         return kept
+
+    def windows(self, item_ids: Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
+        """Windows that give every query position of a history exactly one feature, oldest first.
+
+        Returns (start, used, end): the window holds items [start, end) (at most max_items and
+        max_tokens, as `history_window`), and its queries at positions [used, end) are the ones used.
+        The newest window ends at the last item; each earlier one ends where the next one's used
+        part begins. A window uses its newest min(stride, m - (max_items - stride)) positions, but at
+        least half of its m items (the token budget can make windows short), and all of them when it
+        starts at the first item. So a position sees at least max_items - stride earlier items (or half
+        its window, or all earlier items where there are fewer), and the pass costs at most about
+        max_items / stride times one pass over the history.
+        """
+        if not 1 <= self.cfg.stride <= self.cfg.max_items:
+            raise ValueError(f"stride must be between 1 and max_items ({self.cfg.max_items}), not {self.cfg.stride}")
+        context = self.cfg.max_items - self.cfg.stride
+        out: list[tuple[int, int, int]] = []
+        end = len(item_ids)
+        while end > 0:
+            m = self.history_window(item_ids[:end])
+            start = end - m
+            used = 0 if start == 0 else end - max(min(self.cfg.stride, m - context), -(-m // 2))
+            out.append((start, used, end))
+            end = used
+        return out[::-1]
 
     def sequence(self, item_ids: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
         """`T1 [Q] ... Tn [Q]` for already-windowed items; returns (tokens, query positions)."""

@@ -202,7 +202,7 @@ def build_corpus(zoo: Zoo, datasets: Sequence[Artifact], tokenizer: Any, text: T
         toks = itok.encode_items(ds.items)
         item_tokens += toks
         train_items += [[off + i for i in seq[:-2]] for seq in ds.sequences]
-        for s in build_samples(ds, itok, toks, alignment=True):
+        for s in build_samples(ds, itok, toks, alignment=True, every_position=False):
             shifted = Sample(s.tokens, s.query_pos, [off + t for t in s.targets], s.roles, s.owner)
             (aligns if s.roles == [ALIGN] else histories).append((shifted, k))
     for s, k in histories + aligns:
