@@ -74,6 +74,9 @@ def get_features(
     return art, fs, bb_art
 
 
+HEAD_KINDS = ("ilp", "ilp-text", "adapter")
+
+
 def adapt(
     zoo: Zoo,
     domain: str,
@@ -84,11 +87,53 @@ def adapt(
     feature_opts: FeatureOptions | None = None,
     name: str | None = None,
     reporter: Reporter | None = None,
+    kind: str = "ilp",
+    sweep_trials: int | None = None,
+    adapter_cfg: Any = None,
 ) -> Artifact:
-    """Train a new ILP head for `domain` on a frozen backbone; store and return it."""
+    """Train a new head for `domain` on a frozen backbone; store and return it.
+
+    kind "ilp" is the paper's item linear projection (random init); "ilp-text" starts each ILP row
+    from its item's alignment feature; "adapter" is a sequence adapter (SASRec over the LM's query
+    features and item text features, plus ID embeddings). `sweep_trials` (ILP kinds): train that many
+    points of the sweep grid (0 or None with sweep: all) and keep the best on validation.
+    """
     from st2si_cli.data.prepare import load_dataset
-    from st2si_cli.features import TEST, VALID
+
+    if kind not in HEAD_KINDS:
+        raise St2siError(f"--head must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
+    reporter = reporter or Reporter()
+    text = text or TextConfig()
+    feature_opts = feature_opts or FeatureOptions()
+    dataset_art = zoo.get(domain, kind="dataset")
+    ds = load_dataset(zoo, dataset_art.id)
+    t0 = time.time()
+    feat_art, fs, bb_art = get_features(zoo, backbone, dataset_art, text, feature_opts, reporter, ds=ds)
+    t_features = time.time() - t0
+    timings = {"features_seconds": round(t_features, 2), "features_cached": feat_art.meta.get("timings", {})}
+    common = {"dtype": feat_art.meta.get("dtype"), "inputs": {"features": feat_art.id},
+              "protocol": {"ties": "pessimistic", "mask_history": False, "ranking": "full"}}
+    if kind == "adapter":
+        from st2si_cli.adapter_head import save_adapter_head, train_adapter_head
+
+        tensors, meta = train_adapter_head(fs, ds, adapter_cfg, reporter)
+        meta["timings"] = {**timings, **meta.get("timings", {})}
+        return save_adapter_head(zoo, tensors, n_items=ds.n_items, domain=domain, backbone=bb_art, dataset=dataset_art, text=text,
+                                 meta={**common, **meta}, name=name)
+    weight, meta = train_ilp(fs, ds.n_items, head_cfg, kind=kind, sweep_trials=sweep_trials, reporter=reporter)
+    meta["timings"] = {**timings, **meta["timings"]}
     from st2si_cli.heads import save_head
+
+    return save_head(zoo, weight, domain=domain, backbone=bb_art, dataset=dataset_art, text=text,
+                     meta={**common, **meta}, name=name)
+
+
+def train_ilp(fs: Any, n_items: int, head_cfg: Any, *, kind: str = "ilp", sweep_trials: int | None = None,
+              reporter: Reporter | None = None) -> tuple[Any, dict[str, Any]]:
+    """(weight, head meta) of an ILP trained on a feature set, optionally chosen by a validation sweep."""
+    from dataclasses import replace
+
+    from st2si_cli.features import TEST, VALID
     from st2si_cli.train.head import (
         HeadConfig,
         alignment_accuracy,
@@ -96,39 +141,47 @@ def adapt(
         steps_per_epoch,
         train_head,
     )
+    from st2si_cli.train.sweep import ILP_GRID, ILP_SWEEP_BASE, grid_points, sweep, sweep_record
 
     reporter = reporter or Reporter()
-    text = text or TextConfig()
     head_cfg = head_cfg or HeadConfig()
-    feature_opts = feature_opts or FeatureOptions(alignment=head_cfg.alignment)
-    dataset_art = zoo.get(domain, kind="dataset")
-    ds = load_dataset(zoo, dataset_art.id)
-    t0 = time.time()
-    feat_art, fs, bb_art = get_features(zoo, backbone, dataset_art, text, feature_opts, reporter, ds=ds)
-    t_features = time.time() - t0
+    if kind == "ilp-text":
+        head_cfg = replace(head_cfg, init="text")
 
-    reporter.training_start(steps_per_epoch(fs, head_cfg), head_cfg.max_epochs)
-    result = train_head(fs, ds.n_items, head_cfg, on_epoch=reporter.epoch, on_step=reporter.training_step)
+    def train(cfg: Any) -> Any:
+        reporter.training_start(steps_per_epoch(fs, cfg), cfg.max_epochs)
+        return train_head(fs, n_items, cfg, on_epoch=reporter.epoch, on_step=reporter.training_step)
+
+    sweep_meta = None
+    if sweep_trials is not None:
+        base = replace(head_cfg, **ILP_SWEEP_BASE)
+        points = grid_points(ILP_GRID, sweep_trials or None, seed=head_cfg.seed)
+
+        def on_trial(k: int, trial: Any) -> None:
+            reporter.message(f"trial {k + 1}/{len(points)} {trial.settings}: valid NDCG@10 {trial.valid_ndcg10:.4f} "
+                             f"(best epoch {trial.best_epoch}, {trial.seconds:.0f}s)")
+
+        head_cfg, result, trials = sweep(base, points, train, on_trial=on_trial)
+        sweep_meta = sweep_record(trials, {k: getattr(head_cfg, k) for k in ILP_GRID}, ILP_GRID, ILP_SWEEP_BASE)
+        seconds = sum(t.seconds for t in trials)
+    else:
+        result = train(head_cfg)
+        seconds = result.seconds
     valid = evaluate_split(result.weight, fs, VALID, ties=head_cfg.ties)
     test = evaluate_split(result.weight, fs, TEST, ties=head_cfg.ties)
     align = alignment_accuracy(result.weight, fs)
     meta = {
         "method": "ilp",
-        "dtype": feat_art.meta.get("dtype"),
+        "head": kind,
         "train": head_cfg.to_dict(),
-        "inputs": {"features": feat_art.id},
         "metrics": {"valid": valid, "test": test, "alignment": align},
-        "protocol": {"ties": head_cfg.ties, "mask_history": False, "ranking": "full"},
         "best_epoch": result.best_epoch,
         "history": result.history,
-        "timings": {
-            "features_seconds": round(t_features, 2),
-            "features_cached": feat_art.meta.get("timings", {}),
-            "training_seconds": round(result.seconds, 2),
-        },
+        "timings": {"training_seconds": round(seconds, 2)},
     }
-    return save_head(zoo, result.weight, domain=domain, backbone=bb_art, dataset=dataset_art, text=text,
-                     meta=meta, name=name)
+    if sweep_meta is not None:
+        meta["sweep"] = sweep_meta
+    return result.weight, meta
 
 
 def evaluate(
@@ -150,9 +203,16 @@ def evaluate(
     """Metrics of a head on the validation or test targets of its domain."""
     from st2si_cli.data.prepare import load_dataset
     from st2si_cli.features import TEST, VALID
-    from st2si_cli.heads import check_compatible, find_head, head_text_config, load_head_weight
-    from st2si_cli.metrics import candidate_hit_ratio
-    from st2si_cli.train.head import alignment_accuracy, evaluate_split, history_exclusions
+    from st2si_cli.heads import (
+        check_compatible,
+        find_head,
+        head_kind,
+        head_text_config,
+        load_head_weight,
+        user_ranks,
+    )
+    from st2si_cli.metrics import candidate_hit_ratio, metrics_from_ranks
+    from st2si_cli.train.head import alignment_accuracy, history_exclusions
 
     if split not in ("valid", "test"):
         raise St2siError(f"--split must be valid or test, not {split!r}")
@@ -168,8 +228,8 @@ def evaluate(
     opts = feature_opts or FeatureOptions(alignment=True)
     ds = load_dataset(zoo, dataset_art.id)
     _, fs, _ = get_features(zoo, bb_art.id, dataset_art, text, opts, reporter, ds=ds)
-    weight = load_head_weight(zoo, head)
     role = VALID if split == "valid" else TEST
+    kind = head_kind(head)
     result: dict[str, Any] = {
         "domain": domain,
         "head": head.name,
@@ -179,15 +239,19 @@ def evaluate(
         "protocol": {"ranking": protocol, "ties": ties, "mask_history": mask_history},
     }
     if protocol == "full":
-        result["metrics"] = evaluate_split(weight, fs, role, sequences=ds.sequences, ties=ties,
-                                           mask_history=mask_history, ks=ks)
+        ranks = user_ranks(zoo, head, fs, ds.sequences, role, ties=ties, mask_history=mask_history)
+        result["metrics"] = metrics_from_ranks(ranks, ks)
+    elif kind == "adapter":
+        raise St2siError(f"--protocol {protocol} scores ILP heads only; {head.name} is a sequence adapter")
     else:
+        weight = load_head_weight(zoo, head)
         n = int(protocol.split("-", 1)[1])
         rows = fs.rows(role)
         scores = fs.feats[rows] @ weight.float().T
         histories = history_exclusions(fs, rows, ds.sequences, role)
         result["metrics"] = candidate_hit_ratio(scores, fs.targets[rows], histories, n_candidates=n,
                                                 seeds=range(seeds), ties=ties)
-    result["metrics"].update(alignment_accuracy(weight, fs))
+    if kind != "adapter":
+        result["metrics"].update(alignment_accuracy(load_head_weight(zoo, head), fs))
     result["seconds"] = round(time.time() - t0, 2)
     return result

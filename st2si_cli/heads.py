@@ -26,21 +26,45 @@ def save_head(
     meta: dict[str, Any],
     name: str | None = None,
 ) -> Artifact:
-    """Store `weight` [N, d] as safetensors with a self-describing config."""
+    """Store an ILP `weight` [N, d] as safetensors with a self-describing config."""
+    import torch
+
+    return store_head(zoo, {"weight": weight.detach().to(torch.float32)}, kind="st2si-ilp-head",
+                      n_items=int(weight.shape[0]), hidden=int(weight.shape[1]), domain=domain, backbone=backbone,
+                      dataset=dataset, text=text, meta=meta, name=name)
+
+
+def store_head(
+    zoo: Zoo,
+    tensors: dict[str, Any],
+    *,
+    kind: str,
+    n_items: int,
+    hidden: int,
+    domain: str,
+    backbone: Artifact,
+    dataset: Artifact,
+    text: TextConfig,
+    meta: dict[str, Any],
+    name: str | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> Artifact:
+    """Store any head's tensors (safetensors, no pickle) with config.json and the zoo record."""
     import torch
     from safetensors.torch import save
 
     config = {
-        "kind": "st2si-ilp-head",
+        "kind": kind,
         "domain": domain,
-        "n_items": int(weight.shape[0]),
-        "hidden": int(weight.shape[1]),
+        "n_items": n_items,
+        "hidden": hidden,
         "text": text.to_dict(),
         "backbone": backbone.id,
         "dataset": dataset.id,
         "catalog_hash": dataset.meta.get("catalog_hash"),
+        **(extra_config or {}),
     }
-    blob = save({"weight": weight.detach().to(torch.float32).contiguous()})
+    blob = save({k: v.detach().contiguous() for k, v in tensors.items()})
     full_meta = {
         **meta,
         **config,
@@ -55,6 +79,12 @@ def save_head(
     )
 
 
+def load_head_tensors(zoo: Zoo, art: Artifact) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(zoo.file(art, "head.safetensors")))
+
+
 def find_head(zoo: Zoo, domain: str, ref: str | None = None) -> Artifact:
     """`ref` if given, else the domain's newest head."""
     if ref:
@@ -66,9 +96,10 @@ def find_head(zoo: Zoo, domain: str, ref: str | None = None) -> Artifact:
 
 
 def load_head_weight(zoo: Zoo, art: Artifact) -> Any:
-    from safetensors.torch import load_file
-
-    return load_file(str(zoo.file(art, "head.safetensors")))["weight"]
+    """The ILP weight [N, d] of an ILP head."""
+    if head_kind(art) == "adapter":
+        raise MismatchError(f"head {art.name or art.short_id} is a sequence adapter, not an ILP")
+    return load_head_tensors(zoo, art)["weight"]
 
 
 def head_text_config(art: Artifact) -> TextConfig:
@@ -88,3 +119,36 @@ def check_compatible(head: Artifact, *, backbone: Artifact | None = None, datase
             f"head {label} was trained on catalog {str(head.meta.get('catalog_hash'))[:12]}, but dataset "
             f"{dataset.name or dataset.short_id} has catalog {str(dataset.meta.get('catalog_hash'))[:12]}"
         )
+
+
+def head_kind(art: Artifact) -> str:
+    """"ilp" (the paper's, random init), "ilp-text", "adapter", or the pretrain method's ILP ("ilp")."""
+    return str(art.meta.get("head", "ilp"))
+
+
+def user_ranks(zoo: Zoo, head: Artifact, fs: Any, sequences: Any, role: int, *, ties: str = "pessimistic",
+               mask_history: bool = False) -> Any:
+    """Full-ranking rank of each user's VALID or TEST target under `head`, in user order ([n_users] long).
+
+    `fs` is the feature set of the head's backbone and text settings on its dataset. With
+    `mask_history`, items of the user's input history are not ranked (the target itself always is).
+    """
+    import torch
+
+    from st2si_cli.features import VALID
+    from st2si_cli.scoring import rank_rows
+
+    cut = 2 if role == VALID else 1
+    if head_kind(head) == "adapter":
+        from st2si_cli.adapter_head import adapter_user_ranks
+
+        return adapter_user_ranks(zoo, head, fs, sequences, role, ties=ties, mask_history=mask_history)
+    rows = fs.rows(role)
+    owners = fs.owner[rows]
+    if sorted(owners.tolist()) != list(range(len(sequences))):
+        raise ValueError("the feature set does not hold exactly one row per user for this split")
+    exclude = [list(sequences[int(u)][:-cut]) for u in owners] if mask_history else None
+    ranks = rank_rows(load_head_weight(zoo, head), fs.feats[rows], fs.targets[rows], ties=ties, exclude=exclude)
+    out = torch.empty_like(ranks)
+    out[owners] = ranks
+    return out

@@ -94,10 +94,11 @@ def recommend(
     """One output object per request (errors for BadLines), in input order."""
     import torch
 
+    from st2si_cli.adapter_head import load_adapter_head
     from st2si_cli.backbones import load_backbone
     from st2si_cli.data.prepare import load_dataset
     from st2si_cli.features import Sample, forward_batch, plan_batches
-    from st2si_cli.heads import check_compatible, find_head, head_text_config, load_head_weight
+    from st2si_cli.heads import check_compatible, find_head, head_kind, head_text_config, load_head_weight
     from st2si_cli.scoring import top_k
     from st2si_cli.text import ItemTokenizer
 
@@ -110,7 +111,8 @@ def recommend(
     text = head_text_config(head)
     backbone = load_backbone(zoo, head.meta["backbone"], dtype=dtype or head.meta.get("dtype") or "auto",
                              device=device, query=text.query)
-    weight = load_head_weight(zoo, head)
+    adapter = load_adapter_head(zoo, head) if head_kind(head) == "adapter" else None
+    weight = load_head_weight(zoo, head) if adapter is None else None
     itok = ItemTokenizer.create(backbone.tokenizer, text)
 
     good = [r for r in requests if isinstance(r, Request)]
@@ -126,17 +128,22 @@ def recommend(
         toks = [cache[key] for key in keys]
         m = itok.history_window(toks)
         tokens, qpos = itok.sequence(toks[len(toks) - m :])
-        samples.append(Sample(tokens, [qpos[-1]], [], [], 0))
+        # The ILP reads the last query; the adapter every query of the window, with the items' IDs.
+        samples.append(Sample(tokens, qpos if adapter is not None else qpos[-1:], [], [], 0))
 
-    hidden = torch.empty(len(samples), backbone.hidden_size)
+    feats: list[Any] = [None] * len(samples)
     with torch.inference_mode():
         for batch in plan_batches([len(s.tokens) for s in samples], batch_tokens, max_batch):
             for i, f in zip(batch, forward_batch(backbone, [samples[i] for i in batch], device)):
-                hidden[i] = f[0]
+                feats[i] = f
             if on_progress:
                 on_progress(len(batch))
         exclude = [[i for i in r.catalog_ids if i is not None] for r in good] if exclude_history else None
-        scores, idx = top_k(weight, hidden, k, exclude=exclude)
+        if adapter is None:
+            hidden = torch.stack([f[-1] for f in feats]) if feats else torch.empty(0, backbone.hidden_size)
+            scores, idx = top_k(weight, hidden, k, exclude=exclude)
+        else:
+            scores, idx = adapter_top_k(adapter, feats, [r.catalog_ids for r in good], k, exclude)
 
     results: list[dict[str, Any]] = []
     g = 0
@@ -151,3 +158,31 @@ def recommend(
         results.append({"user": r.user, "items": recs})
         g += 1
     return results
+
+
+def adapter_top_k(adapter: Any, feats: list[Any], catalog_ids: list[list[int | None]], k: int,
+                  exclude: list[list[int]] | None, batch: int = 256) -> tuple[Any, Any]:
+    """Top-k of a sequence adapter over each history's newest positions (unknown items: no ID)."""
+    import torch
+
+    max_len, n = adapter.cfg.max_len, adapter.n_items
+    out_s, out_i = [], []
+    for b0 in range(0, len(feats), batch):
+        rows = feats[b0 : b0 + batch]
+        lengths = torch.tensor([min(len(f), max_len) for f in rows])
+        width = int(lengths.max())
+        x = torch.zeros(len(rows), width, rows[0].shape[1])
+        ids = torch.full((len(rows), width), n, dtype=torch.long)
+        for r, (f, cids) in enumerate(zip(rows, catalog_ids[b0 : b0 + batch])):
+            m = int(lengths[r])
+            x[r, :m] = f[-m:].float()
+            ids[r, :m] = torch.tensor([n if c is None else c for c in cids[len(cids) - len(f):]][-m:], dtype=torch.long)
+        scores = adapter.score_last(x, ids, lengths)
+        if exclude is not None:
+            for r, items in enumerate(exclude[b0 : b0 + batch]):
+                if items:
+                    scores[r, items] = float("-inf")
+        s, i = scores.topk(min(k, n), dim=1)
+        out_s.append(s)
+        out_i.append(i)
+    return torch.cat(out_s), torch.cat(out_i)

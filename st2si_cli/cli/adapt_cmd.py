@@ -29,15 +29,27 @@ def metrics_table(title: str, rows: dict[str, dict[str, float]]):
 def adapt_cmd(
     domain: str = typer.Option(..., "--domain", help="Dataset name in the zoo (from `st2si prepare`)."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Backbone name or ID in the zoo."),
+    head_kind: str = typer.Option("ilp", "--head", help="ilp: the paper's item linear projection; ilp-text: ILP rows "
+                                  "initialised from each item's text feature; adapter: sequence adapter (SASRec over "
+                                  "the LM's features, item text and IDs)."),
+    sweep: bool = typer.Option(False, "--sweep", help="ILP heads: try points of a small grid (lr, weight decay, "
+                               "dropout, batch size; cosine schedule) on the cached features and keep the best on "
+                               "validation. Recorded in the head."),
+    sweep_trials: int = typer.Option(8, "--sweep-trials", min=0, help="Grid points tried by --sweep (0: all 16)."),
     lr: float = typer.Option(3e-4, "--lr", help="AdamW learning rate of the head (1e-4 suits a pretrained backbone)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Query positions per step."),
     epochs: int = typer.Option(100, "--epochs", help="Most epochs (early stopping usually ends sooner)."),
     patience: int = typer.Option(5, "--patience", help="Epochs without a better valid NDCG@10 before stopping."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    schedule: str = typer.Option("constant", "--schedule", help="constant or cosine (to 0 at --epochs)."),
+    warmup: float = typer.Option(0.0, "--warmup", min=0.0, max=1.0, help="Fraction of the schedule spent warming up."),
+    dropout: float = typer.Option(0.0, "--dropout", min=0.0, max=0.95, help="Dropout on the features while training."),
     seed: int = typer.Option(0, "--seed"),
     attributes: str = typer.Option("title", "--attributes", help="Item attributes in order, comma-separated (e.g. title,brand,category)."),
-    max_items: int = typer.Option(50, "--max-items", help="Newest history items kept per user."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", help="Token budget of a history, newest first."),
+    max_items: int = typer.Option(50, "--max-items", help="Items per history window (the newest at inference)."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Token budget of a window, newest first."),
+    stride: int = typer.Option(25, "--stride", help="Training windows step back this many positions, so every position trains once "
+                               "and sees >= max-items - stride earlier items; = max-items: non-overlapping windows."),
     query_token: str = typer.Option("dot", "--query-token", help="dot: the tokenizer's '.'; new: an added [Q] token."),
     no_multi_query: bool = typer.Option(False, "--no-multi-query", help="Train on each user's last query only."),
     no_alignment: bool = typer.Option(False, "--no-alignment", help="Leave out the ID-alignment samples."),
@@ -52,15 +64,16 @@ def adapt_cmd(
     from st2si_cli.adapt import FeatureOptions, adapt
     from st2si_cli.cli.reporting import RichReporter
     from st2si_cli.text import TextConfig
+    from st2si_cli.train.adapter import AdapterConfig
     from st2si_cli.train.head import HeadConfig
 
     text = TextConfig(
         attributes=tuple(a.strip() for a in attributes.split(",") if a.strip()),
-        max_items=max_items, max_tokens=max_tokens, query=query_token, clean=not no_clean,
+        max_items=max_items, max_tokens=max_tokens, stride=stride, query=query_token, clean=not no_clean,
     )
     head_cfg = HeadConfig(
         lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=epochs, patience=patience, seed=seed,
-        multi_query=not no_multi_query, alignment=not no_alignment,
+        multi_query=not no_multi_query, alignment=not no_alignment, schedule=schedule, warmup=warmup, dropout=dropout,
     )
     reporter = RichReporter()
     zoo = open_zoo()
@@ -68,14 +81,16 @@ def adapt_cmd(
         head = adapt(
             zoo, domain, backbone=backbone, text=text, head_cfg=head_cfg,
             feature_opts=FeatureOptions(dtype=dtype, device=device, batch_tokens=batch_tokens, alignment=True),
-            name=name, reporter=reporter,
+            name=name, reporter=reporter, kind=head_kind, sweep_trials=sweep_trials if sweep else None,
+            adapter_cfg=AdapterConfig(seed=seed) if head_kind == "adapter" else None,
         )
     finally:
         reporter.close()
     m = head.meta["metrics"]
     if json_out:
-        print_json({"head": head.name, "id": head.id, "domain": domain, "metrics": m,
-                    "best_epoch": head.meta["best_epoch"], "timings": head.meta["timings"]})
+        print_json({"head": head.name, "id": head.id, "domain": domain, "kind": head.meta.get("head", "ilp"),
+                    "metrics": m, "best_epoch": head.meta["best_epoch"], "train": head.meta.get("train"),
+                    "sweep": head.meta.get("sweep"), "timings": head.meta["timings"]})
         return
     out.print(metrics_table(f"{head.name} (best epoch {head.meta['best_epoch']})",
                             {"valid": m["valid"], "test": {**m["test"], **m["alignment"]}}))

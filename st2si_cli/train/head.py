@@ -24,9 +24,13 @@ from st2si_cli.scoring import linear_cross_entropy, rank_rows
 class HeadConfig:
     """ILP-tuning settings, recorded in every head."""
 
-    lr: float = 3e-4  # AdamW learning rate (the authors: 3e-4 from scratch, 1e-4 after pretraining)
-    weight_decay: float = 0.0
+    lr: float = 3e-4  # AdamW peak learning rate (the authors: 3e-4 from scratch, 1e-4 after pretraining)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on the head
     batch_size: int = 256  # query positions per step
+    schedule: str = "constant"  # "constant" (the authors' ILP tuning) or "cosine" (to 0 at max_epochs)
+    warmup: float = 0.0  # fraction of the schedule's steps spent warming up linearly from 0
+    dropout: float = 0.0  # dropout on the features during training (the frozen backbone's own is off)
+    init: str = "random"  # "random" (nn.Linear's range, the paper) or "text": each row from its item's alignment feature
     max_epochs: int = 100
     patience: int = 5  # epochs without a better validation NDCG@10 before stopping
     seed: int = 0
@@ -122,15 +126,20 @@ def train_head(
 
     d = fs.feats.shape[1] if fs.feats is not None else int(features_of(fs.rows(VALID)[:1]).shape[1])
     gen = torch.Generator().manual_seed(cfg.seed)
+    bound = 1.0 / d**0.5  # nn.Linear's default range, drawn from our own generator
     if init is not None:
         weight = init.detach().clone().float().requires_grad_(True)
-    else:
-        bound = 1.0 / d**0.5  # nn.Linear's default range, drawn from our own generator
+    elif cfg.init == "text":
+        weight = text_init(fs, n_items, features_of, row_norm=bound * (d / 3) ** 0.5).requires_grad_(True)
+    elif cfg.init == "random":
         weight = ((torch.rand(n_items, d, generator=gen) * 2 - 1) * bound).requires_grad_(True)
+    else:
+        raise ValueError(f"init must be random or text, not {cfg.init!r}")
     opt = torch.optim.AdamW([weight], lr=cfg.lr, weight_decay=cfg.weight_decay)
     rows = training_rows(fs, cfg.multi_query, cfg.alignment)
     if rows.numel() == 0:
         raise ValueError("no training positions: every user needs at least 3 items")
+    sched = lr_schedule(opt, cfg, steps_per_epoch=-(-rows.numel() // cfg.batch_size))
     valid_rows = fs.rows(VALID)
     valid_feats = features_of(valid_rows)
     valid_targets = fs.targets[valid_rows]
@@ -145,10 +154,15 @@ def train_head(
         total, steps = 0.0, 0
         for b0 in range(0, perm.numel(), cfg.batch_size):
             batch = perm[b0 : b0 + cfg.batch_size]
-            loss = linear_cross_entropy(features_of(batch).float(), weight, fs.targets[batch])
+            feats = features_of(batch).float()
+            if cfg.dropout > 0:
+                keep = torch.rand(feats.shape, generator=gen) >= cfg.dropout
+                feats = feats * keep / (1.0 - cfg.dropout)
+            loss = linear_cross_entropy(feats, weight, fs.targets[batch])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             total += float(loss.detach())
             steps += 1
             if on_step:
@@ -170,6 +184,43 @@ def train_head(
             break
     return HeadResult(weight=best_weight, best_epoch=best_epoch, best_valid=best, history=history,
                       seconds=time.time() - t0)
+
+
+def lr_schedule(opt: torch.optim.Optimizer, cfg: HeadConfig, steps_per_epoch: int) -> Any:
+    """Linear warm-up over `warmup` of the steps, then constant or cosine decay to 0 at max_epochs."""
+    import math
+
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be constant or cosine, not {cfg.schedule!r}")
+    total = max(1, steps_per_epoch * cfg.max_epochs)
+    warm = int(cfg.warmup * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def text_init(fs: FeatureSet, n_items: int, features_of: Callable[[Tensor], Tensor], row_norm: float) -> Tensor:
+    """ILP rows from each item's alignment feature (the hidden state of its own text + [Q]).
+
+    The features share a large common direction, so the mean over items is removed; each row is then
+    scaled to `row_norm` (the norm of a random nn.Linear row), so training starts at the usual logit
+    scale. Items without an alignment row start at 0.
+    """
+    rows = fs.rows(ALIGN)
+    if rows.numel() == 0:
+        raise ValueError("init 'text' needs the alignment rows in the feature cache")
+    feats = features_of(rows).float()
+    feats = feats - feats.mean(0, keepdim=True)
+    feats = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-8) * row_norm
+    weight = torch.zeros(n_items, feats.shape[1])
+    weight[fs.targets[rows]] = feats
+    return weight
 
 
 def steps_per_epoch(fs: FeatureSet, cfg: HeadConfig) -> int:

@@ -1,0 +1,65 @@
+"""Sequence-adapter heads in the zoo: train on cached features, store, load, rank.
+
+The adapter (`st2si_cli.train.adapter`) reads a user's query features position by position, with
+the IDs of the items where they are catalog items, and scores items by their text features and IDs.
+It trains on the same feature cache as the ILP, so the backbone never runs in its loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from st2si_cli.text import TextConfig
+from st2si_cli.zoo.store import Artifact, Zoo
+
+HEAD_KIND = "adapter"
+
+
+def train_adapter_head(fs: Any, ds: Any, cfg: Any = None, reporter: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, head meta) of an adapter trained with early stopping on validation NDCG@10."""
+    from st2si_cli.features import TEST, VALID
+    from st2si_cli.train.adapter import AdapterConfig, evaluate_adapter, load_adapter, train_adapter
+
+    cfg = cfg or AdapterConfig()
+    result = train_adapter(fs, ds.sequences, ds.n_items, cfg, on_epoch=reporter.epoch if reporter else None)
+    model = load_adapter(result.state_dict, cfg.to_dict(), fs.feats.shape[1], ds.n_items)
+    metrics = {split: evaluate_adapter(model, fs, ds.sequences, role, ties=cfg.ties)
+               for split, role in (("valid", VALID), ("test", TEST))}
+    meta = {
+        "method": "adapter",
+        "head": HEAD_KIND,
+        "train": cfg.to_dict(),
+        "d_feat": int(fs.feats.shape[1]),
+        "metrics": {**metrics, "alignment": {}},
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "timings": {"training_seconds": round(result.seconds, 2)},
+    }
+    return result.state_dict, meta
+
+
+def save_adapter_head(zoo: Zoo, tensors: dict[str, Any], *, n_items: int, domain: str, backbone: Artifact,
+                      dataset: Artifact, text: TextConfig, meta: dict[str, Any], name: str | None = None) -> Artifact:
+    from st2si_cli.heads import store_head
+
+    return store_head(zoo, tensors, kind="st2si-adapter-head", n_items=n_items, hidden=int(meta["train"]["hidden"]),
+                      domain=domain, backbone=backbone, dataset=dataset, text=text, meta=meta, name=name,
+                      extra_config={"adapter": meta["train"], "d_feat": meta["d_feat"]})
+
+
+def load_adapter_head(zoo: Zoo, head: Artifact) -> Any:
+    from st2si_cli.heads import load_head_tensors
+    from st2si_cli.train.adapter import load_adapter
+
+    return load_adapter(load_head_tensors(zoo, head), head.meta["train"], int(head.meta["d_feat"]),
+                        int(head.meta["n_items"]))
+
+
+def adapter_user_ranks(zoo: Zoo, head: Artifact, fs: Any, sequences: Any, role: int, *, ties: str = "pessimistic",
+                       mask_history: bool = False) -> Any:
+    from st2si_cli.features import VALID
+    from st2si_cli.train.adapter import adapter_ranks
+
+    cut = 2 if role == VALID else 1
+    exclude = [list(seq[:-cut]) for seq in sequences] if mask_history else None
+    return adapter_ranks(load_adapter_head(zoo, head), fs, sequences, role, ties=ties, exclude=exclude)

@@ -1,0 +1,347 @@
+"""Sequence adapter: a SASRec head that reads the frozen language model's features as well as item IDs.
+
+Each user's history rows in a `FeatureSet` are positions j = 0..n-2 of its sequence: the feature
+of the query after item seq[j], target seq[j + 1]. The adapter runs a causal transformer over those
+positions; the input at a step is LN(query_proj(feature)) + item_emb(seq[j]) + pos_emb(step), and
+items are scored against item_proj(item text feature) + item_emb(item). With `use_text=False` it
+is plain SASRec on IDs; with `use_ids=False` it reads only the language model.
+
+Layout: windows are right-padded and positions are left-aligned (the oldest step of a window has
+position 0), as in RecBole's SASRec; with a causal mask, real steps never see padding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from st2si_cli.features import ALIGN, TEST, TRAIN, VALID, FeatureSet
+from st2si_cli.metrics import metrics_from_ranks, rank_of_target
+
+EVAL_BATCH = 256  # users scored at once when evaluating
+
+
+@dataclass
+class AdapterConfig:
+    """Sequence-adapter settings, recorded with every adapter."""
+
+    hidden: int = 64  # transformer width
+    layers: int = 2  # transformer layers
+    heads: int = 2  # attention heads
+    dropout: float = 0.5  # hidden and attention dropout (RecBole SASRec's default)
+    max_len: int = 50  # steps the transformer sees; older positions are cut off
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0
+    batch_size: int = 128  # training windows (chunks of a user's history) per step
+    max_epochs: int = 200
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    seed: int = 0
+    use_ids: bool = True  # ablation: False = text only (no item ID embeddings)
+    use_text: bool = True  # ablation: False = plain SASRec on item IDs
+    ties: str = "pessimistic"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AdapterResult:
+    state_dict: dict[str, Tensor]  # the best epoch's weights (CPU)
+    best_epoch: int
+    best_valid: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class SequenceAdapter(nn.Module):
+    """Causal transformer over a user's positions; scores = h_t @ item_vectors().T."""
+
+    def __init__(self, cfg: AdapterConfig, d_feat: int, n_items: int, item_text: Tensor | None = None) -> None:
+        super().__init__()
+        if not (cfg.use_ids or cfg.use_text):
+            raise ValueError("the adapter needs use_ids or use_text")
+        if cfg.use_text and (item_text is None or tuple(item_text.shape) != (n_items, d_feat)):
+            raise ValueError(f"use_text needs item_text of shape ({n_items}, {d_feat})")
+        self.cfg, self.d_feat, self.n_items = cfg, d_feat, n_items
+        # Without text the buffer is empty, so the state dict keeps one layout without the weight.
+        text = item_text.float() if cfg.use_text else torch.zeros(0, d_feat)
+        self.register_buffer("item_text", text.clone().contiguous())
+        # LM hidden states carry a few huge dimensions: both feature kinds are standardised per
+        # dimension (item text with its own statistics, queries with the training rows', set by
+        # `set_query_stats`) before their projections. Stored as buffers.
+        self.register_buffer("text_mean", text.mean(0) if len(text) else torch.zeros(d_feat))
+        self.register_buffer("text_std", text.std(0).clamp_min(1e-6) if len(text) > 1 else torch.ones(d_feat))
+        self.register_buffer("query_mean", torch.zeros(d_feat))
+        self.register_buffer("query_std", torch.ones(d_feat))
+        if cfg.use_text:
+            self.query_proj = nn.Linear(d_feat, cfg.hidden)
+            self.query_norm = nn.LayerNorm(cfg.hidden)
+            self.item_proj = nn.Linear(d_feat, cfg.hidden)
+        if cfg.use_ids:
+            self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=n_items)  # n_items: unknown/pad
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
+        layer = nn.TransformerEncoderLayer(cfg.hidden, cfg.heads, 4 * cfg.hidden, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.final_norm = nn.LayerNorm(cfg.hidden)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.apply(_init_weights)
+        if cfg.use_ids:
+            with torch.no_grad():
+                self.item_emb.weight[n_items].zero_()
+
+    def set_query_stats(self, feats: Tensor) -> None:
+        """Per-dimension mean and std of the query features the adapter will read ([rows, d])."""
+        self.query_mean.copy_(feats.float().mean(0))
+        self.query_std.copy_(feats.float().std(0).clamp_min(1e-6))
+
+    def forward(self, feats: Tensor, ids: Tensor, lengths: Tensor) -> Tensor:
+        """feats [B, T, d], ids [B, T] (n_items = unknown/pad), lengths [B] -> hidden [B, T, hidden]."""
+        b, t = ids.shape
+        if t > self.cfg.max_len:
+            raise ValueError(f"{t} steps exceed max_len={self.cfg.max_len}")
+        if b and int(lengths.min()) < 1:
+            raise ValueError("every row needs at least one step")
+        steps = torch.arange(t, device=ids.device)
+        pad = steps[None, :] >= lengths.to(ids.device)[:, None]  # True at padding; step 0 is always real
+        x = self.pos_emb(steps)[None].expand(b, t, -1)
+        if self.cfg.use_text:
+            x = x + self.query_norm(self.query_proj((feats.float() - self.query_mean) / self.query_std))
+        if self.cfg.use_ids:
+            x = x + self.item_emb(ids)
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=ids.device), diagonal=1)
+        h = self.encoder(self.dropout(x), mask=causal, src_key_padding_mask=pad)
+        return self.final_norm(h)
+
+    def item_vectors(self) -> Tensor:
+        """Output vector of every item, [n_items, hidden] (the unknown/pad ID is not an item)."""
+        v = self.item_proj((self.item_text - self.text_mean) / self.text_std) if self.cfg.use_text else 0
+        if self.cfg.use_ids:
+            v = v + self.item_emb.weight[: self.n_items]
+        return v
+
+    def score_last(self, feats: Tensor, ids: Tensor, lengths: Tensor) -> Tensor:
+        """Scores of every item at each row's last real step, [B, n_items]."""
+        h = self(feats, ids, lengths)
+        last = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]
+        return last @ self.item_vectors().T
+
+
+def _init_weights(m: nn.Module) -> None:
+    # RecBole SASRec: N(0, 0.02) for linear and embedding weights, zero biases, unit LayerNorms.
+    if isinstance(m, nn.Linear | nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+    if isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+UserRows = tuple[Tensor, list[int]]  # row of each position j = 0..n-2, and the ID at it (seq[j])
+
+
+def user_sequences(fs: FeatureSet, sequences: Sequence[Sequence[int]]) -> list[UserRows]:
+    """Each user's history rows in position order, checked against `sequences`.
+
+    Raises ValueError naming the first user whose rows are not positions 0..n-2 with targets
+    seq[1..n-1] and roles TRAIN.., VALID, TEST.
+    """
+    hist = torch.nonzero(fs.roles != ALIGN).flatten()
+    owners = fs.owner[hist]
+    n_users = len(sequences)
+    if owners.numel() and (int(owners.min()) < 0 or int(owners.max()) >= n_users):
+        raise ValueError(f"history rows name users outside [0, {n_users})")
+    rows = hist[torch.sort(owners, stable=True).indices]  # by user, increasing row index within a user
+    counts = torch.bincount(owners, minlength=n_users).tolist()
+    expected_targets: list[int] = []
+    expected_roles: list[int] = []
+    for u, seq in enumerate(sequences):
+        n = len(seq)
+        if n < 3 or counts[u] != n - 1:
+            raise ValueError(f"user {u}: {counts[u]} history rows for a sequence of {n} items (need n >= 3, n - 1 rows)")
+        expected_targets += list(seq[1:])
+        expected_roles += [TRAIN] * (n - 3) + [VALID, TEST]
+    bad = (fs.targets[rows] != torch.tensor(expected_targets, dtype=torch.long)) | (
+        fs.roles[rows].long() != torch.tensor(expected_roles, dtype=torch.long))
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0, 0])
+        u = int(torch.searchsorted(torch.tensor(counts).cumsum(0), first, right=True))
+        raise ValueError(f"user {u}: history rows do not line up with its sequence (targets or roles differ)")
+    return [(r, list(seq[:-1])) for r, seq in zip(torch.split(rows, counts), sequences)]
+
+
+def training_windows(users: Sequence[UserRows], max_len: int) -> list[UserRows]:
+    """Each user's TRAIN positions (targets seq[1..n-3]) cut into chunks of at most `max_len`.
+
+    Chunks are cut from the newest position backwards (only the oldest one may be short) and are
+    windows of the user's own positions: every training position is trained exactly once, with the
+    steps before it in its chunk as context, so context restarts at a chunk boundary.
+    """
+    out: list[UserRows] = []
+    for rows, ids in users:
+        m = len(ids) - 2  # positions 0..n-4 train; n-3 is VALID, n-2 TEST
+        for end in range(m, 0, -max_len):
+            start = max(0, end - max_len)
+            out.append((rows[start:end], ids[start:end]))
+    return out
+
+
+def eval_windows(users: Sequence[UserRows], role: int, max_len: int) -> list[UserRows]:
+    """Newest `max_len` positions up to the VALID (0..n-3) or TEST (0..n-2) position of each user."""
+    if role not in (VALID, TEST):
+        raise ValueError(f"role must be VALID or TEST; got {role}")
+    out: list[UserRows] = []
+    for rows, ids in users:
+        end = len(ids) - (1 if role == VALID else 0)
+        start = max(0, end - max_len)
+        out.append((rows[start:end], ids[start:end]))
+    return out
+
+
+def collate(fs: FeatureSet, windows: Sequence[UserRows], n_items: int, device: Any = "cpu") -> tuple[Tensor, ...]:
+    """Right-padded (feats [B, T, d], ids [B, T], lengths [B], targets [B, T] with -100 at padding)."""
+    lengths = torch.tensor([len(ids) for _, ids in windows], dtype=torch.long)
+    b, t = len(windows), int(lengths.max())
+    rows = torch.zeros(b, t, dtype=torch.long)
+    ids = torch.full((b, t), n_items, dtype=torch.long)
+    for k, (r, i) in enumerate(windows):
+        rows[k, : len(i)] = r
+        ids[k, : len(i)] = torch.tensor(i, dtype=torch.long)
+    pad = torch.arange(t)[None, :] >= lengths[:, None]
+    targets = fs.targets[rows].masked_fill(pad, -100)
+    feats = fs.feats[rows].float().masked_fill(pad[..., None], 0.0)
+    return feats.to(device), ids.to(device), lengths.to(device), targets.to(device)
+
+
+def item_text_features(fs: FeatureSet, n_items: int) -> Tensor:
+    """The ALIGN row's feature of every item (its own text), [n_items, d]."""
+    rows = fs.rows(ALIGN)
+    out = torch.zeros(n_items, fs.feats.shape[1])
+    seen = torch.zeros(n_items, dtype=torch.bool)
+    out[fs.owner[rows]] = fs.feats[rows].float()
+    seen[fs.owner[rows]] = True
+    if not bool(seen.all()):
+        raise ValueError(f"{int((~seen).sum())} items have no ALIGN row; use_text needs features with alignment")
+    return out
+
+
+@torch.no_grad()
+def adapter_ranks(model: SequenceAdapter, fs: FeatureSet, sequences: Sequence[Sequence[int]], role: int, *,
+                  ties: str = "pessimistic", exclude: Sequence[Sequence[int]] | None = None,
+                  users: Sequence[UserRows] | None = None) -> Tensor:
+    """Full-ranking rank of each user's VALID or TEST target, [n_users] in user order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    windows = eval_windows(users if users is not None else user_sequences(fs, sequences), role, model.cfg.max_len)
+    ranks: list[Tensor] = []
+    for b0 in range(0, len(windows), EVAL_BATCH):
+        feats, ids, lengths, targets = collate(fs, windows[b0 : b0 + EVAL_BATCH], model.n_items, device)
+        scores = model.score_last(feats, ids, lengths).cpu()
+        last = targets.cpu()[torch.arange(len(lengths)), lengths.cpu() - 1]
+        ex = exclude[b0 : b0 + EVAL_BATCH] if exclude is not None else None
+        ranks.append(rank_of_target(scores, last, ties=ties, exclude=ex))
+    model.train(was_training)
+    return torch.cat(ranks)
+
+
+def evaluate_adapter(model: SequenceAdapter, fs: FeatureSet, sequences: Sequence[Sequence[int]], role: int, *,
+                     ks: Sequence[int] = (10,), ties: str = "pessimistic",
+                     exclude: Sequence[Sequence[int]] | None = None,
+                     users: Sequence[UserRows] | None = None) -> dict[str, float]:
+    """Full-ranking metrics of the VALID or TEST targets (one per user)."""
+    return metrics_from_ranks(adapter_ranks(model, fs, sequences, role, ties=ties, exclude=exclude, users=users), ks)
+
+
+def train_adapter(fs: FeatureSet, sequences: Sequence[Sequence[int]], n_items: int, cfg: AdapterConfig,
+                  on_epoch: Callable[[dict[str, Any]], None] | None = None, *,
+                  device: Any = "cpu") -> AdapterResult:
+    """AdamW with early stopping on validation NDCG@10; returns the best epoch's weights.
+
+    The loss is cross-entropy over all items at every real step of a window (mean over steps).
+    Initialisation and dropout draw from a forked RNG seeded with `cfg.seed`, and the window order
+    from a seeded generator, so a run is deterministic (on CPU) without touching the global RNG.
+    """
+    t0 = time.time()
+    users = user_sequences(fs, sequences)
+    windows = training_windows(users, cfg.max_len)
+    if not windows:
+        raise ValueError("no training positions: some user needs at least 4 items")
+    item_text = item_text_features(fs, n_items) if cfg.use_text else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = SequenceAdapter(cfg, fs.feats.shape[1], n_items, item_text)
+        model.set_query_stats(fs.feats[fs.rows(TRAIN)])
+        model = model.to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        best: dict[str, float] = {"NDCG@10": -1.0}
+        best_state = adapter_tensors(model)
+        best_epoch, since_best = 0, 0
+        history: list[dict[str, Any]] = []
+        for epoch in range(1, cfg.max_epochs + 1):
+            e0 = time.time()
+            model.train()
+            total, steps = 0.0, 0
+            order = torch.randperm(len(windows), generator=gen)
+            for b0 in range(0, len(windows), cfg.batch_size):
+                batch = [windows[int(k)] for k in order[b0 : b0 + cfg.batch_size]]
+                feats, ids, lengths, targets = collate(fs, batch, n_items, device)
+                h = model(feats, ids, lengths)
+                real = targets >= 0
+                loss = F.cross_entropy(h[real] @ model.item_vectors().T, targets[real])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
+            valid = evaluate_adapter(model, fs, sequences, VALID, ties=cfg.ties, users=users)
+            record = {"epoch": epoch, "loss": total / steps, "seconds": round(time.time() - e0, 3),
+                      **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"}}
+            history.append(record)
+            improved = valid["NDCG@10"] > best["NDCG@10"]
+            if improved:
+                best, best_epoch, since_best = valid, epoch, 0
+                best_state = adapter_tensors(model)
+            else:
+                since_best += 1
+            if on_epoch:
+                on_epoch({**record, "best_epoch": best_epoch, "improved": improved})
+            if since_best >= cfg.patience:
+                break
+    return AdapterResult(state_dict=best_state, best_epoch=best_epoch, best_valid=best, history=history,
+                         seconds=time.time() - t0)
+
+
+def adapter_tensors(model: SequenceAdapter) -> dict[str, Tensor]:
+    """The state dict as contiguous float32 CPU tensors (safetensors-ready, no pickle)."""
+    return {k: v.detach().float().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def load_adapter(tensors: dict[str, Tensor], cfg_dict: dict[str, Any], d_feat: int, n_items: int) -> SequenceAdapter:
+    """Rebuild an adapter (in eval mode) from `AdapterConfig.to_dict()` and `adapter_tensors`."""
+    cfg = AdapterConfig(**cfg_dict)
+    model = SequenceAdapter(cfg, d_feat, n_items, tensors["item_text"] if cfg.use_text else None)
+    model.load_state_dict(tensors)
+    return model.eval()
+
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterResult",
+    "SequenceAdapter",
+    "adapter_ranks",
+    "adapter_tensors",
+    "evaluate_adapter",
+    "load_adapter",
+    "train_adapter",
+    "training_windows",
+    "user_sequences",
+]

@@ -1,0 +1,81 @@
+"""A small hyper-parameter sweep for heads trained on cached features, chosen on validation only.
+
+Each trial trains a head with early stopping on validation NDCG@10; the trial with the best
+validation NDCG@10 wins (ties: the earlier trial). Test targets are never looked at here: the caller
+scores the chosen head on test once, after the choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+# The ILP grid: peak learning rate, decoupled weight decay, feature dropout and batch size, under a
+# cosine schedule with 5% warm-up over at most 30 epochs.
+ILP_GRID: dict[str, Sequence[Any]] = {
+    "lr": (1e-3, 3e-3),
+    "weight_decay": (0.0, 0.05),
+    "dropout": (0.0, 0.3),
+    "batch_size": (256, 1024),
+}
+ILP_SWEEP_BASE = {"schedule": "cosine", "warmup": 0.05, "max_epochs": 30, "patience": 5}
+
+
+@dataclass
+class Trial:
+    settings: dict[str, Any]  # the grid values of this trial
+    valid_ndcg10: float
+    best_epoch: int
+    seconds: float
+
+
+def grid_points(grid: Mapping[str, Sequence[Any]], trials: int | None, seed: int = 0) -> list[dict[str, Any]]:
+    """Every point of the grid, or `trials` of them drawn without replacement (seeded), in grid order."""
+    keys = list(grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    if trials is not None and trials < len(points):
+        chosen = sorted(random.Random(seed).sample(range(len(points)), trials))
+        points = [points[i] for i in chosen]
+    return points
+
+
+def sweep(
+    base: Any,
+    points: Sequence[dict[str, Any]],
+    train: Callable[[Any], Any],
+    *,
+    on_trial: Callable[[int, Trial], None] | None = None,
+) -> tuple[Any, Any, list[Trial]]:
+    """Train `train(cfg)` for each point applied to the dataclass `base`; return (best cfg, its result, trials).
+
+    `train` returns an object with `best_valid` (metrics dict with "NDCG@10"), `best_epoch` and `seconds`.
+    """
+    if not points:
+        raise ValueError("the sweep has no trials")
+    best_cfg = best_result = None
+    trials: list[Trial] = []
+    for k, point in enumerate(points):
+        cfg = replace(base, **point)
+        result = train(cfg)
+        trial = Trial(dict(point), float(result.best_valid["NDCG@10"]), int(result.best_epoch), round(result.seconds, 2))
+        trials.append(trial)
+        if on_trial:
+            on_trial(k, trial)
+        if best_result is None or trial.valid_ndcg10 > float(best_result.best_valid["NDCG@10"]):
+            best_cfg, best_result = cfg, result
+    return best_cfg, best_result, trials
+
+
+def sweep_record(trials: Sequence[Trial], chosen: Mapping[str, Any], grid: Mapping[str, Sequence[Any]],
+                 base: Mapping[str, Any]) -> dict[str, Any]:
+    """What a head stores about the sweep that chose it."""
+    return {
+        "selection": "best validation NDCG@10 (test never seen)",
+        "grid": {k: list(v) for k, v in grid.items()},
+        "fixed": dict(base),
+        "chosen": dict(chosen),
+        "trials": [asdict(t) for t in trials],
+    }
