@@ -30,6 +30,7 @@ class TextConfig:
     max_tokens: int = 1024  # token budget of a window (items + query tokens), newest first
     stride: int = 25  # training windows step back this many positions: each position sees >= max_items - stride items
     clean: bool = True  # decode HTML entities and collapse whitespace (the authors did not)
+    trim_periods: bool = False  # drop periods ending an attribute, so the "." query is the item's only full stop
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -150,6 +151,8 @@ def _one_part(item: Mapping[str, Any], cfg: TextConfig, a: int) -> str | None:
     value = str(value)
     if cfg.clean:
         value = clean_text(value)
+    if cfg.trim_periods:
+        value = value.rstrip(" .")
     if not value:
         return None
     return value if a == 0 else f" {name}: {value}"

@@ -245,3 +245,14 @@ def json_line(history):
     import json
 
     return json.dumps({"user": "x", "history": history})
+
+
+def test_trim_periods_drops_the_full_stop_before_the_query(backbone):
+    plain = ItemTokenizer.create(backbone.tokenizer, TextConfig())
+    trimmed = ItemTokenizer.create(backbone.tokenizer, TextConfig(trim_periods=True))
+    item = {"title": "Steel ruler, 30 cm."}
+    [a] = plain.encode_items([item])
+    [b] = trimmed.encode_items([item])
+    assert backbone.tokenizer.decode(a).endswith("cm.")
+    assert backbone.tokenizer.decode(b) == "Steel ruler, 30 cm"
+    assert TextConfig(trim_periods=True).to_dict() != TextConfig().to_dict()  # part of the cache key

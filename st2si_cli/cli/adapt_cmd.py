@@ -54,6 +54,8 @@ def adapt_cmd(
     no_multi_query: bool = typer.Option(False, "--no-multi-query", help="Train on each user's last query only."),
     no_alignment: bool = typer.Option(False, "--no-alignment", help="Leave out the ID-alignment samples."),
     no_clean: bool = typer.Option(False, "--no-clean", help="Keep HTML entities and whitespace as in the data."),
+    trim_periods: bool = typer.Option(False, "--trim-periods", help="Drop periods that end an attribute (Amazon titles "
+                                      "end in '.', so with the '.' query every query would read '..')."),
     dtype: str = typer.Option("auto", "--dtype", help="Backbone dtype: auto (bf16 where native), bf16, fp32."),
     device: str = typer.Option("cpu", "--device"),
     batch_tokens: int = typer.Option(16384, "--batch-tokens", help="Padded tokens per forward batch."),
@@ -70,6 +72,7 @@ def adapt_cmd(
     text = TextConfig(
         attributes=tuple(a.strip() for a in attributes.split(",") if a.strip()),
         max_items=max_items, max_tokens=max_tokens, stride=stride, query=query_token, clean=not no_clean,
+        trim_periods=trim_periods,
     )
     head_cfg = HeadConfig(
         lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=epochs, patience=patience, seed=seed,
