@@ -28,13 +28,19 @@ class TextConfig:
     query: str = "dot"  # "dot": the tokenizer's existing "." token; "new": an added [Q] token
     max_items: int = 50  # items in one history window (the newest ones at inference)
     max_tokens: int = 1024  # token budget of a window (items + query tokens), newest first
-    stride: int = 25  # training windows step back this many positions: each position sees >= max_items - stride items
+    stride: int | None = None  # training windows step back this many positions (None: max_items // 2), so each
+    # position sees at least max_items - stride earlier items
     clean: bool = True  # decode HTML entities and collapse whitespace (the authors did not)
     trim_periods: bool = False  # drop periods ending an attribute, so the "." query is the item's only full stop
+
+    @property
+    def window_stride(self) -> int:
+        return self.stride if self.stride is not None else max(1, self.max_items // 2)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["attributes"] = list(self.attributes)
+        d["stride"] = self.window_stride  # the default written out: one cache key per behaviour
         return d
 
     @classmethod
@@ -115,15 +121,16 @@ class ItemTokenizer:
         its window, or all earlier items where there are fewer), and the pass costs at most about
         max_items / stride times one pass over the history.
         """
-        if not 1 <= self.cfg.stride <= self.cfg.max_items:
-            raise ValueError(f"stride must be between 1 and max_items ({self.cfg.max_items}), not {self.cfg.stride}")
-        context = self.cfg.max_items - self.cfg.stride
+        stride = self.cfg.window_stride
+        if not 1 <= stride <= self.cfg.max_items:
+            raise ValueError(f"stride must be between 1 and max_items ({self.cfg.max_items}), not {stride}")
+        context = self.cfg.max_items - stride
         out: list[tuple[int, int, int]] = []
         end = len(item_ids)
         while end > 0:
             m = self.history_window(item_ids[:end])
             start = end - m
-            used = 0 if start == 0 else end - max(min(self.cfg.stride, m - context), -(-m // 2))
+            used = 0 if start == 0 else end - max(min(stride, m - context), -(-m // 2))
             out.append((start, used, end))
             end = used
         return out[::-1]

@@ -48,8 +48,9 @@ def adapt_cmd(
     attributes: str = typer.Option("title", "--attributes", help="Item attributes in order, comma-separated (e.g. title,brand,category)."),
     max_items: int = typer.Option(50, "--max-items", help="Items per history window (the newest at inference)."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Token budget of a window, newest first."),
-    stride: int = typer.Option(25, "--stride", help="Training windows step back this many positions, so every position trains once "
-                               "and sees >= max-items - stride earlier items; = max-items: non-overlapping windows."),
+    stride: int | None = typer.Option(None, "--stride", min=1, help="Training windows step back this many positions "
+                                      "(default: half of --max-items), so every position trains once and sees at least "
+                                      "max-items - stride earlier items; = --max-items: non-overlapping windows."),
     query_token: str = typer.Option("dot", "--query-token", help="dot: the tokenizer's '.'; new: an added [Q] token."),
     no_multi_query: bool = typer.Option(False, "--no-multi-query", help="Train on each user's last query only."),
     no_alignment: bool = typer.Option(False, "--no-alignment", help="Leave out the ID-alignment samples."),
