@@ -17,6 +17,7 @@ from typing import Any
 ALIGNMENT_PROMPT = "Please give the index of the following item: "
 NEW_QUERY_TOKEN = "[Q]"
 _SPACES = re.compile(r"\s+")
+_LATER_FIELDS = {"trim_periods": False}  # TextConfig fields newer than the feature-cache format
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class TextConfig:
         d = asdict(self)
         d["attributes"] = list(self.attributes)
         d["stride"] = self.window_stride  # the default written out: one cache key per behaviour
+        for name, default in _LATER_FIELDS.items():  # added later: absent at their default, so keys stay valid
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
