@@ -210,7 +210,9 @@ def compute_features(
     t0 = time.time()
     itok = ItemTokenizer.create(backbone.tokenizer, text)
     item_tokens = itok.encode_items(ds.items)
-    samples = build_samples(ds, itok, item_tokens, alignment=alignment)
+    if text.positions not in ("all", "newest"):
+        raise ValueError(f"positions must be all or newest, not {text.positions!r}")
+    samples = build_samples(ds, itok, item_tokens, alignment=alignment, every_position=text.positions == "all")
     lengths = [len(s.tokens) for s in samples]
     batches = plan_batches(lengths, batch_tokens, max_batch)
     stage = zoo.staging_dir(cache_name(key))

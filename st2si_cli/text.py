@@ -17,7 +17,7 @@ from typing import Any
 ALIGNMENT_PROMPT = "Please give the index of the following item: "
 NEW_QUERY_TOKEN = "[Q]"
 _SPACES = re.compile(r"\s+")
-_LATER_FIELDS = {"trim_periods": False}  # TextConfig fields newer than the feature-cache format
+_LATER_FIELDS = {"trim_periods": False, "positions": "all"}  # TextConfig fields newer than the feature-cache format
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class TextConfig:
     # position sees at least max_items - stride earlier items
     clean: bool = True  # decode HTML entities and collapse whitespace (the authors did not)
     trim_periods: bool = False  # drop periods ending an attribute, so the "." query is the item's only full stop
+    positions: str = "all"  # "all": windows give every training position a row; "newest": the newest window only (fast demos)
 
     @property
     def window_stride(self) -> int:

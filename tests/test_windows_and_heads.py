@@ -256,3 +256,15 @@ def test_trim_periods_drops_the_full_stop_before_the_query(backbone):
     assert backbone.tokenizer.decode(a).endswith("cm.")
     assert backbone.tokenizer.decode(b) == "Steel ruler, 30 cm"
     assert TextConfig(trim_periods=True).to_dict() != TextConfig().to_dict()  # part of the cache key
+
+
+def test_positions_newest_keeps_one_window_per_user(zoo, backbone):
+    ds = load_dataset(zoo, "long")
+    text = TextConfig(max_items=20, positions="newest")
+    _, fs = compute_features(zoo, backbone, ds, zoo.get("long").id, text)
+    for u, seq in enumerate(ds.sequences):
+        rows = torch.nonzero((fs.owner == u) & (fs.roles != ALIGN)).flatten()
+        assert len(rows) == min(20, len(seq) - 1)
+        assert fs.targets[rows].tolist() == seq[len(seq) - len(rows):]
+    assert TextConfig(positions="newest").to_dict()["positions"] == "newest"
+    assert "positions" not in TextConfig().to_dict()

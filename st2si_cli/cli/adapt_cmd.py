@@ -51,6 +51,8 @@ def adapt_cmd(
     stride: int | None = typer.Option(None, "--stride", min=1, help="Training windows step back this many positions "
                                       "(default: half of --max-items), so every position trains once and sees at least "
                                       "max-items - stride earlier items; = --max-items: non-overlapping windows."),
+    positions: str = typer.Option("all", "--positions", help="all: every training position gets a row (windows); "
+                                  "newest: only the newest window of each history (faster, fewer training rows)."),
     query_token: str = typer.Option("dot", "--query-token", help="dot: the tokenizer's '.'; new: an added [Q] token."),
     no_multi_query: bool = typer.Option(False, "--no-multi-query", help="Train on each user's last query only."),
     no_alignment: bool = typer.Option(False, "--no-alignment", help="Leave out the ID-alignment samples."),
@@ -73,7 +75,7 @@ def adapt_cmd(
     text = TextConfig(
         attributes=tuple(a.strip() for a in attributes.split(",") if a.strip()),
         max_items=max_items, max_tokens=max_tokens, stride=stride, query=query_token, clean=not no_clean,
-        trim_periods=trim_periods,
+        trim_periods=trim_periods, positions=positions,
     )
     head_cfg = HeadConfig(
         lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=epochs, patience=patience, seed=seed,

@@ -47,7 +47,7 @@ def quickstart_cmd(
     err.print(f"[3/5] Adapting an ILP head (frozen backbone, newest {max_items} items per history)", markup=False)
     reporter = RichReporter()
     try:
-        head = adapt(zoo, domain, backbone=bb.name or bb.id, text=TextConfig(max_items=max_items), reporter=reporter)
+        head = adapt(zoo, domain, backbone=bb.name or bb.id, text=TextConfig(max_items=max_items, positions="newest"), reporter=reporter)
     finally:
         reporter.close()
     m = head.meta["metrics"]
