@@ -95,8 +95,8 @@ def adapt(
 
     kind "ilp" is the paper's item linear projection (random init); "ilp-text" starts each ILP row
     from its item's alignment feature; "adapter" is a sequence adapter (SASRec over the LM's query
-    features and item text features, plus ID embeddings). `sweep_trials` (ILP kinds): train that many
-    points of the sweep grid (0 or None with sweep: all) and keep the best on validation.
+    features and item text features, plus ID embeddings). `sweep_trials`: train that many points of the
+    kind's sweep grid (0: all of them) and keep the best on validation; None: no sweep.
     """
     from st2si_cli.data.prepare import load_dataset
 
@@ -116,7 +116,7 @@ def adapt(
     if kind == "adapter":
         from st2si_cli.adapter_head import save_adapter_head, train_adapter_head
 
-        tensors, meta = train_adapter_head(fs, ds, adapter_cfg, reporter)
+        tensors, meta = train_adapter_head(fs, ds, adapter_cfg, reporter, sweep_trials=sweep_trials)
         meta["timings"] = {**timings, **meta.get("timings", {})}
         return save_adapter_head(zoo, tensors, n_items=ds.n_items, domain=domain, backbone=bb_art, dataset=dataset_art, text=text,
                                  meta={**common, **meta}, name=name)

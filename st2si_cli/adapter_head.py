@@ -15,13 +15,40 @@ from st2si_cli.zoo.store import Artifact, Zoo
 HEAD_KIND = "adapter"
 
 
-def train_adapter_head(fs: Any, ds: Any, cfg: Any = None, reporter: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tensors, head meta) of an adapter trained with early stopping on validation NDCG@10."""
+def train_adapter_head(fs: Any, ds: Any, cfg: Any = None, reporter: Any = None,
+                       sweep_trials: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, head meta) of an adapter trained with early stopping on validation NDCG@10.
+
+    With `sweep_trials` (0: the whole grid), points of `ADAPTER_GRID` are tried and the best on
+    validation is kept; the sweep is recorded in the meta.
+    """
+    from dataclasses import replace
+
     from st2si_cli.features import TEST, VALID
     from st2si_cli.train.adapter import AdapterConfig, evaluate_adapter, load_adapter, train_adapter
+    from st2si_cli.train.sweep import ADAPTER_GRID, ADAPTER_SWEEP_BASE, grid_points, sweep, sweep_record
 
     cfg = cfg or AdapterConfig()
-    result = train_adapter(fs, ds.sequences, ds.n_items, cfg, on_epoch=reporter.epoch if reporter else None)
+    on_epoch = reporter.epoch if reporter else None
+
+    def train(c: Any) -> Any:
+        return train_adapter(fs, ds.sequences, ds.n_items, c, on_epoch=on_epoch)
+
+    sweep_meta = None
+    if sweep_trials is not None:
+        points = grid_points(ADAPTER_GRID, sweep_trials or None, seed=cfg.seed)
+
+        def on_trial(k: int, trial: Any) -> None:
+            if reporter:
+                reporter.message(f"trial {k + 1}/{len(points)} {trial.settings}: valid NDCG@10 "
+                                 f"{trial.valid_ndcg10:.4f} (best epoch {trial.best_epoch}, {trial.seconds:.0f}s)")
+
+        cfg, result, trials = sweep(replace(cfg, **ADAPTER_SWEEP_BASE), points, train, on_trial=on_trial)
+        sweep_meta = sweep_record(trials, {k: getattr(cfg, k) for k in ADAPTER_GRID}, ADAPTER_GRID, ADAPTER_SWEEP_BASE)
+        seconds = sum(t.seconds for t in trials)
+    else:
+        result = train(cfg)
+        seconds = result.seconds
     model = load_adapter(result.state_dict, cfg.to_dict(), fs.feats.shape[1], ds.n_items)
     metrics = {split: evaluate_adapter(model, fs, ds.sequences, role, ties=cfg.ties)
                for split, role in (("valid", VALID), ("test", TEST))}
@@ -33,8 +60,10 @@ def train_adapter_head(fs: Any, ds: Any, cfg: Any = None, reporter: Any = None) 
         "metrics": {**metrics, "alignment": {}},
         "best_epoch": result.best_epoch,
         "history": result.history,
-        "timings": {"training_seconds": round(result.seconds, 2)},
+        "timings": {"training_seconds": round(seconds, 2)},
     }
+    if sweep_meta is not None:
+        meta["sweep"] = sweep_meta
     return result.state_dict, meta
 
 

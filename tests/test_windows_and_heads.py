@@ -268,3 +268,16 @@ def test_positions_newest_keeps_one_window_per_user(zoo, backbone):
         assert fs.targets[rows].tolist() == seq[len(seq) - len(rows):]
     assert TextConfig(positions="newest").to_dict()["positions"] == "newest"
     assert "positions" not in TextConfig().to_dict()
+
+
+def test_adapter_sweep_records_its_trials_and_keeps_the_best_on_validation(zoo, one_thread):
+    from st2si_cli.train.adapter import AdapterConfig
+
+    head = adapt(zoo, "short", backbone="tiny-opt", kind="adapter", sweep_trials=2, name="short/adapter-swept",
+                 adapter_cfg=AdapterConfig(max_epochs=2, patience=2, max_len=8))
+    trials = head.meta["sweep"]["trials"]
+    assert len(trials) == 2
+    assert head.meta["metrics"]["valid"]["NDCG@10"] == pytest.approx(max(t["valid_ndcg10"] for t in trials))
+    assert head.meta["train"]["hidden"] == head.meta["sweep"]["chosen"]["hidden"]
+    result = evaluate(zoo, "short", head_ref="short/adapter-swept", split="valid")
+    assert result["metrics"]["NDCG@10"] == pytest.approx(head.meta["metrics"]["valid"]["NDCG@10"])

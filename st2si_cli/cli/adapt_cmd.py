@@ -32,9 +32,9 @@ def adapt_cmd(
     head_kind: str = typer.Option("ilp", "--head", help="ilp: the paper's item linear projection; ilp-text: ILP rows "
                                   "initialised from each item's text feature; adapter: sequence adapter (SASRec over "
                                   "the LM's features, item text and IDs)."),
-    sweep: bool = typer.Option(False, "--sweep", help="ILP heads: try points of a small grid (lr, weight decay, "
-                               "dropout, batch size; cosine schedule) on the cached features and keep the best on "
-                               "validation. Recorded in the head."),
+    sweep: bool = typer.Option(False, "--sweep", help="Try points of a small grid on the cached features and keep the "
+                               "best on validation (ILP: lr, weight decay, dropout, batch size, cosine schedule; "
+                               "adapter: width, dropout, lr, weight decay). Recorded in the head."),
     sweep_trials: int = typer.Option(8, "--sweep-trials", min=0, help="Grid points tried by --sweep (0: all 16)."),
     lr: float = typer.Option(3e-4, "--lr", help="AdamW learning rate of the head (1e-4 suits a pretrained backbone)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Query positions per step."),

@@ -23,6 +23,16 @@ ILP_GRID: dict[str, Sequence[Any]] = {
 }
 ILP_SWEEP_BASE = {"schedule": "cosine", "warmup": 0.05, "max_epochs": 30, "patience": 5}
 
+# The sequence adapter's grid: width, dropout, learning rate and weight decay (RecBole SASRec's
+# defaults are hidden 64, dropout 0.5, lr 1e-3).
+ADAPTER_GRID: dict[str, Sequence[Any]] = {
+    "hidden": (64, 128),
+    "dropout": (0.2, 0.5),
+    "lr": (1e-3, 3e-3),
+    "weight_decay": (0.0, 0.1),
+}
+ADAPTER_SWEEP_BASE: dict[str, Any] = {}
+
 
 @dataclass
 class Trial:
