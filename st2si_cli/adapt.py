@@ -13,20 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from st2si_cli.errors import St2siError
+from st2si_cli.progress import Reporter
 from st2si_cli.text import TextConfig
 from st2si_cli.zoo.store import Artifact, Zoo
-
-
-class Reporter:
-    """Progress hooks; the CLI draws bars, the library default stays silent."""
-
-    def features_start(self, total_tokens: int, n_samples: int) -> None: ...
-    def features_advance(self, tokens: int, samples: int) -> None: ...
-    def features_done(self) -> None: ...
-    def training_start(self, steps_per_epoch: int, max_epochs: int) -> None: ...
-    def training_step(self, n: int) -> None: ...
-    def epoch(self, record: dict[str, Any]) -> None: ...
-    def message(self, text: str) -> None: ...
 
 
 @dataclass
@@ -101,7 +90,7 @@ def adapt(
     from st2si_cli.data.prepare import load_dataset
 
     if kind not in HEAD_KINDS:
-        raise St2siError(f"--head must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
+        raise St2siError(f"head kind must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
     reporter = reporter or Reporter()
     text = text or TextConfig()
     feature_opts = feature_opts or FeatureOptions()
@@ -184,6 +173,16 @@ def train_ilp(fs: Any, n_items: int, head_cfg: Any, *, kind: str = "ilp", sweep_
     return result.weight, meta
 
 
+def protocol_candidates(protocol: str) -> int | None:
+    """None for "full" (rank every item), N for "candidates-N" (the target among N-1 sampled negatives)."""
+    if protocol == "full":
+        return None
+    prefix, _, n = protocol.partition("-")
+    if prefix == "candidates" and n.isdigit() and int(n) >= 2:
+        return int(n)
+    raise St2siError(f"protocol must be full or candidates-N (N >= 2), not {protocol!r}")
+
+
 def evaluate(
     zoo: Zoo,
     domain: str,
@@ -215,9 +214,8 @@ def evaluate(
     from st2si_cli.train.head import alignment_accuracy, history_exclusions
 
     if split not in ("valid", "test"):
-        raise St2siError(f"--split must be valid or test, not {split!r}")
-    if protocol not in ("full", "candidates-20") and not protocol.startswith("candidates-"):
-        raise St2siError(f"--protocol must be full or candidates-N, not {protocol!r}")
+        raise St2siError(f"split must be valid or test, not {split!r}")
+    candidates = protocol_candidates(protocol)
     t0 = time.time()
     head = find_head(zoo, domain, head_ref)
     dataset_art = zoo.get(domain, kind="dataset")
@@ -238,18 +236,17 @@ def evaluate(
         "split": split,
         "protocol": {"ranking": protocol, "ties": ties, "mask_history": mask_history},
     }
-    if protocol == "full":
+    if candidates is None:
         ranks = user_ranks(zoo, head, fs, ds.sequences, role, ties=ties, mask_history=mask_history)
         result["metrics"] = metrics_from_ranks(ranks, ks)
     elif kind == "adapter":
-        raise St2siError(f"--protocol {protocol} scores ILP heads only; {head.name} is a sequence adapter")
+        raise St2siError(f"protocol {protocol} scores ILP heads only; {head.name} is a sequence adapter")
     else:
         weight = load_head_weight(zoo, head)
-        n = int(protocol.split("-", 1)[1])
         rows = fs.rows(role)
         scores = fs.feats[rows] @ weight.float().T
         histories = history_exclusions(fs, rows, ds.sequences, role)
-        result["metrics"] = candidate_hit_ratio(scores, fs.targets[rows], histories, n_candidates=n,
+        result["metrics"] = candidate_hit_ratio(scores, fs.targets[rows], histories, n_candidates=candidates,
                                                 seeds=range(seeds), ties=ties)
     if kind != "adapter":
         result["metrics"].update(alignment_accuracy(load_head_weight(zoo, head), fs))

@@ -4,34 +4,38 @@ from __future__ import annotations
 
 import typer
 
-from st2si_cli.cli.app import app, open_zoo
-from st2si_cli.cli.output import err, out, print_json
+from st2si_cli.cli.options import (
+    Dtype,
+    HeadKind,
+    Positions,
+    QueryToken,
+    Schedule,
+    Split,
+    Ties,
+    attribute_list,
+    attributes_option,
+    backbone_option,
+    check_protocol,
+    device_option,
+    dtype_option,
+    head_ref_option,
+    json_option,
+    no_alignment_option,
+    no_clean_option,
+    no_multi_query_option,
+    open_zoo,
+    query_token_option,
+)
+from st2si_cli.cli.output import err, metrics_table, out, print_json
+from st2si_cli.cli.reporting import RichReporter
 
-DEFAULT_BACKBONE = "smollm2-135m"
 
-
-def metrics_table(title: str, rows: dict[str, dict[str, float]]):
-    from rich.table import Table
-
-    keys: list[str] = []
-    for m in rows.values():
-        keys += [k for k in m if k not in keys and k != "n_users" and not k.startswith("n_")]
-    table = Table(title=title)
-    table.add_column("")
-    for k in keys:
-        table.add_column(k, justify="right")
-    for name, m in rows.items():
-        table.add_row(name, *(f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys))
-    return table
-
-
-@app.command("adapt")
 def adapt_cmd(
     domain: str = typer.Option(..., "--domain", help="Dataset name in the zoo (from `st2si prepare`)."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Backbone name or ID in the zoo."),
-    head_kind: str = typer.Option("ilp", "--head", help="ilp: the paper's item linear projection; ilp-text: ILP rows "
-                                  "initialised from each item's text feature; adapter: sequence adapter (SASRec over "
-                                  "the LM's features, item text and IDs)."),
+    backbone: str = backbone_option("Backbone name or ID in the zoo."),
+    head_kind: HeadKind = typer.Option(HeadKind.ilp, "--head", help="ilp: the paper's item linear projection; "
+                                       "ilp-text: ILP rows initialised from each item's text feature; adapter: "
+                                       "sequence adapter (SASRec over the LM's features, item text and IDs)."),
     sweep: bool = typer.Option(False, "--sweep", help="Try points of a small grid on the cached features and keep the "
                                "best on validation (ILP: lr, weight decay, dropout, batch size, cosine schedule; "
                                "adapter: width, dropout, lr, weight decay). Recorded in the head."),
@@ -41,54 +45,53 @@ def adapt_cmd(
     epochs: int = typer.Option(100, "--epochs", help="Most epochs (early stopping usually ends sooner)."),
     patience: int = typer.Option(5, "--patience", help="Epochs without a better valid NDCG@10 before stopping."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    schedule: str = typer.Option("constant", "--schedule", help="constant or cosine (to 0 at --epochs)."),
+    schedule: Schedule = typer.Option(Schedule.constant, "--schedule", help="constant or cosine (to 0 at --epochs)."),
     warmup: float = typer.Option(0.0, "--warmup", min=0.0, max=1.0, help="Fraction of the schedule spent warming up."),
     dropout: float = typer.Option(0.0, "--dropout", min=0.0, max=0.95, help="Dropout on the features while training."),
     seed: int = typer.Option(0, "--seed"),
-    attributes: str = typer.Option("title", "--attributes", help="Item attributes in order, comma-separated (e.g. title,brand,category)."),
+    attributes: str = attributes_option("Item attributes in order, comma-separated (e.g. title,brand,category)."),
     max_items: int = typer.Option(50, "--max-items", help="Items per history window (the newest at inference)."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Token budget of a window, newest first."),
     stride: int | None = typer.Option(None, "--stride", min=1, help="Training windows step back this many positions "
                                       "(default: half of --max-items), so every position trains once and sees at least "
                                       "max-items - stride earlier items; = --max-items: non-overlapping windows."),
-    positions: str = typer.Option("all", "--positions", help="all: every training position gets a row (windows); "
-                                  "newest: only the newest window of each history (faster, fewer training rows)."),
-    query_token: str = typer.Option("dot", "--query-token", help="dot: the tokenizer's '.'; new: an added [Q] token."),
-    no_multi_query: bool = typer.Option(False, "--no-multi-query", help="Train on each user's last query only."),
-    no_alignment: bool = typer.Option(False, "--no-alignment", help="Leave out the ID-alignment samples."),
-    no_clean: bool = typer.Option(False, "--no-clean", help="Keep HTML entities and whitespace as in the data."),
+    positions: Positions = typer.Option(Positions.all, "--positions", help="all: every training position gets a row "
+                                        "(windows); newest: only the newest window of each history (faster, fewer "
+                                        "training rows)."),
+    query_token: QueryToken = query_token_option(),
+    no_multi_query: bool = no_multi_query_option("Train on each user's last query only."),
+    no_alignment: bool = no_alignment_option(),
+    no_clean: bool = no_clean_option(),
     trim_periods: bool = typer.Option(False, "--trim-periods", help="Drop periods that end an attribute (Amazon titles "
                                       "end in '.', so with the '.' query every query would read '..')."),
-    dtype: str = typer.Option("auto", "--dtype", help="Backbone dtype: auto (bf16 where native), bf16, fp32."),
-    device: str = typer.Option("cpu", "--device"),
+    dtype: Dtype = dtype_option("Backbone dtype: auto (bf16 where native) or a fixed one."),
+    device: str = device_option(),
     batch_tokens: int = typer.Option(16384, "--batch-tokens", help="Padded tokens per forward batch."),
     name: str | None = typer.Option(None, "--name", help="Name of the new head (default DOMAIN/BACKBONE)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the head's record as JSON."),
+    json_out: bool = json_option("Print the head's record as JSON."),
 ) -> None:
     """Train a new ILP head for a domain on a frozen backbone (features cached in the zoo)."""
     from st2si_cli.adapt import FeatureOptions, adapt
-    from st2si_cli.cli.reporting import RichReporter
     from st2si_cli.text import TextConfig
     from st2si_cli.train.adapter import AdapterConfig
     from st2si_cli.train.head import HeadConfig
 
     text = TextConfig(
-        attributes=tuple(a.strip() for a in attributes.split(",") if a.strip()),
-        max_items=max_items, max_tokens=max_tokens, stride=stride, query=query_token, clean=not no_clean,
-        trim_periods=trim_periods, positions=positions,
+        attributes=attribute_list(attributes), max_items=max_items, max_tokens=max_tokens, stride=stride,
+        query=query_token.value, clean=not no_clean, trim_periods=trim_periods, positions=positions.value,
     )
     head_cfg = HeadConfig(
         lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=epochs, patience=patience, seed=seed,
-        multi_query=not no_multi_query, alignment=not no_alignment, schedule=schedule, warmup=warmup, dropout=dropout,
+        multi_query=not no_multi_query, alignment=not no_alignment, schedule=schedule.value, warmup=warmup, dropout=dropout,
     )
     reporter = RichReporter()
     zoo = open_zoo()
     try:
         head = adapt(
             zoo, domain, backbone=backbone, text=text, head_cfg=head_cfg,
-            feature_opts=FeatureOptions(dtype=dtype, device=device, batch_tokens=batch_tokens, alignment=True),
-            name=name, reporter=reporter, kind=head_kind, sweep_trials=sweep_trials if sweep else None,
-            adapter_cfg=AdapterConfig(seed=seed) if head_kind == "adapter" else None,
+            feature_opts=FeatureOptions(dtype=dtype.value, device=device, batch_tokens=batch_tokens, alignment=True),
+            name=name, reporter=reporter, kind=head_kind.value, sweep_trials=sweep_trials if sweep else None,
+            adapter_cfg=AdapterConfig(seed=seed) if head_kind is HeadKind.adapter else None,
         )
     finally:
         reporter.close()
@@ -105,32 +108,31 @@ def adapt_cmd(
               f"training {t['training_seconds']:.1f}s", markup=False)
 
 
-@app.command("eval")
 def eval_cmd(
     domain: str = typer.Option(..., "--domain"),
-    head: str | None = typer.Option(None, "--head", help="Head name or ID (default: the domain's newest)."),
-    split: str = typer.Option("test", "--split", help="valid or test."),
-    protocol: str = typer.Option("full", "--protocol", help="full (rank all items) or candidates-20."),
-    ties: str = typer.Option("pessimistic", "--ties", help="pessimistic (default) or optimistic (the authors' rule)."),
+    head: str | None = head_ref_option(),
+    split: Split = typer.Option(Split.test, "--split", help="Which targets: validation or test."),
+    protocol: str = typer.Option("full", "--protocol", callback=check_protocol,
+                                 help="full (rank all items) or candidates-N, e.g. candidates-20."),
+    ties: Ties = typer.Option(Ties.pessimistic, "--ties", help="pessimistic (default) or optimistic (the authors' rule)."),
     mask_history: bool = typer.Option(False, "--mask-history", help="Never rank items the user already has."),
     backbone: str | None = typer.Option(None, "--backbone", help="Backbone to use (must be the head's)."),
-    dtype: str = typer.Option("auto", "--dtype"),
-    device: str = typer.Option("cpu", "--device"),
-    json_out: bool = typer.Option(False, "--json"),
+    dtype: Dtype = dtype_option(),
+    device: str = device_option(),
+    json_out: bool = json_option(),
 ) -> None:
     """Evaluate a head: NDCG@10, Recall@10, MRR, MRR@10 and text->ID accuracy (Acc@1, Acc@5)."""
     from st2si_cli.adapt import FeatureOptions, evaluate
-    from st2si_cli.cli.reporting import RichReporter
 
     reporter = RichReporter(quiet=json_out)
     try:
-        result = evaluate(open_zoo(), domain, head_ref=head, split=split, protocol=protocol, ties=ties,
+        result = evaluate(open_zoo(), domain, head_ref=head, split=split.value, protocol=protocol, ties=ties.value,
                           mask_history=mask_history, backbone=backbone,
-                          feature_opts=FeatureOptions(dtype=dtype, device=device), reporter=reporter)
+                          feature_opts=FeatureOptions(dtype=dtype.value, device=device), reporter=reporter)
     finally:
         reporter.close()
     if json_out:
         print_json(result)
         return
-    out.print(metrics_table(f"{result['head']} on {domain} ({split}, {protocol}, ties {ties})",
-                            {split: result["metrics"]}))
+    out.print(metrics_table(f"{result['head']} on {domain} ({split.value}, {protocol}, ties {ties.value})",
+                            {split.value: result["metrics"]}))

@@ -1,7 +1,9 @@
-"""The `st2si` command: a thin Typer layer over the library.
+"""The `st2si` command: a thin Typer layer over the library, and its entry point `main`.
 
-Each command group lives in a module of its own and is registered here. Heavy libraries (torch,
-transformers, deepspeed) are imported inside the command functions, so `st2si --help` stays fast.
+The command tree is assembled here and only here: each `*_cmd` module defines plain functions (options
+from `options`, printing through `output`, progress through `reporting`) and never imports this module
+or another command module, so the CLI's imports form no circle. Heavy libraries (torch, transformers,
+deepspeed) are imported inside the command functions, so `st2si --help` stays fast.
 """
 
 from __future__ import annotations
@@ -12,6 +14,16 @@ from pathlib import Path
 import typer
 
 from st2si_cli import __version__
+from st2si_cli.cli import (
+    adapt_cmd,
+    prepare_cmd,
+    pretrain_cmd,
+    pull_cmd,
+    quickstart_cmd,
+    recommend_cmd,
+    zoo_cmd,
+)
+from st2si_cli.cli.options import state
 from st2si_cli.cli.output import debug_enabled, err
 from st2si_cli.errors import St2siError
 
@@ -23,19 +35,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-
-class State:
-    zoo_path: Path | None = None
-
-
-state = State()
-
-
-def open_zoo():
-    from st2si_cli.zoo.store import Zoo
-
-    return Zoo(state.zoo_path)
 
 
 def _version(value: bool) -> None:
@@ -55,8 +54,25 @@ def root(
     state.zoo_path = zoo
 
 
-def _register() -> None:
-    from st2si_cli.cli import commands  # noqa: F401  (registers commands on `app`)
+app.command("adapt")(adapt_cmd.adapt_cmd)
+app.command("eval")(adapt_cmd.eval_cmd)
+app.command("prepare")(prepare_cmd.prepare)
+app.command("pretrain")(pretrain_cmd.pretrain_cmd)
+app.command("quickstart")(quickstart_cmd.quickstart_cmd)
+app.command("recommend")(recommend_cmd.recommend_cmd)
+
+zoo_app = typer.Typer(
+    help="Look at and tidy the local zoo of artifacts (datasets, catalogs, backbones, heads, features, runs).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+zoo_app.command("path")(zoo_cmd.path_cmd)
+zoo_app.command("ls")(zoo_cmd.ls_cmd)
+zoo_app.command("info")(zoo_cmd.info_cmd)
+zoo_app.command("rm")(zoo_cmd.rm_cmd)
+zoo_app.command("verify")(zoo_cmd.verify_cmd)
+zoo_app.command("pull")(pull_cmd.pull_cmd)
+app.add_typer(zoo_app, name="zoo")
 
 
 def _click_exception_type() -> type[Exception]:
@@ -66,7 +82,6 @@ def _click_exception_type() -> type[Exception]:
 
 
 def main() -> None:
-    _register()
     try:
         # Without standalone mode, Click hands back the code of a `typer.Exit`/`ctx.exit()` (--help is 0).
         exit_code = app(standalone_mode=False)

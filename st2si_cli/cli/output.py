@@ -67,3 +67,19 @@ def make_progress(transient: bool = True):
         transient=transient,
         disable=not progress_enabled(),
     )
+
+
+def metrics_table(title: str, rows: dict[str, dict[str, float]]):
+    """A rich Table: one row per split (or domain), one column per metric; counts (n_*) left out."""
+    from rich.table import Table
+
+    keys: list[str] = []
+    for m in rows.values():
+        keys += [k for k in m if k not in keys and k != "n_users" and not k.startswith("n_")]
+    table = Table(title=title)
+    table.add_column("")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *(f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys))
+    return table

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from st2si_cli.cli.app import app, open_zoo
+from st2si_cli.cli.options import open_zoo
 from st2si_cli.cli.output import out, print_json
 
 FORMAT_HELP = (
@@ -52,7 +52,6 @@ def _print_table(name: str, art_id: str, fmt: str, stats: dict[str, Any], report
         out.print(line, markup=False, soft_wrap=True)
 
 
-@app.command("prepare")
 def prepare(
     source: Path | None = typer.Argument(
         None,

@@ -4,64 +4,75 @@ from __future__ import annotations
 
 import typer
 
-from st2si_cli.cli.adapt_cmd import DEFAULT_BACKBONE, metrics_table
-from st2si_cli.cli.app import app, open_zoo
-from st2si_cli.cli.output import err, out, print_json
+from st2si_cli.cli.options import (
+    Precision,
+    QueryToken,
+    Sampling,
+    attribute_list,
+    attributes_option,
+    backbone_option,
+    device_option,
+    json_option,
+    no_alignment_option,
+    no_clean_option,
+    no_multi_query_option,
+    open_zoo,
+    query_token_option,
+)
+from st2si_cli.cli.output import err, metrics_table, out, print_json
+from st2si_cli.cli.reporting import RichReporter
 
 
-@app.command("pretrain")
 def pretrain_cmd(
     domain: list[str] = typer.Option(..., "--domain", help="Dataset in the zoo; repeat for one item space over several."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Backbone name or ID to start from."),
+    backbone: str = backbone_option("Backbone name or ID to start from."),
     out_name: str | None = typer.Option(None, "--out", help="Name of the new backbone (default BACKBONE-st2si-DOMAINS)."),
-    epochs: int = typer.Option(30, "--epochs", help="Most epochs (early stopping usually ends sooner)."),
-    patience: int = typer.Option(5, "--patience", help="Epochs without a better valid NDCG@10 before stopping."),
+    epochs: int = typer.Option(30, "--epochs", min=1, help="Most epochs (early stopping usually ends sooner)."),
+    patience: int = typer.Option(5, "--patience", min=1, help="Epochs without a better valid NDCG@10 before stopping."),
     lr: float = typer.Option(5e-5, "--lr", help="AdamW learning rate (backbone and ILP)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     warmup_steps: int = typer.Option(100, "--warmup-steps", help="Linear warm-up steps, then cosine (clipped to a tenth of the run)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Samples per micro-batch per process."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Samples per micro-batch per process."),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off)."),
-    sampling: str = typer.Option("all", "--sampling", help="all: every training query of each history; crop: one random crop per user per epoch."),
-    no_multi_query: bool = typer.Option(False, "--no-multi-query", help="Only the last query of each history trains."),
-    no_alignment: bool = typer.Option(False, "--no-alignment", help="Leave out the ID-alignment samples."),
-    query_token: str = typer.Option("dot", "--query-token", help="dot: the tokenizer's '.'; new: an added [Q] token (saved with the backbone)."),
-    attributes: str = typer.Option("title", "--attributes", help="Item attributes in order, comma-separated."),
+    sampling: Sampling = typer.Option(Sampling.all, "--sampling", help="all: every training query of each history; "
+                                      "crop: one random crop per user per epoch."),
+    no_multi_query: bool = no_multi_query_option("Only the last query of each history trains."),
+    no_alignment: bool = no_alignment_option(),
+    query_token: QueryToken = query_token_option("dot: the tokenizer's '.'; new: an added [Q] token (saved with the backbone)."),
+    attributes: str = attributes_option("Item attributes in order, comma-separated."),
     max_items: int = typer.Option(50, "--max-items", help="Newest history items kept per user."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Token budget of a history, newest first."),
-    no_clean: bool = typer.Option(False, "--no-clean", help="Keep HTML entities and whitespace as in the data."),
+    no_clean: bool = no_clean_option(),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, cuda:N."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16, else fp16, on GPU; fp32 on CPU), fp32, bf16, fp16."),
+    device: str = device_option("auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, cuda:N."),
+    precision: Precision = typer.Option(Precision.auto, "--precision", help="auto: bf16, else fp16, on GPU; fp32 on CPU."),
     deepspeed: str | None = typer.Option(None, "--deepspeed", help="zero0, zero1, zero2, zero3 or a DeepSpeed JSON config."),
-    save_every: int = typer.Option(0, "--save-every", help="Also checkpoint every N optimizer steps (0: epoch ends only)."),
+    save_every: int = typer.Option(0, "--save-every", min=0, help="Also checkpoint every N optimizer steps (0: epoch ends only)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run with these settings."),
     restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run's checkpoint and start over."),
     eval_batch_tokens: int = typer.Option(16384, "--eval-batch-tokens", help="Padded tokens per validation batch."),
-    json_out: bool = typer.Option(False, "--json", help="Print the run's record as JSON."),
+    json_out: bool = json_option("Print the run's record as JSON."),
 ) -> None:
     """Full tuning with multi-query input and ID alignment: a new backbone, a head per domain, a run record.
 
     One process: `st2si pretrain --domain A`. Several: `torchrun --nproc_per_node 2 -m st2si_cli pretrain ...`
     (torch DDP) or `deepspeed --num_gpus 8 --no_local_rank -m st2si_cli pretrain ... --deepspeed zero2`.
     """
-    from st2si_cli.cli.reporting import RichReporter
     from st2si_cli.text import TextConfig
     from st2si_cli.train.distributed import launch_env
     from st2si_cli.train.full import PretrainConfig, pretrain
 
     if resume and restart:
         raise typer.BadParameter("--resume and --restart exclude each other", param_hint="'--restart'")
-    if query_token not in ("dot", "new"):
-        raise typer.BadParameter(f"{query_token!r} is not dot or new", param_hint="'--query-token'")
     text = TextConfig(
-        attributes=tuple(a.strip() for a in attributes.split(",") if a.strip()),
-        max_items=max_items, max_tokens=max_tokens, query=query_token, clean=not no_clean,
+        attributes=attribute_list(attributes), max_items=max_items, max_tokens=max_tokens, query=query_token.value,
+        clean=not no_clean,
     )
     cfg = PretrainConfig(
         lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, epochs=epochs, patience=patience,
-        batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm, sampling=sampling,
-        multi_query=not no_multi_query, alignment=not no_alignment, seed=seed, precision=precision,
+        batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm, sampling=sampling.value,
+        multi_query=not no_multi_query, alignment=not no_alignment, seed=seed, precision=precision.value,
         save_every=save_every, eval_batch_tokens=eval_batch_tokens,
     )
     main_rank = launch_env()[0] == 0

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from st2si_cli.cli.app import open_zoo
+from st2si_cli.cli.options import json_option, open_zoo
 from st2si_cli.cli.output import err, human_size, print_json
-from st2si_cli.cli.zoo_cmd import zoo_app
 
 
-@zoo_app.command("pull")
 def pull_cmd(
     ref: str = typer.Argument(..., help="smollm2-135m (offline default), tiny-opt, tiny-llama, a hub id, a .gguf file or an HF folder."),
     name: str | None = typer.Option(None, "--name", help="Name in the zoo."),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = json_option(),
 ) -> None:
     """Build or download a backbone and store it in the zoo."""
     from st2si_cli.backbones import pull

@@ -6,16 +6,15 @@ import time
 
 import typer
 
-from st2si_cli.cli.adapt_cmd import DEFAULT_BACKBONE, metrics_table
-from st2si_cli.cli.app import app, open_zoo
-from st2si_cli.cli.output import err, out
+from st2si_cli.cli.options import backbone_option, open_zoo
+from st2si_cli.cli.output import err, metrics_table, out
+from st2si_cli.cli.reporting import RichReporter
 
 QUICKSTART_MAX_ITEMS = 20  # newest items per history: keeps the feature pass to minutes on 2 cores
 
 
-@app.command("quickstart")
 def quickstart_cmd(
-    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Backbone (built offline if known)."),
+    backbone: str = backbone_option("Backbone (built offline if known)."),
     domain: str = typer.Option("ml-100k", "--domain", help="Name of the dataset in the zoo."),
     max_items: int = typer.Option(QUICKSTART_MAX_ITEMS, "--max-items", help="Newest history items per user."),
     users: int = typer.Option(3, "--users", help="Sample users to show recommendations for."),
@@ -26,7 +25,6 @@ def quickstart_cmd(
 
     from st2si_cli.adapt import adapt
     from st2si_cli.backbones import ensure_backbone
-    from st2si_cli.cli.reporting import RichReporter
     from st2si_cli.data.prepare import prepare_dataset, resolve_source_name
     from st2si_cli.recommend import Request, recommend
     from st2si_cli.text import TextConfig

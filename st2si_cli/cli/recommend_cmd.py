@@ -7,20 +7,19 @@ from pathlib import Path
 
 import typer
 
-from st2si_cli.cli.app import app, open_zoo
+from st2si_cli.cli.options import device_option, head_ref_option, open_zoo
 from st2si_cli.cli.output import print_jsonl
 from st2si_cli.errors import InputError
 
 
-@app.command("recommend")
 def recommend_cmd(
     domain: str = typer.Option(..., "--domain"),
     user_history: str = typer.Option(..., "--user-history", help="JSON-lines file, or - for stdin."),
     k: int = typer.Option(10, "-k", "--top-k", help="Items per user."),
     exclude_history: bool = typer.Option(False, "--exclude-history", help="Never recommend an item already in the history."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Write an error object for a bad line and go on."),
-    head: str | None = typer.Option(None, "--head", help="Head name or ID (default: the domain's newest)."),
-    device: str = typer.Option("cpu", "--device"),
+    head: str | None = head_ref_option(),
+    device: str = device_option(),
 ) -> None:
     """Top-k items for each history (item IDs or item texts), one JSON object per input line."""
     from st2si_cli.data.prepare import load_dataset

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from st2si_cli.adapt import Reporter
 from st2si_cli.cli.output import err, make_progress, progress_enabled
+from st2si_cli.progress import Reporter
 
 
 class RichReporter(Reporter):

@@ -1,8 +1,8 @@
 """`st2si zoo ...`: look at and tidy the local store of artifacts.
 
 The logic lives in `st2si_cli.zoo.store` (plain dataclasses); this module only formats it. Results go
-to stdout (rich tables, or JSON with `--json`), warnings, prompts and progress to stderr. Other
-modules add commands to `zoo_app` (e.g. `pull`), so it is exported.
+to stdout (rich tables, or JSON with `--json`), warnings, prompts and progress to stderr. `cli/app.py`
+groups these commands, and `pull` from `pull_cmd`, under `st2si zoo`.
 """
 
 from __future__ import annotations
@@ -14,19 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from st2si_cli.cli.app import app, open_zoo, state
+from st2si_cli.cli.options import open_zoo, state
 from st2si_cli.cli.output import err, human_size, make_progress, out, print_json
 from st2si_cli.errors import St2siError
 
 if TYPE_CHECKING:  # the store pulls in sqlite-utils: imported only when a command runs
     from st2si_cli.zoo.store import Artifact, RemovalPlan, VerifyReport, Zoo
-
-zoo_app = typer.Typer(
-    help="Look at and tidy the local zoo of artifacts (datasets, catalogs, backbones, heads, features, runs).",
-    no_args_is_help=True,
-    rich_markup_mode=None,
-)
-app.add_typer(zoo_app, name="zoo")
 
 JSON_HELP = "Print JSON on stdout instead of a table."
 # Metrics shown in `ls`, in this order, when an artifact records them (matched case-insensitively).
@@ -103,7 +96,6 @@ def _require_kind(kind: str | None) -> None:
 
 
 # ---- commands ----------------------------------------------------------------------------------------
-@zoo_app.command("path")
 def path_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Print the zoo folder: --zoo PATH, else $ST2SI_HOME, else the platform's user data dir."""
     from st2si_cli.zoo.store import resolve_root
@@ -115,7 +107,6 @@ def path_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> N
         typer.echo(str(root))
 
 
-@zoo_app.command("ls")
 def ls_cmd(
     kind: str | None = typer.Option(
         None, "--kind", help="Only this kind: dataset, catalog, backbone, head, features or run."
@@ -198,7 +189,6 @@ def _info_dict(zoo: Zoo, art: Artifact) -> dict[str, Any]:
     }
 
 
-@zoo_app.command("info")
 def info_cmd(
     ref: str = typer.Argument(
         ..., metavar="NAME|ID", help="A name, a full ID or a unique ID prefix (6+ characters)."
@@ -301,7 +291,6 @@ def _warn_dependents(plan: RemovalPlan) -> None:
         err.print(f"  {_label(d)}", markup=False, soft_wrap=True)
 
 
-@zoo_app.command("rm")
 def rm_cmd(
     ref: str = typer.Argument(
         ..., metavar="NAME|ID", help="A name, a full ID or a unique ID prefix (6+ characters)."
@@ -372,7 +361,6 @@ def _run_verify(zoo: Zoo) -> VerifyReport:
         return zoo.verify(progress=advance)
 
 
-@zoo_app.command("verify")
 def verify_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Re-hash every blob; report changed and missing blobs (exit 1) and orphan files (a warning)."""
     zoo = open_zoo()

@@ -77,7 +77,7 @@ def resolve_device(device: str, local_rank: int = 0) -> str:
     if device == "cuda":
         device = f"cuda:{local_rank}"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise St2siError(f"--device {device}: no CUDA GPU is visible")
+        raise St2siError(f"device {device}: no CUDA GPU is visible")
     return device
 
 
@@ -86,7 +86,7 @@ def resolve_precision(precision: str, device: str) -> str:
     import torch
 
     if precision not in PRECISIONS:
-        raise St2siError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise St2siError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision != "auto":
         return precision
     if device.startswith("cuda"):
@@ -212,7 +212,7 @@ def import_deepspeed() -> Any:
             import deepspeed
             import deepspeed.utils.groups as ds_groups
     except ImportError:
-        raise St2siError("--deepspeed needs the deepspeed package: pip install 'st2si[deepspeed]'") from None
+        raise St2siError("DeepSpeed training needs the deepspeed package: pip install 'st2si[deepspeed]'") from None
     if not _DS_GROUP_DEFAULTS:
         _DS_GROUP_DEFAULTS.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(ds_groups).items()
                                    if not k.startswith("__") and (v is None or isinstance(v, dict))})
@@ -243,17 +243,17 @@ def deepspeed_config(
     max_grad_norm: float,
     precision: str,
 ) -> dict[str, Any]:
-    """A DeepSpeed config from a preset (zero0..zero3) or a JSON file, filled from our flags.
+    """A DeepSpeed config from a preset (zero0..zero3) or a JSON file, filled from the training settings.
 
-    Batch sizes, clipping and precision come from the command line; a JSON file may leave them out or
-    set them to "auto", and must agree with the flags where it sets them.
+    Batch sizes, clipping and precision come from the arguments; a JSON file may leave them out or
+    set them to "auto", and must agree with them where it sets them.
     """
     if spec in ZERO_PRESETS:
         cfg: dict[str, Any] = {"zero_optimization": {"stage": ZERO_PRESETS[spec]}}
     else:
         path = Path(spec)
         if not path.is_file():
-            raise St2siError(f"--deepspeed {spec!r}: not one of {', '.join(ZERO_PRESETS)} nor a JSON file")
+            raise St2siError(f"DeepSpeed config {spec!r}: not one of {', '.join(ZERO_PRESETS)} nor a JSON file")
         try:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -268,13 +268,13 @@ def deepspeed_config(
         if cfg.get(k, "auto") == "auto":
             cfg[k] = v
         elif cfg[k] != v:
-            raise St2siError(f"DeepSpeed config sets {k}={cfg[k]}, but the command line gives {v}")
+            raise St2siError(f"DeepSpeed config sets {k}={cfg[k]}, but the training settings give {v}")
     for section, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
         sub = cfg.setdefault(section, {})
         if sub.get("enabled", "auto") == "auto":
             sub["enabled"] = on
         elif bool(sub["enabled"]) != on:
-            raise St2siError(f"DeepSpeed config has {section}.enabled={sub['enabled']}, but --precision is {precision}")
+            raise St2siError(f"DeepSpeed config has {section}.enabled={sub['enabled']}, but precision is {precision}")
     cfg.setdefault("zero_optimization", {}).setdefault("stage", 0)
     cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("steps_per_print", 10**9)

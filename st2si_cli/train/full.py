@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from st2si_cli import __version__
 from st2si_cli.errors import St2siError
 from st2si_cli.features import ALIGN, TEST, TRAIN, VALID, FeatureSet, Sample, build_samples, plan_batches
+from st2si_cli.progress import Reporter
 from st2si_cli.scoring import linear_cross_entropy, rank_rows
 from st2si_cli.text import ItemTokenizer, TextConfig
 from st2si_cli.train import distributed as dist
@@ -550,7 +551,7 @@ def pretrain(
     deepspeed: str | None = None,
     resume: bool = False,
     restart: bool = False,
-    reporter: Any = None,
+    reporter: Reporter | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> PretrainResult:
     """Full tuning on one or more domains; stores a backbone, a head per domain and a run (rank 0).
@@ -559,8 +560,6 @@ def pretrain(
     `on_step(info)` runs after every optimizer step (and its checkpoint); raising from it stops the run
     the way a kill would (tests use this).
     """
-    from st2si_cli.adapt import Reporter
-
     text = text or TextConfig()
     cfg = cfg or PretrainConfig()
     _check(cfg, domains)
@@ -572,20 +571,20 @@ def pretrain(
 
 def _check(cfg: PretrainConfig, domains: Sequence[str]) -> None:
     if not domains:
-        raise St2siError("give at least one --domain")
+        raise St2siError("give at least one domain")
     if len(set(domains)) != len(domains):
         raise St2siError("a domain is given twice")
     if cfg.sampling not in SAMPLINGS:
-        raise St2siError(f"--sampling must be one of {', '.join(SAMPLINGS)}, not {cfg.sampling!r}")
+        raise St2siError(f"sampling must be one of {', '.join(SAMPLINGS)}, not {cfg.sampling!r}")
     for k in ("batch_size", "grad_accum", "epochs", "patience"):
         if getattr(cfg, k) < 1:
-            raise St2siError(f"--{k.replace('_', '-')} must be at least 1")
+            raise St2siError(f"{k} must be at least 1, not {getattr(cfg, k)}")
     if cfg.save_every < 0:
-        raise St2siError("--save-every must be >= 0")
+        raise St2siError(f"save_every must be >= 0, not {cfg.save_every}")
 
 
 def _pretrain(zoo: Zoo, domains: list[str], backbone: str, text: TextConfig, cfg: PretrainConfig, out: str | None,
-              info: dist.DistInfo, ds_spec: str | None, resume: bool, restart: bool, reporter: Any,
+              info: dist.DistInfo, ds_spec: str | None, resume: bool, restart: bool, reporter: Reporter,
               on_step: Callable[[dict[str, Any]], None] | None) -> PretrainResult:
     from st2si_cli.backbones import ensure_backbone
 
@@ -666,7 +665,7 @@ def _make_engine(module: ST2SI, cfg: PretrainConfig, info: dist.DistInfo, ds_con
 
 
 def _train(engine: dist.Engine, corpus: Corpus, cfg: PretrainConfig, info: dist.DistInfo, precision: str,
-           state: RunState, stage: Path, steps_per_epoch: int, rank_extra: dict[str, Any], reporter: Any,
+           state: RunState, stage: Path, steps_per_epoch: int, rank_extra: dict[str, Any], reporter: Reporter,
            on_step: Callable[[dict[str, Any]], None] | None) -> None:
     valid_samples = [v for s in corpus.eval_samples if (v := valid_view(s)) is not None]
     parts = info.world_size * cfg.grad_accum
@@ -736,7 +735,7 @@ def _train(engine: dist.Engine, corpus: Corpus, cfg: PretrainConfig, info: dist.
 def _finish(zoo: Zoo, corpus: Corpus, bb_art: Artifact, ds_arts: list[Artifact], tokenizer: Any, text: TextConfig,
             cfg: PretrainConfig, out: str | None, info: dist.DistInfo, ds_spec: str | None,
             ds_config: dict[str, Any] | None, precision: str, state: RunState, stage: Path, steps_per_epoch: int,
-            elapsed: float, reporter: Any) -> PretrainResult:
+            elapsed: float, reporter: Reporter) -> PretrainResult:
     """Rank 0: best weights -> final metrics -> backbone, heads and run into the zoo; staging removed."""
     from safetensors.torch import load_file
 

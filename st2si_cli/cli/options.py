@@ -1,0 +1,152 @@
+"""What the commands share: the root `--zoo` value, fixed choices (Enums), defaults and option factories.
+
+Command modules import this, `output` and `reporting`, never each other; `app` imports the command
+modules and registers them. Nothing heavy is imported here: `st2si --help` builds every option from it.
+Each factory returns a fresh `typer.Option`, so one declaration serves several commands. The choices
+mirror what the library accepts; commands hand the library `choice.value`, a plain string.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import typer
+
+DEFAULT_BACKBONE = "smollm2-135m"
+
+
+# ---- the root `--zoo` option ---------------------------------------------------------------------------
+class State:
+    zoo_path: Path | None = None
+
+
+state = State()
+
+
+def open_zoo():
+    from st2si_cli.zoo.store import Zoo
+
+    return Zoo(state.zoo_path)
+
+
+# ---- fixed choices -------------------------------------------------------------------------------------
+class Ties(StrEnum):
+    """How a target tied with other items ranks (`st2si_cli.metrics.TIE_RULES`)."""
+
+    pessimistic = "pessimistic"
+    optimistic = "optimistic"
+
+
+class Split(StrEnum):
+    valid = "valid"
+    test = "test"
+
+
+class Dtype(StrEnum):
+    """Backbone dtypes (`st2si_cli.backbones.resolve_dtype`)."""
+
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class QueryToken(StrEnum):
+    """`TextConfig.query`: the tokenizer's '.' or an added [Q] token."""
+
+    dot = "dot"
+    new = "new"
+
+
+class Positions(StrEnum):
+    """`TextConfig.positions`."""
+
+    all = "all"
+    newest = "newest"
+
+
+class HeadKind(StrEnum):
+    """`st2si_cli.adapt.HEAD_KINDS`."""
+
+    ilp = "ilp"
+    ilp_text = "ilp-text"
+    adapter = "adapter"
+
+
+class Schedule(StrEnum):
+    """`HeadConfig.schedule`."""
+
+    constant = "constant"
+    cosine = "cosine"
+
+
+class Sampling(StrEnum):
+    """`st2si_cli.train.full.SAMPLINGS`."""
+
+    all = "all"
+    crop = "crop"
+
+
+class Precision(StrEnum):
+    """`st2si_cli.train.distributed.PRECISIONS`."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def check_protocol(value: str) -> str:
+    """`full` or `candidates-N`: kept a string, since N is any count of at least 2."""
+    prefix, _, n = value.partition("-")
+    if value == "full" or (prefix == "candidates" and n.isdigit() and int(n) >= 2):
+        return value
+    raise typer.BadParameter(f"{value!r} is not full or candidates-N (N >= 2)")
+
+
+# ---- options that several commands declare -------------------------------------------------------------
+def backbone_option(help: str) -> Any:
+    return typer.Option(DEFAULT_BACKBONE, "--backbone", help=help)
+
+
+def head_ref_option() -> Any:
+    return typer.Option(None, "--head", help="Head name or ID (default: the domain's newest).")
+
+
+def dtype_option(help: str | None = None) -> Any:
+    return typer.Option(Dtype.auto, "--dtype", help=help)
+
+
+def device_option(default: str = "cpu", help: str | None = None) -> Any:
+    return typer.Option(default, "--device", help=help)
+
+
+def query_token_option(help: str = "dot: the tokenizer's '.'; new: an added [Q] token.") -> Any:
+    return typer.Option(QueryToken.dot, "--query-token", help=help)
+
+
+def attributes_option(help: str) -> Any:
+    return typer.Option("title", "--attributes", help=help)
+
+
+def no_multi_query_option(help: str) -> Any:
+    return typer.Option(False, "--no-multi-query", help=help)
+
+
+def no_alignment_option() -> Any:
+    return typer.Option(False, "--no-alignment", help="Leave out the ID-alignment samples.")
+
+
+def no_clean_option() -> Any:
+    return typer.Option(False, "--no-clean", help="Keep HTML entities and whitespace as in the data.")
+
+
+def json_option(help: str | None = None) -> Any:
+    return typer.Option(False, "--json", help=help)
+
+
+def attribute_list(attributes: str) -> tuple[str, ...]:
+    """`--attributes title,brand` -> ("title", "brand")."""
+    return tuple(a.strip() for a in attributes.split(",") if a.strip())
