@@ -102,8 +102,9 @@ def head_features(zoo: Any, head: Any, dataset_art: Any, allow_compute: bool) ->
 
 def st2si_row(zoo: Any, head: Any, ds: Any, dataset_art: Any, allow_compute: bool) -> dict[str, Any] | None:
     from st2si_cli.features import TEST, VALID
-    from st2si_cli.heads import check_compatible, head_kind, user_ranks
+    from st2si_cli.heads import check_compatible, head_kind
     from st2si_cli.metrics import metrics_from_ranks
+    from st2si_cli.ranking import user_ranks
 
     check_compatible(head, dataset=dataset_art)
     fs = head_features(zoo, head, dataset_art, allow_compute)
@@ -124,7 +125,7 @@ def st2si_row(zoo: Any, head: Any, ds: Any, dataset_art: Any, allow_compute: boo
         "features_seconds": (timings.get("features_cached") or {}).get("seconds"),
         "history": [{"epoch": r["epoch"], "valid_NDCG@10": r.get("valid_NDCG@10"), "loss": r.get("loss"),
                      "seconds": r.get("seconds")} for r in head.meta.get("history", [])],
-        "metrics_source": "st2si_cli.metrics on st2si_cli.heads.user_ranks (cached features)",
+        "metrics_source": "st2si_cli.metrics on st2si_cli.ranking.user_ranks (cached features)",
     }
     valid = user_ranks(zoo, head, fs, ds.sequences, VALID)
     row["valid_metrics"] = metrics_from_ranks(valid, KS)

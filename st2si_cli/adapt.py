@@ -208,9 +208,9 @@ def evaluate(
         head_kind,
         head_text_config,
         load_head_weight,
-        user_ranks,
     )
     from st2si_cli.metrics import candidate_hit_ratio, metrics_from_ranks
+    from st2si_cli.ranking import user_ranks
     from st2si_cli.train.head import alignment_accuracy, history_exclusions
 
     if split not in ("valid", "test"):

@@ -1,0 +1,36 @@
+"""Per-user ranks of any head on its domain's validation or test targets (the one scoring path of
+`eval` and the benchmarks): ILP heads through `rank_rows`, sequence adapters through the adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from st2si_cli.adapter_head import adapter_user_ranks
+from st2si_cli.features import VALID
+from st2si_cli.heads import head_kind, load_head_weight
+from st2si_cli.scoring import rank_rows
+from st2si_cli.zoo.store import Artifact, Zoo
+
+
+def user_ranks(zoo: Zoo, head: Artifact, fs: Any, sequences: Any, role: int, *, ties: str = "pessimistic",
+               mask_history: bool = False) -> Any:
+    """Full-ranking rank of each user's VALID or TEST target under `head`, in user order ([n_users] long).
+
+    `fs` is the feature set of the head's backbone and text settings on its dataset. With
+    `mask_history`, items of the user's input history are not ranked (the target itself always is).
+    """
+    import torch
+
+
+    cut = 2 if role == VALID else 1
+    if head_kind(head) == "adapter":
+        return adapter_user_ranks(zoo, head, fs, sequences, role, ties=ties, mask_history=mask_history)
+    rows = fs.rows(role)
+    owners = fs.owner[rows]
+    if sorted(owners.tolist()) != list(range(len(sequences))):
+        raise ValueError("the feature set does not hold exactly one row per user for this split")
+    exclude = [list(sequences[int(u)][:-cut]) for u in owners] if mask_history else None
+    ranks = rank_rows(load_head_weight(zoo, head), fs.feats[rows], fs.targets[rows], ties=ties, exclude=exclude)
+    out = torch.empty_like(ranks)
+    out[owners] = ranks
+    return out
