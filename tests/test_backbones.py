@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import torch
+from helpers import run_cli
 
 from st2si_cli.backbones import load_backbone, pull, write_tiny_model
 from st2si_cli.zoo.store import Zoo
@@ -30,8 +28,7 @@ def test_same_tiny_model_gives_same_artifact(tmp_path):
 
 def test_hub_pull_offline_is_one_line_error_and_leaves_zoo_clean(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "st2si_cli", "--zoo", str(tmp_path / "zoo"), "zoo", "pull",
-                        "facebook/opt-125m"], capture_output=True, text=True, env=env, timeout=120)
+    r = run_cli(tmp_path / "zoo", "zoo", "pull", "facebook/opt-125m", env=env, inherit_env=False)
     assert r.returncode != 0
     lines = [x for x in r.stderr.splitlines() if x.startswith("Error:")]
     assert len(lines) == 1 and "facebook/opt-125m" in lines[0]
@@ -39,6 +36,5 @@ def test_hub_pull_offline_is_one_line_error_and_leaves_zoo_clean(tmp_path):
 
 
 def test_unknown_backbone_reference_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "st2si_cli", "--zoo", str(tmp_path / "zoo"), "zoo", "pull",
-                        "no-such-thing"], capture_output=True, text=True, timeout=120)
+    r = run_cli(tmp_path / "zoo", "zoo", "pull", "no-such-thing")
     assert r.returncode != 0 and r.stderr.splitlines()[-1].startswith("Error: unknown backbone")

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model import synthetic_dataset
+from helpers import REPO, build_zoo, run_cli, synthetic_dataset
 
 pytest.importorskip("deepspeed")
 
 from st2si_cli.adapt import FeatureOptions, evaluate  # noqa: E402
-from st2si_cli.backbones import pull  # noqa: E402
-from st2si_cli.data.prepare import store_dataset  # noqa: E402
 from st2si_cli.errors import St2siError  # noqa: E402
 from st2si_cli.heads import load_head_weight  # noqa: E402
 from st2si_cli.text import TextConfig  # noqa: E402
@@ -38,26 +36,18 @@ from st2si_cli.train.full import (  # noqa: E402
     load_trainable,
     pretrain,
 )
-from st2si_cli.zoo.store import Zoo  # noqa: E402
 
-pytestmark = pytest.mark.deepspeed
+# every test here runs on one intra-op thread
+pytestmark = [pytest.mark.deepspeed, pytest.mark.usefixtures("one_thread")]
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = dict(epochs=2, lr=1e-3)
 TOL = dict(rtol=0, atol=2e-5)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Every test here runs on one intra-op thread (fixture in conftest.py)."""
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    z = Zoo(tmp_path_factory.mktemp("dszoo"))
-    store_dataset(z, synthetic_dataset(), domain="toy", fmt="synthetic", source="synthetic")
-    pull(z, "tiny-opt")
-    return z
+    """One zoo for the module: the runs are compared with one plain reference run (`plain_b8`)."""
+    return build_zoo(tmp_path_factory.mktemp("dszoo"), {"toy": synthetic_dataset()})
 
 
 @pytest.fixture
@@ -191,17 +181,15 @@ def test_cli_under_the_deepspeed_launcher(zoo):
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     env = launcher_env()
     port = env.pop("MASTER_PORT")
-    cmd = [deepspeed, "--num_gpus", "2", "--no_local_rank", "--master_port", port, "--module", "st2si_cli",
-           "--zoo", str(zoo.root), "pretrain", "--domain", "toy", "--backbone", "tiny-opt", "--epochs", "2",
-           "--batch-size", "4", "--lr", "1e-3", "--deepspeed", "zero3", "--out", "launcher", "--json"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    launcher = [deepspeed, "--num_gpus", "2", "--no_local_rank", "--master_port", port]
+    r = run_cli(zoo, "pretrain", "--domain", "toy", "--backbone", "tiny-opt", "--epochs", "2", "--batch-size", "4",
+                "--lr", "1e-3", "--deepspeed", "zero3", "--out", "launcher", "--json", env=env, launcher=launcher)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     start = r.stdout.index("\n{\n") + 1  # the launcher logs its own lines on stdout too
     out = json.loads(r.stdout[start : r.stdout.index("\n}\n", start) + 2])
     assert out["backbone"] == "launcher" and out["world_size"] == 2 and out["flags"]["deepspeed"] == "zero3"
     assert zoo.get("launcher", kind="backbone").id == out["backbone_id"]
-    ev = subprocess.run([sys.executable, "-m", "st2si_cli", "--zoo", str(zoo.root), "eval", "--domain", "toy",
-                         "--head", "toy/launcher", "--json"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    ev = run_cli(zoo, "eval", "--domain", "toy", "--head", "toy/launcher", "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["backbone"] == "launcher"
 

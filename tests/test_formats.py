@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import SHARED_DATA
 
 from st2si_cli.data import formats
 from st2si_cli.data.prepare import (
@@ -22,8 +23,6 @@ from st2si_cli.data.prepare import (
 )
 from st2si_cli.errors import InputError
 from st2si_cli.zoo.store import Zoo
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def shared(name: str) -> Path:

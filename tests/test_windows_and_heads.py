@@ -8,20 +8,19 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import WORDS, build_zoo
 
 from st2si_cli.adapt import adapt, evaluate
-from st2si_cli.backbones import load_backbone, pull
+from st2si_cli.backbones import load_backbone
 from st2si_cli.data.dataset import RawInteraction, build_dataset
-from st2si_cli.data.prepare import load_dataset, store_dataset
+from st2si_cli.data.prepare import load_dataset
 from st2si_cli.features import ALIGN, TEST, TRAIN, VALID, build_samples, compute_features, forward_batch
-from st2si_cli.heads import user_ranks
+from st2si_cli.ranking import user_ranks
 from st2si_cli.recommend import parse_requests, recommend
 from st2si_cli.text import ItemTokenizer, TextConfig
 from st2si_cli.train.head import HeadConfig, lr_schedule, train_head
 from st2si_cli.train.sweep import grid_points, sweep
 from st2si_cli.zoo.store import Zoo
-
-WORDS = "red blue green small large wooden steel glass paper cotton lamp chair table mug pen book clock fan".split()
 
 
 def drifting_dataset(lengths: list[int], n_items: int = 30, seed: int = 0):
@@ -40,12 +39,11 @@ def drifting_dataset(lengths: list[int], n_items: int = 30, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    z = Zoo(tmp_path_factory.mktemp("zoo"))
-    store_dataset(z, drifting_dataset([120, 51, 3, 7, 60, 10]), domain="long", fmt="synthetic", source="synthetic")
-    store_dataset(z, drifting_dataset([random.Random(k).randint(4, 14) for k in range(60)], seed=1), domain="short",
-                  fmt="synthetic", source="synthetic")
-    pull(z, "tiny-opt")
-    return z
+    """One zoo for the module: its tests share the feature caches (`short_features`, the heads' adapt calls)."""
+    return build_zoo(tmp_path_factory.mktemp("zoo"), {
+        "long": drifting_dataset([120, 51, 3, 7, 60, 10]),
+        "short": drifting_dataset([random.Random(k).randint(4, 14) for k in range(60)], seed=1),
+    })
 
 
 @pytest.fixture(scope="module")

@@ -7,35 +7,13 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import REPO, cli_command, cli_env, run_cli
 
 from st2si_cli.zoo.store import Zoo
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def st2si(
-    *args: str, root: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """Run the CLI with stdin not a terminal (as in a batch job)."""
-    cmd = [sys.executable, "-m", "st2si_cli"]
-    if root is not None:
-        cmd += ["--zoo", str(root)]
-    full_env = {k: v for k, v in os.environ.items() if k not in ("ST2SI_HOME", "ST2SI_DEBUG")}
-    full_env.update(env or {})
-    return subprocess.run(
-        cmd + list(args),
-        cwd=REPO,
-        env=full_env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -102,8 +80,8 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) ->
 # ---- path --------------------------------------------------------------------------------------------
 def test_path_honours_zoo_option_over_st2si_home(tmp_path: Path) -> None:
     env = {"ST2SI_HOME": str(tmp_path / "home")}
-    assert st2si("zoo", "path", env=env).stdout.strip() == str(tmp_path / "home")
-    proc = st2si("zoo", "path", "--json", root=tmp_path / "opt", env=env)
+    assert run_cli(None, "zoo", "path", env=env).stdout.strip() == str(tmp_path / "home")
+    proc = run_cli(tmp_path / "opt", "zoo", "path", "--json", env=env)
     assert proc.returncode == 0
     assert json.loads(proc.stdout) == {"root": str(tmp_path / "opt")}
     assert not (tmp_path / "opt").exists() and not (tmp_path / "home").exists(), "path creates nothing"
@@ -112,7 +90,7 @@ def test_path_honours_zoo_option_over_st2si_home(tmp_path: Path) -> None:
 # ---- ls / info ---------------------------------------------------------------------------------------
 def test_ls_json_is_an_array_of_what_was_put(populated) -> None:
     root, ids = populated
-    proc = st2si("zoo", "ls", "--json", root=root)
+    proc = run_cli(root, "zoo", "ls", "--json")
     assert proc.returncode == 0, proc.stderr
     arts = json.loads(proc.stdout)
     assert isinstance(arts, list)
@@ -122,13 +100,13 @@ def test_ls_json_is_an_array_of_what_was_put(populated) -> None:
     assert by_name["ml-100k"]["meta"]["stats"]["users"] == 943
     assert by_name["ml-head"]["names"] == ["ml-head"]
 
-    runs = json.loads(st2si("zoo", "ls", "--json", "--kind", "run", "--domain", "ml-100k", root=root).stdout)
+    runs = json.loads(run_cli(root, "zoo", "ls", "--json", "--kind", "run", "--domain", "ml-100k").stdout)
     assert [a["id"] for a in runs] == [ids["run"]]
 
 
 def test_ls_table_shows_a_summary_from_meta(populated) -> None:
     root, ids = populated
-    proc = st2si("zoo", "ls", root=root, env={"COLUMNS": "200"})
+    proc = run_cli(root, "zoo", "ls", env={"COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     assert "ml-100k" in proc.stdout and ids["head"][:12] in proc.stdout
     assert "users 943" in proc.stdout
@@ -139,7 +117,7 @@ def test_ls_table_shows_a_summary_from_meta(populated) -> None:
 
 def test_info_json_lists_files_names_inputs_and_dependents(populated) -> None:
     root, ids = populated
-    proc = st2si("zoo", "info", "ml-head", "--json", root=root)
+    proc = run_cli(root, "zoo", "info", "ml-head", "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["id"] == ids["head"] and info["names"] == ["ml-head"]
@@ -151,23 +129,23 @@ def test_info_json_lists_files_names_inputs_and_dependents(populated) -> None:
     assert [d["id"] for d in info["dependents"]] == [ids["run"]]
     assert info["meta"]["metrics"]["test"]["NDCG@10"] == 0.0312
 
-    by_prefix = json.loads(st2si("zoo", "info", ids["dataset"][:10], "--json", root=root).stdout)
+    by_prefix = json.loads(run_cli(root, "zoo", "info", ids["dataset"][:10], "--json").stdout)
     assert by_prefix["name"] == "ml-100k"
-    human = st2si("zoo", "info", "ml-head", root=root, env={"COLUMNS": "200"})
+    human = run_cli(root, "zoo", "info", "ml-head", env={"COLUMNS": "200"})
     assert human.returncode == 0 and "head.bin" in human.stdout and "run run-1" in human.stdout
 
 
 def test_unknown_name_gives_one_error_line(populated) -> None:
     root, _ = populated
-    assert_one_error_line(st2si("zoo", "info", "no-such-thing", root=root), "no-such-thing")
-    assert_one_error_line(st2si("zoo", "rm", "no-such-thing", "--yes", root=root), "no-such-thing")
+    assert_one_error_line(run_cli(root, "zoo", "info", "no-such-thing"), "no-such-thing")
+    assert_one_error_line(run_cli(root, "zoo", "rm", "no-such-thing", "--yes"), "no-such-thing")
 
 
 # ---- rm ----------------------------------------------------------------------------------------------
 def test_rm_dry_run_changes_nothing_and_warns_about_dependents(populated) -> None:
     root, ids = populated
     before = snapshot(root)
-    proc = st2si("zoo", "rm", "ml-100k", "--dry-run", "--json", root=root)
+    proc = run_cli(root, "zoo", "rm", "ml-100k", "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert plan["id"] == ids["dataset"] and plan["dry_run"] and not plan["removed"]
@@ -177,7 +155,7 @@ def test_rm_dry_run_changes_nothing_and_warns_about_dependents(populated) -> Non
     assert plan["blobs_kept"] == 1
     assert [d["id"] for d in plan["dependents"]] == [ids["head"]]
     assert "Warning" in proc.stderr and "ml-head" in proc.stderr
-    human = st2si("zoo", "rm", "ml-100k", "--dry-run", root=root)
+    human = run_cli(root, "zoo", "rm", "ml-100k", "--dry-run")
     assert human.returncode == 0 and human.stdout.startswith("Would remove dataset ml-100k")
     assert snapshot(root) == before
 
@@ -185,13 +163,13 @@ def test_rm_dry_run_changes_nothing_and_warns_about_dependents(populated) -> Non
 def test_rm_without_yes_on_non_tty_stdin_refuses(populated) -> None:
     root, _ = populated
     before = snapshot(root)
-    assert_one_error_line(st2si("zoo", "rm", "smol", root=root), "--yes")
+    assert_one_error_line(run_cli(root, "zoo", "rm", "smol"), "--yes")
     assert snapshot(root) == before
 
 
 def test_rm_yes_removes_the_artifact_and_its_unshared_blobs(populated) -> None:
     root, ids = populated
-    proc = st2si("zoo", "rm", "smol", "--yes", "--json", root=root)
+    proc = run_cli(root, "zoo", "rm", "smol", "--yes", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["removed"] and result["bytes_freed"] == len(b"{}") + len(b"weights")
@@ -199,17 +177,18 @@ def test_rm_yes_removes_the_artifact_and_its_unshared_blobs(populated) -> None:
         assert zoo.find("smol") is None and zoo.find(ids["backbone"]) is None
         assert {a.id for a in zoo.ls()} == {ids["dataset"], ids["head"], ids["run"]}
         assert zoo.verify().ok and not zoo.verify().orphans
-    human = st2si("zoo", "rm", "run-1", "--yes", root=root)
+    human = run_cli(root, "zoo", "rm", "run-1", "--yes")
     assert human.returncode == 0 and "Removed run run-1" in human.stdout
 
 
-def run_on_a_terminal(args: list[str], typed: bytes) -> tuple[int, str]:
+def run_on_a_terminal(root: Path, args: list[str], typed: bytes) -> tuple[int, str]:
     """Run the CLI with stdin, stdout and stderr on a pseudo-terminal, `typed` already waiting as input."""
     pty = pytest.importorskip("pty")
+    cmd, env = cli_command(root, *args), cli_env()
     pid, fd = pty.fork()
     if pid == 0:  # the child: replace it with the CLI at once
         os.chdir(REPO)
-        os.execv(sys.executable, [sys.executable, "-m", "st2si_cli", *args])
+        os.execve(cmd[0], cmd, env)
     os.write(fd, typed)
     output = b""
     while True:
@@ -227,10 +206,10 @@ def run_on_a_terminal(args: list[str], typed: bytes) -> tuple[int, str]:
 def test_rm_asks_for_confirmation_on_a_terminal(populated) -> None:
     root, ids = populated
     before = snapshot(root)
-    code, output = run_on_a_terminal(["--zoo", str(root), "zoo", "rm", "smol"], b"n\n")
+    code, output = run_on_a_terminal(root, ["zoo", "rm", "smol"], b"n\n")
     assert code == 1 and "[y/N]" in output and "Nothing removed." in output
     assert snapshot(root) == before
-    code, output = run_on_a_terminal(["--zoo", str(root), "zoo", "rm", "smol"], b"y\n")
+    code, output = run_on_a_terminal(root, ["zoo", "rm", "smol"], b"y\n")
     assert code == 0 and "Removed backbone smol" in output
     with Zoo(root) as zoo:
         assert zoo.find(ids["backbone"]) is None
@@ -239,7 +218,7 @@ def test_rm_asks_for_confirmation_on_a_terminal(populated) -> None:
 # ---- verify ------------------------------------------------------------------------------------------
 def test_verify_exit_code_and_output_name_a_corrupted_blob(populated) -> None:
     root, ids = populated
-    clean = st2si("zoo", "verify", root=root)
+    clean = run_cli(root, "zoo", "verify")
     assert clean.returncode == 0, clean.stderr
     assert clean.stdout.startswith("OK: checked 6 blob(s)")
 
@@ -250,10 +229,10 @@ def test_verify_exit_code_and_output_name_a_corrupted_blob(populated) -> None:
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
 
-    bad = st2si("zoo", "verify", root=root)
+    bad = run_cli(root, "zoo", "verify")
     assert bad.returncode == 1
     assert f"MISMATCH  {blob}  used by backbone smol" in bad.stdout
-    report = json.loads(st2si("zoo", "verify", "--json", root=root).stdout)
+    report = json.loads(run_cli(root, "zoo", "verify", "--json").stdout)
     assert not report["ok"] and report["checked"] == 6
     assert [(b["sha256"], [a["id"] for a in b["artifacts"]]) for b in report["mismatched"]] == [
         (blob, [ids["backbone"]])
@@ -268,7 +247,7 @@ def test_verify_reports_missing_blobs_and_warns_about_orphans(populated) -> None
     orphan = root / "blobs" / "ee" / ("e" * 64)
     orphan.parent.mkdir(exist_ok=True)
     orphan.write_bytes(b"stray")
-    proc = st2si("zoo", "verify", "--json", root=root)
+    proc = run_cli(root, "zoo", "verify", "--json")
     assert proc.returncode == 1
     report = json.loads(proc.stdout)
     assert [b["sha256"] for b in report["missing"]] == [missing]
@@ -279,18 +258,18 @@ def test_verify_reports_missing_blobs_and_warns_about_orphans(populated) -> None
     Zoo(orphan_only).close()
     (orphan_only / "blobs" / "ee").mkdir()
     (orphan_only / "blobs" / "ee" / ("e" * 64)).write_bytes(b"stray")
-    proc = st2si("zoo", "verify", root=orphan_only)
+    proc = run_cli(orphan_only, "zoo", "verify")
     assert proc.returncode == 0, "orphans alone are a warning"
     assert "orphan" in proc.stderr
 
 
 # ---- the command line itself -------------------------------------------------------------------------
 def test_help_exits_zero_and_usage_errors_exit_two(tmp_path: Path) -> None:
-    proc = st2si("zoo", "rm", "--help")  # `--help` and `zoo --help`: see the import test below
+    proc = run_cli(None, "zoo", "rm", "--help")  # `--help` and `zoo --help`: see the import test below
     assert proc.returncode == 0 and proc.stdout.startswith("Usage:") and "--dry-run" in proc.stdout
-    bad = st2si("zoo", "ls", "--kind", "model", root=tmp_path)
+    bad = run_cli(tmp_path, "zoo", "ls", "--kind", "model")
     assert bad.returncode == 2 and "Invalid value for '--kind'" in bad.stderr and bad.stdout == ""
-    assert st2si("zoo", "ls", "--no-such-option").returncode == 2
+    assert run_cli(None, "zoo", "ls", "--no-such-option").returncode == 2
 
 
 HEAVY = ("torch", "transformers", "deepspeed")
@@ -308,17 +287,13 @@ IMPORT_PROBE = textwrap.dedent(
 
     sys.meta_path.insert(0, Recorder())
     atexit.register(lambda: print("HEAVY:" + ",".join(sorted(set(attempted) | {{m for m in HEAVY if m in sys.modules}}))))
-    sys.argv = {argv!r}
-    from st2si_cli.cli.app import main
-    main()
     """
-)
+)  # run before the CLI's entry point, see helpers.run_cli
 
 
 @pytest.mark.parametrize("argv", [["st2si", "--help"], ["st2si", "zoo", "--help"]], ids=["root", "zoo"])
 def test_help_does_not_import_heavy_modules(argv: list[str]) -> None:
-    code = IMPORT_PROBE.format(heavy=HEAVY, argv=argv)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = run_cli(None, *argv[1:], prelude=IMPORT_PROBE.format(heavy=HEAVY))
     assert proc.returncode == 0, proc.stderr
     assert "Usage:" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "HEAVY:", proc.stdout

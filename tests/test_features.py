@@ -1,0 +1,96 @@
+"""Features on a tiny randomly initialised OPT: batching, the cached forward pass, resuming it, reusing it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import build_zoo, synthetic_dataset
+
+from st2si_cli.adapt import FeatureOptions, get_features
+from st2si_cli.backbones import pull
+from st2si_cli.data.prepare import load_dataset, store_dataset
+from st2si_cli.features import build_samples, compute_features, forward_batch, plan_batches
+from st2si_cli.text import ItemTokenizer, TextConfig
+from st2si_cli.zoo.store import Zoo
+
+
+def test_batched_right_padded_features_equal_one_by_one(zoo, backbone):
+    ds = load_dataset(zoo, "toy")
+    itok = ItemTokenizer.create(backbone.tokenizer, TextConfig())
+    samples = build_samples(ds, itok, itok.encode_items(ds.items))[:12]
+    with torch.inference_mode():
+        together = forward_batch(backbone, samples)
+        alone = [forward_batch(backbone, [s])[0] for s in samples]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_batches_are_length_sorted_and_bounded():
+    lengths = [5, 50, 7, 49, 6, 8, 51]
+    batches = plan_batches(lengths, batch_tokens=110, max_batch=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3 and len(b) * max(lengths[i] for i in b) <= 110 or len(b) == 1
+    assert batches[0][0] == 6  # longest first
+
+
+def test_killed_feature_pass_resumes_from_its_shards(tmp_path, backbone):
+    z = Zoo(tmp_path / "zoo")
+    dsa = store_dataset(z, synthetic_dataset(), domain="toy", fmt="synthetic", source="synthetic")
+    pull(z, "tiny-opt")
+    ds = load_dataset(z, "toy")
+    text = TextConfig()
+    calls = {"n": 0}
+
+    def die_in_the_second_shard(tokens, samples):
+        calls["n"] += 1
+        if calls["n"] == 3:  # shard 0 (batches 1-2) is on disk, shard 1 is not
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compute_features(z, backbone, ds, dsa.id, text, shard_samples=8, max_batch=4, on_progress=die_in_the_second_shard)
+    assert z.ls(kind="features") == []  # nothing half-written is listed
+    art, fs = compute_features(z, backbone, ds, dsa.id, text, shard_samples=8, max_batch=4)
+    timings = art.meta["timings"]
+    assert 0 < timings["tokens_computed"] < timings["tokens"]
+    fresh_zoo = Zoo(tmp_path / "fresh")
+    dsb = store_dataset(fresh_zoo, ds, domain="toy", fmt="synthetic", source="synthetic")
+    _, fresh = compute_features(fresh_zoo, backbone, ds, dsb.id, text)
+    torch.testing.assert_close(fs.feats, fresh.feats)
+    assert torch.equal(fs.targets, fresh.targets)
+
+
+def test_features_are_reused_for_the_same_key(tmp_path, monkeypatch):
+    """The second call with the same key reads the cache: the backbone is neither loaded nor run. (The
+    artifact IDs are content-addressed, so equal IDs alone would also hold after a second forward pass.)"""
+    import st2si_cli.backbones
+
+    zoo = build_zoo(tmp_path / "fresh", {"toy": synthetic_dataset()})  # no features cached yet
+    dsa = zoo.get("toy", kind="dataset")
+    loads = []
+    real_load = st2si_cli.backbones.load_backbone
+
+    def counting_load(*args, **kwargs):
+        loads.append(args)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(st2si_cli.backbones, "load_backbone", counting_load)
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):
+            return lambda *a, **k: self.calls.append(name)
+
+    first, second = Recorder(), Recorder()
+    a1, fs1, _ = get_features(zoo, "tiny-opt", dsa, TextConfig(), FeatureOptions(dtype="fp32"), reporter=first)
+    assert len(loads) == 1 and "features_start" in first.calls  # the first call ran the backbone ...
+    assert a1.meta["timings"]["tokens_computed"] > 0
+    a2, fs2, _ = get_features(zoo, "tiny-opt", dsa, TextConfig(), FeatureOptions(dtype="fp32"), reporter=second)
+    assert a1.id == a2.id
+    assert len(loads) == 1, "the second call loaded the backbone"  # ... the second did not
+    assert not {"features_start", "features_advance"} & set(second.calls)
+    assert len(zoo.ls(kind="features")) == 1
+    torch.testing.assert_close(fs2.feats, fs1.feats, rtol=0, atol=0)
+    assert torch.equal(fs2.targets, fs1.targets) and torch.equal(fs2.roles, fs1.roles)
