@@ -101,9 +101,9 @@ def head_features(zoo: Any, head: Any, dataset_art: Any, allow_compute: bool) ->
 
 
 def st2si_row(zoo: Any, head: Any, ds: Any, dataset_art: Any, allow_compute: bool) -> dict[str, Any] | None:
-    from st2si_cli.features import TEST, VALID
     from st2si_cli.heads import check_compatible, head_kind
     from st2si_cli.metrics import metrics_from_ranks
+    from st2si_cli.model.samples import TEST, VALID
     from st2si_cli.ranking import user_ranks
 
     check_compatible(head, dataset=dataset_art)

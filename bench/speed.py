@@ -138,7 +138,8 @@ def timed_forward(backbone: Any, samples: list[Any], batch_tokens: int, max_batc
     """One pass over every sample in length-sorted batches (as compute_features plans them)."""
     import torch
 
-    from st2si_cli.features import forward_batch, plan_batches
+    from st2si_cli.features import forward_batch
+    from st2si_cli.model.samples import plan_batches
 
     lengths = [len(s.tokens) for s in samples]
     batches = plan_batches(lengths, batch_tokens, max_batch)
@@ -156,7 +157,7 @@ def timed_forward(backbone: Any, samples: list[Any], batch_tokens: int, max_batc
 
 def recommend_samples(ds: Any, itok: Any, item_tokens: list[list[int]]) -> list[Any]:
     """What `recommend` feeds the backbone for each user's history (all but the test item)."""
-    from st2si_cli.features import Sample
+    from st2si_cli.model.samples import Sample
 
     out = []
     for seq in ds.sequences:
@@ -223,10 +224,11 @@ def main() -> int:
 
     from st2si_cli.backbones import load_backbone, resolve_dtype
     from st2si_cli.data.prepare import load_dataset
-    from st2si_cli.features import TEST, build_samples, index_rows, live_features, load_feature_set
+    from st2si_cli.features import index_rows, live_features, load_feature_set
     from st2si_cli.hf import quiet_transformers
+    from st2si_cli.model.samples import TEST, build_samples
+    from st2si_cli.model.text import ItemTokenizer, TextConfig
     from st2si_cli.recommend import parse_requests, recommend
-    from st2si_cli.text import ItemTokenizer, TextConfig
     from st2si_cli.train.head import HeadConfig, evaluate_split, train_head
     from st2si_cli.zoo.store import Zoo
 

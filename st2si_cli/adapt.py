@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from st2si_cli.errors import St2siError
+from st2si_cli.model.text import TextConfig
 from st2si_cli.progress import Reporter
-from st2si_cli.text import TextConfig
 from st2si_cli.zoo.store import Artifact, Zoo
 
 
@@ -56,7 +56,7 @@ def get_features(
     reporter.message(f"Computing features with {bb_art.name or bb_art.short_id} ({dtype_name(backbone.dtype)})")
     art, fs = compute_features(
         zoo, backbone, ds, dataset_art.id, text,
-        alignment=opts.alignment, batch_tokens=opts.batch_tokens, max_batch=opts.max_batch, device=opts.device,
+        alignment=opts.alignment, batch_tokens=opts.batch_tokens, max_batch=opts.max_batch,
         on_start=reporter.features_start, on_progress=reporter.features_advance,
     )
     reporter.features_done()
@@ -122,7 +122,7 @@ def train_ilp(fs: Any, n_items: int, head_cfg: Any, *, kind: str = "ilp", sweep_
     """(weight, head meta) of an ILP trained on a feature set, optionally chosen by a validation sweep."""
     from dataclasses import replace
 
-    from st2si_cli.features import TEST, VALID
+    from st2si_cli.model.samples import TEST, VALID
     from st2si_cli.train.head import (
         HeadConfig,
         alignment_accuracy,
@@ -201,7 +201,6 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of a head on the validation or test targets of its domain."""
     from st2si_cli.data.prepare import load_dataset
-    from st2si_cli.features import TEST, VALID
     from st2si_cli.heads import (
         check_compatible,
         find_head,
@@ -210,6 +209,7 @@ def evaluate(
         load_head_weight,
     )
     from st2si_cli.metrics import candidate_hit_ratio, metrics_from_ranks
+    from st2si_cli.model.samples import TEST, VALID
     from st2si_cli.ranking import user_ranks
     from st2si_cli.train.head import alignment_accuracy, history_exclusions
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from st2si_cli.text import TextConfig
+from st2si_cli.model.text import TextConfig
 from st2si_cli.zoo.store import Artifact, Zoo
 
 HEAD_KIND = "adapter"
@@ -24,7 +24,7 @@ def train_adapter_head(fs: Any, ds: Any, cfg: Any = None, reporter: Any = None,
     """
     from dataclasses import replace
 
-    from st2si_cli.features import TEST, VALID
+    from st2si_cli.model.samples import TEST, VALID
     from st2si_cli.train.adapter import AdapterConfig, evaluate_adapter, load_adapter, train_adapter
     from st2si_cli.train.sweep import ADAPTER_GRID, ADAPTER_SWEEP_BASE, grid_points, sweep, sweep_record
 
@@ -86,7 +86,7 @@ def load_adapter_head(zoo: Zoo, head: Artifact) -> Any:
 
 def adapter_user_ranks(zoo: Zoo, head: Artifact, fs: Any, sequences: Any, role: int, *, ties: str = "pessimistic",
                        mask_history: bool = False) -> Any:
-    from st2si_cli.features import VALID
+    from st2si_cli.model.samples import VALID
     from st2si_cli.train.adapter import adapter_ranks
 
     cut = 2 if role == VALID else 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,16 @@ class Backbone:
     artifact_id: str
     name: str | None
     dtype: Any  # torch.dtype
+    _st2si: Any = field(default=None, init=False, repr=False)
+
+    def st2si(self) -> Any:
+        """The ST2SI module around this backbone, without an ILP: `hidden_at(samples)` for features."""
+        if self._st2si is None:
+            from st2si_cli.model.st2si import ST2SI
+            from st2si_cli.model.text import pad_token_id
+
+            self._st2si = ST2SI(self.model, None, pad_id=pad_token_id(self.tokenizer))
+        return self._st2si
 
     def hidden_states(self, input_ids: Any) -> Any:
         """[B, L] token IDs, right padded -> [B, L, d] last hidden states.
@@ -94,7 +104,7 @@ def add_query_token(model: Any, tokenizer: Any) -> int:
     """Add a new [Q] token; its embedding starts at the mean of the existing ones (deterministic)."""
     import torch
 
-    from st2si_cli.text import NEW_QUERY_TOKEN
+    from st2si_cli.model.text import NEW_QUERY_TOKEN
 
     if NEW_QUERY_TOKEN in tokenizer.get_vocab():
         return tokenizer.convert_tokens_to_ids(NEW_QUERY_TOKEN)

@@ -4,7 +4,8 @@ Attention is causal, so over a user's history without its test item, the query a
 items 1..j only: the last query predicts the test item, the one before it the validation item, and
 the rest are training positions, all from one pass without leakage. With the backbone frozen in eval
 mode these features are fixed, so they are computed once and cached in the zoo (in shards, so a killed
-run resumes), and head training becomes epochs over a matrix.
+run resumes), and head training becomes epochs over a matrix. The hidden states come from the ST2SI
+module's `hidden_at` (`model/st2si.py`), as in every other path.
 """
 
 from __future__ import annotations
@@ -16,89 +17,30 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from st2si_cli import __version__
 from st2si_cli.data.dataset import Dataset
-from st2si_cli.text import ItemTokenizer, TextConfig
+from st2si_cli.model.samples import Sample, build_samples, plan_batches
+from st2si_cli.model.text import ItemTokenizer, TextConfig
 from st2si_cli.zoo.store import Artifact, Zoo, canonical_json
 
+if TYPE_CHECKING:
+    from st2si_cli.backbones import Backbone
+    from st2si_cli.model.st2si import ST2SI
+
 FEATURE_FORMAT = 2  # bump when the layout or the sample definition changes
-TRAIN, VALID, TEST, ALIGN = 0, 1, 2, 3
-ROLE_NAMES = {TRAIN: "train", VALID: "valid", TEST: "test", ALIGN: "align"}
 
 
-@dataclass
-class Sample:
-    """One backbone input: a user's history or an alignment instruction."""
-
-    tokens: list[int]
-    query_pos: list[int]  # indices into tokens of the [Q] tokens whose features are used
-    targets: list[int]  # item ID each query predicts
-    roles: list[int]  # TRAIN / VALID / TEST / ALIGN per query
-    owner: int  # user index (history) or item index (alignment)
+def query_features(model: ST2SI, samples: Sequence[Sample]) -> list[Any]:
+    """Each sample's query features [q, d] (fp32, CPU) from one forward of the samples together."""
+    h = model.hidden_at(samples).float().cpu()  # [P, d]
+    return list(h.split([len(s.query_pos) for s in samples]))
 
 
-def build_samples(ds: Dataset, itok: ItemTokenizer, item_tokens: list[list[int]], alignment: bool = True,
-                  every_position: bool = True) -> list[Sample]:
-    """History samples (windows per user, oldest first) then alignment samples (one per item).
-
-    With `every_position`, each user's history is cut into the windows of `ItemTokenizer.windows`,
-    so every position gets one feature (row); otherwise only the newest window (the evaluation and
-    inference input) is built.
-    """
-    samples: list[Sample] = []
-    for u, seq in enumerate(ds.sequences):
-        n = len(seq)
-        history = seq[:-1]  # everything but the test target
-        toks = [item_tokens[i] for i in history]
-        if every_position:
-            windows = itok.windows(toks)
-        else:
-            m = itok.history_window(toks)
-            windows = [(len(history) - m, len(history) - m, len(history))]
-        for start, used, end in windows:
-            tokens, qpos = itok.sequence(toks[start:end])
-            positions = range(used, end)  # position j's query predicts seq[j + 1]
-            roles = [TEST if j + 1 == n - 1 else VALID if j + 1 == n - 2 else TRAIN for j in positions]
-            samples.append(Sample(tokens, qpos[used - start :], [seq[j + 1] for j in positions], roles, u))
-    if alignment:
-        for i, ids in enumerate(item_tokens):
-            tokens = itok.alignment(ids)
-            samples.append(Sample(tokens, [len(tokens) - 1], [i], [ALIGN], i))
-    return samples
-
-
-def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
-    """Sample indices grouped into batches of similar length (longest first, so memory peaks early).
-
-    A batch holds at most `max_batch` samples and at most `batch_tokens` padded tokens.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) >= max_batch or (len(current) + 1) * width > batch_tokens):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def forward_batch(backbone: Any, samples: Sequence[Sample], device: str = "cpu") -> list[Any]:
-    """Right-padded forward of several samples; returns each sample's query features [q, d] (fp32)."""
-    import torch
-
-    width = max(len(s.tokens) for s in samples)
-    pad = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(samples), width), pad, dtype=torch.long)
-    for r, s in enumerate(samples):
-        ids[r, : len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
-    hidden = backbone.hidden_states(ids.to(device))  # [B, L, d]
-    return [hidden[r, s.query_pos].float().cpu() for r, s in enumerate(samples)]
+def forward_batch(backbone: Backbone, samples: Sequence[Sample]) -> list[Any]:
+    """`query_features` through a loaded backbone's ST2SI module (no ILP)."""
+    return query_features(backbone.st2si(), samples)
 
 
 @dataclass
@@ -180,7 +122,7 @@ def _write_atomic_safetensors(tensors: dict[str, Any], path: Path) -> None:
 
 def compute_features(
     zoo: Zoo,
-    backbone: Any,
+    backbone: Backbone,
     ds: Dataset,
     dataset_id: str,
     text: TextConfig,
@@ -189,7 +131,6 @@ def compute_features(
     batch_tokens: int = 16384,
     max_batch: int = 64,
     shard_samples: int = 1024,
-    device: str = "cpu",
     on_progress: Callable[[int, int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
 ) -> tuple[Artifact, FeatureSet]:
@@ -208,6 +149,7 @@ def compute_features(
         return existing, load_feature_set(zoo, existing)
 
     t0 = time.time()
+    model = backbone.st2si()
     itok = ItemTokenizer.create(backbone.tokenizer, text)
     item_tokens = itok.encode_items(ds.items)
     if text.positions not in ("all", "newest"):
@@ -254,7 +196,7 @@ def compute_features(
                 continue
             shard_feats: list[Any] = []
             for b in shard:
-                outs = forward_batch(backbone, [samples[i] for i in b], device)
+                outs = query_features(model, [samples[i] for i in b])
                 for i, f in zip(b, outs):
                     per_sample[i] = f
                     shard_feats.append(f)
@@ -307,8 +249,7 @@ def load_feature_set(zoo: Zoo, art: Artifact) -> FeatureSet:
     return FeatureSet.from_tensors(load_file(str(zoo.file(art, "features.safetensors"))))
 
 
-def live_features(backbone: Any, samples: Sequence[Sample], fs: FeatureSet, device: str = "cpu",
-                  max_batch: int = 64) -> Callable[[Any], Any]:
+def live_features(backbone: Backbone, samples: Sequence[Sample], fs: FeatureSet, max_batch: int = 64) -> Callable[[Any], Any]:
     """`features_of(rows)` that runs the backbone on the rows' samples at every call.
 
     This is ILP tuning with the backbone in the loop (the authors' way). With the backbone in eval
@@ -316,6 +257,7 @@ def live_features(backbone: Any, samples: Sequence[Sample], fs: FeatureSet, devi
     """
     import torch
 
+    model = backbone.st2si()
     first_row = torch.zeros(len(samples) + 1, dtype=torch.long)
     first_row[1:] = torch.tensor([len(s.targets) for s in samples]).cumsum(0)
 
@@ -327,7 +269,7 @@ def live_features(backbone: Any, samples: Sequence[Sample], fs: FeatureSet, devi
         outs: list[Any] = []
         with torch.set_grad_enabled(grad):
             for b0 in range(0, len(unique), max_batch):
-                outs += forward_batch(backbone, [samples[i] for i in unique[b0 : b0 + max_batch]], device)
+                outs += query_features(model, [samples[i] for i in unique[b0 : b0 + max_batch]])
         return torch.stack([outs[where[int(s)]][int(r - first_row[s])] for r, s in zip(rows, sample_ids)])
 
     return features_of

@@ -7,7 +7,7 @@ from typing import Any
 
 from st2si_cli import __version__
 from st2si_cli.errors import MismatchError, ZooError
-from st2si_cli.text import TextConfig
+from st2si_cli.model.text import TextConfig
 from st2si_cli.zoo.store import Artifact, Zoo
 
 

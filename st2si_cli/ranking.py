@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from st2si_cli.adapter_head import adapter_user_ranks
-from st2si_cli.features import VALID
 from st2si_cli.heads import head_kind, load_head_weight
+from st2si_cli.model.samples import VALID
 from st2si_cli.scoring import rank_rows
 from st2si_cli.zoo.store import Artifact, Zoo
 

@@ -97,10 +97,11 @@ def recommend(
     from st2si_cli.adapter_head import load_adapter_head
     from st2si_cli.backbones import load_backbone
     from st2si_cli.data.prepare import load_dataset
-    from st2si_cli.features import Sample, forward_batch, plan_batches
+    from st2si_cli.features import query_features
     from st2si_cli.heads import check_compatible, find_head, head_kind, head_text_config, load_head_weight
+    from st2si_cli.model.samples import Sample, history_samples, plan_batches
+    from st2si_cli.model.text import ItemTokenizer
     from st2si_cli.scoring import top_k
-    from st2si_cli.text import ItemTokenizer
 
     if k < 1:
         raise St2siError("-k must be at least 1")
@@ -125,16 +126,16 @@ def recommend(
         if missing:
             for (key, _), ids in zip(missing, itok.encode_items([it for _, it in missing])):
                 cache[key] = ids
-        toks = [cache[key] for key in keys]
-        m = itok.history_window(toks)
-        tokens, qpos = itok.sequence(toks[len(toks) - m :])
-        # The ILP reads the last query; the adapter every query of the window, with the items' IDs.
-        samples.append(Sample(tokens, qpos if adapter is not None else qpos[-1:], [], [], 0))
+        [sample] = history_samples(itok, [cache[key] for key in keys], None, None, 0, every_position=False)
+        if adapter is None:  # the ILP reads the last query; the adapter every query of the window
+            sample.query_pos = sample.query_pos[-1:]
+        samples.append(sample)
 
     feats: list[Any] = [None] * len(samples)
+    model = backbone.st2si()
     with torch.inference_mode():
         for batch in plan_batches([len(s.tokens) for s in samples], batch_tokens, max_batch):
-            for i, f in zip(batch, forward_batch(backbone, [samples[i] for i in batch], device)):
+            for i, f in zip(batch, query_features(model, [samples[i] for i in batch])):
                 feats[i] = f
             if on_progress:
                 on_progress(len(batch))

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from st2si_cli.features import ALIGN, TEST, TRAIN, VALID, FeatureSet
+from st2si_cli.features import FeatureSet
+from st2si_cli.model.samples import ALIGN, TEST, TRAIN, VALID
 from st2si_cli.train.adapter import (
     AdapterConfig,
     SequenceAdapter,

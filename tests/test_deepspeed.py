@@ -24,18 +24,15 @@ pytest.importorskip("deepspeed")
 from st2si_cli.adapt import FeatureOptions, evaluate  # noqa: E402
 from st2si_cli.errors import St2siError  # noqa: E402
 from st2si_cli.heads import load_head_weight  # noqa: E402
-from st2si_cli.text import TextConfig  # noqa: E402
+from st2si_cli.model.samples import collate  # noqa: E402
+from st2si_cli.model.st2si import ST2SI  # noqa: E402
+from st2si_cli.model.text import TextConfig  # noqa: E402
 from st2si_cli.train import distributed as dist  # noqa: E402
-from st2si_cli.train.full import (  # noqa: E402
-    ST2SI,
-    PretrainConfig,
-    build_corpus,
-    collate,
-    epoch_samples,
-    learning_rate_schedule,
-    load_trainable,
-    pretrain,
-)
+from st2si_cli.train.config import PretrainConfig  # noqa: E402
+from st2si_cli.train.corpus import build_corpus, epoch_samples  # noqa: E402
+from st2si_cli.train.full import pretrain  # noqa: E402
+from st2si_cli.train.loop import learning_rate_schedule  # noqa: E402
+from st2si_cli.train.weights import load_trainable  # noqa: E402
 
 # every test here runs on one intra-op thread
 pytestmark = [pytest.mark.deepspeed, pytest.mark.usefixtures("one_thread")]

@@ -9,8 +9,9 @@ from helpers import build_zoo, synthetic_dataset
 from st2si_cli.adapt import FeatureOptions, get_features
 from st2si_cli.backbones import pull
 from st2si_cli.data.prepare import load_dataset, store_dataset
-from st2si_cli.features import build_samples, compute_features, forward_batch, plan_batches
-from st2si_cli.text import ItemTokenizer, TextConfig
+from st2si_cli.features import compute_features, forward_batch
+from st2si_cli.model.samples import build_samples, plan_batches
+from st2si_cli.model.text import ItemTokenizer, TextConfig
 from st2si_cli.zoo.store import Zoo
 
 

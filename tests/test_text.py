@@ -4,8 +4,8 @@ attribute caps and cleaning."""
 from __future__ import annotations
 
 from st2si_cli.data.prepare import load_dataset
-from st2si_cli.features import ALIGN, TEST, TRAIN, VALID, build_samples
-from st2si_cli.text import ItemTokenizer, TextConfig
+from st2si_cli.model.samples import ALIGN, TEST, TRAIN, VALID, build_samples
+from st2si_cli.model.text import ItemTokenizer, TextConfig
 
 
 def test_samples_put_test_target_last_and_valid_before_it(zoo, backbone):

@@ -14,10 +14,11 @@ from st2si_cli.adapt import adapt, evaluate
 from st2si_cli.backbones import load_backbone
 from st2si_cli.data.dataset import RawInteraction, build_dataset
 from st2si_cli.data.prepare import load_dataset
-from st2si_cli.features import ALIGN, TEST, TRAIN, VALID, build_samples, compute_features, forward_batch
+from st2si_cli.features import compute_features, forward_batch
+from st2si_cli.model.samples import ALIGN, TEST, TRAIN, VALID, build_samples
+from st2si_cli.model.text import ItemTokenizer, TextConfig
 from st2si_cli.ranking import user_ranks
 from st2si_cli.recommend import parse_requests, recommend
-from st2si_cli.text import ItemTokenizer, TextConfig
 from st2si_cli.train.head import HeadConfig, lr_schedule, train_head
 from st2si_cli.train.sweep import grid_points, sweep
 from st2si_cli.zoo.store import Zoo
@@ -117,7 +118,7 @@ def test_cached_row_equals_a_forward_pass_over_its_own_window(zoo, backbone):
         end = j - (row - first) + n_used  # one past the window's last item
         start = end - itok.history_window([toks[i] for i in seq[:end]])
         tokens, qpos = itok.sequence([toks[i] for i in seq[start:end]])
-        from st2si_cli.features import Sample
+        from st2si_cli.model.samples import Sample
 
         with torch.inference_mode():
             [alone] = forward_batch(backbone, [Sample(tokens, qpos, [], [], 0)])

@@ -72,7 +72,7 @@ def adapt_cmd(
 ) -> None:
     """Train a new ILP head for a domain on a frozen backbone (features cached in the zoo)."""
     from st2si_cli.adapt import FeatureOptions, adapt
-    from st2si_cli.text import TextConfig
+    from st2si_cli.model.text import TextConfig
     from st2si_cli.train.adapter import AdapterConfig
     from st2si_cli.train.head import HeadConfig
 

@@ -83,14 +83,14 @@ class Schedule(StrEnum):
 
 
 class Sampling(StrEnum):
-    """`st2si_cli.train.full.SAMPLINGS`."""
+    """`st2si_cli.train.config.SAMPLINGS`."""
 
     all = "all"
     crop = "crop"
 
 
 class Precision(StrEnum):
-    """`st2si_cli.train.distributed.PRECISIONS`."""
+    """`st2si_cli.train.distributed.processes.PRECISIONS`."""
 
     auto = "auto"
     fp32 = "fp32"

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from st2si_cli.features import ALIGN, TEST, TRAIN, VALID, FeatureSet
+from st2si_cli.features import FeatureSet
 from st2si_cli.metrics import metrics_from_ranks, rank_of_target
+from st2si_cli.model.samples import ALIGN, TEST, TRAIN, VALID
 
 EVAL_BATCH = 256  # users scored at once when evaluating
 

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from st2si_cli.features import ALIGN, TEST, TRAIN, VALID, FeatureSet
+from st2si_cli.features import FeatureSet
 from st2si_cli.metrics import metrics_from_ranks
+from st2si_cli.model.samples import ALIGN, TEST, TRAIN, VALID
+from st2si_cli.model.st2si import init_ilp_weight
 from st2si_cli.scoring import linear_cross_entropy, rank_rows
 
 
@@ -126,13 +128,13 @@ def train_head(
 
     d = fs.feats.shape[1] if fs.feats is not None else int(features_of(fs.rows(VALID)[:1]).shape[1])
     gen = torch.Generator().manual_seed(cfg.seed)
-    bound = 1.0 / d**0.5  # nn.Linear's default range, drawn from our own generator
+    bound = 1.0 / d**0.5  # nn.Linear's default range
     if init is not None:
         weight = init.detach().clone().float().requires_grad_(True)
     elif cfg.init == "text":
         weight = text_init(fs, n_items, features_of, row_norm=bound * (d / 3) ** 0.5).requires_grad_(True)
     elif cfg.init == "random":
-        weight = ((torch.rand(n_items, d, generator=gen) * 2 - 1) * bound).requires_grad_(True)
+        weight = init_ilp_weight(n_items, d, gen).requires_grad_(True)
     else:
         raise ValueError(f"init must be random or text, not {cfg.init!r}")
     opt = torch.optim.AdamW([weight], lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,0 +1,137 @@
+"""The full-tuning loop: optimizer and LR schedule, global steps split over ranks and micro-steps,
+validation and early stopping at each epoch end, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from st2si_cli.model.samples import Sample, collate
+from st2si_cli.model.st2si import ST2SI
+from st2si_cli.train import distributed as dist
+from st2si_cli.train.checkpoint import RunState, save_checkpoint
+from st2si_cli.train.config import RunSetup
+from st2si_cli.train.corpus import Corpus, epoch_order, epoch_samples, split_even, steps_per_epoch, valid_view
+from st2si_cli.train.evaluation import validate
+
+
+def learning_rate_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base LR: linear warm-up, then cosine to 0 at `total_steps`.
+
+    Warm-up is clipped to a tenth of the run, so a short run still spends most of its steps decaying.
+    """
+    warmup = min(warmup_steps, total_steps // 10)
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return multiplier
+
+
+def make_engine(module: ST2SI, run: RunSetup, total_steps: int) -> dist.Engine:
+    """Torch AdamW (backbone and ILP alike) and the warm-up + cosine schedule, in the run's engine."""
+    cfg = run.cfg
+    schedule = learning_rate_schedule(total_steps, cfg.warmup_steps)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if run.ds_config is not None:
+        return dist.DeepSpeedEngine(module, optimizer, schedule, run.info, run.ds_config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return dist.PlainEngine(module, optimizer, scheduler, run.info, run.precision, cfg.max_grad_norm)
+
+
+def new_totals() -> dict[str, Any]:
+    """This rank's sums over the epoch so far (saved with each checkpoint, so a resumed epoch keeps them)."""
+    return {"loss_sum": 0.0, "loss_count": 0, "tokens": 0}
+
+
+def train_epochs(engine: dist.Engine, run: RunSetup, corpus: Corpus, state: RunState, totals: dict[str, Any]) -> None:
+    """Epochs from `state` on until early stopping or the last epoch; a checkpoint after each."""
+    valid_samples = [v for s in corpus.eval_samples if (v := valid_view(s)) is not None]
+    steps = steps_per_epoch(corpus, run.cfg, run.info.world_size)
+    run.reporter.training_start(steps, run.cfg.epochs)
+    if state.step:
+        run.reporter.training_step(state.step)  # a resumed epoch's bar starts where it stopped
+    engine.train()
+    while not state.stopped:
+        epoch = state.epoch
+        e0 = mark = time.time()
+        samples = epoch_samples(corpus, run.cfg, epoch)
+        order = epoch_order(len(samples), run.cfg.seed, epoch)
+        for k in range(state.step, steps):
+            loss = _global_step(engine, run, samples, order, k, totals)
+            state.step = k + 1
+            state.global_step += 1
+            run.reporter.training_step(1)
+            if run.cfg.save_every and state.global_step % run.cfg.save_every == 0 and state.step < steps:
+                state.seconds["train"] += time.time() - mark
+                mark = time.time()
+                save_checkpoint(run.stage, engine, state, run.info, totals, improved=False)
+            if run.on_step is not None:
+                run.on_step({"epoch": epoch, "step": state.step, "global_step": state.global_step, "loss": loss,
+                             "lr": engine.lr(), "module": engine.module})
+        state.seconds["train"] += time.time() - mark
+        _end_epoch(engine, run, state, totals, time.time() - e0,
+                   lambda: validate(engine, run, valid_samples))
+
+
+def _global_step(engine: dist.Engine, run: RunSetup, samples: list[Sample], order: list[int], k: int,
+                 totals: dict[str, Any]) -> float:
+    """Optimizer step k of the epoch: its global batch split into a disjoint slice per (micro-step, rank)."""
+    cfg, info = run.cfg, run.info
+    parts = info.world_size * cfg.grad_accum
+    per_step = cfg.batch_size * parts
+    batch = order[k * per_step : (k + 1) * per_step]  # this step's global batch
+    n_global = sum(len(samples[i].targets) for i in batch)
+    chunks = split_even(batch, parts)
+    scale = dist.loss_scale(n_global, info, cfg.grad_accum, engine.deepspeed)
+    loss = 0.0
+    for m in range(cfg.grad_accum):
+        mine = chunks[m * info.world_size + info.rank]
+        real = bool(mine)
+        mine = mine or batch[:1]  # an empty slice still joins the collective, with zero weight
+        tensors = collate([samples[i] for i in mine], engine.module.pad_id, info.device)
+        n_local = int(tensors.targets.numel())
+        loss = engine.micro_step(tensors, scale * n_local if real else 0.0, boundary=m == cfg.grad_accum - 1)
+        if real:
+            totals["loss_sum"] += loss * n_local
+            totals["loss_count"] += n_local
+            totals["tokens"] += sum(len(samples[i].tokens) for i in mine)
+    engine.step()
+    return loss
+
+
+def _end_epoch(engine: dist.Engine, run: RunSetup, state: RunState, totals: dict[str, Any], train_seconds: float,
+               validate_now: Callable[[], dict[str, float]]) -> None:
+    """Validation, early stopping, the epoch's record and its checkpoint."""
+    epoch = state.epoch
+    loss_sum, loss_count, tokens = dist.all_sum(run.info, [totals["loss_sum"], totals["loss_count"], totals["tokens"]])
+    v0 = time.time()
+    valid = validate_now()
+    valid_seconds = time.time() - v0
+    state.seconds["valid"] += valid_seconds
+    improved = state.best is None or valid["NDCG@10"] > state.best["NDCG@10"]
+    if improved:
+        state.best, state.best_epoch, state.since_best = valid, epoch, 0
+    else:
+        state.since_best += 1
+    record = {"epoch": epoch, "loss": loss_sum / max(loss_count, 1), "steps": state.global_step,
+              "lr": engine.lr(), "tokens": int(tokens),
+              **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"},
+              "train_seconds": round(train_seconds, 3), "valid_seconds": round(valid_seconds, 3),
+              "seconds": round(train_seconds + valid_seconds, 3)}
+    state.history.append(record)
+    state.epoch, state.step = epoch + 1, 0
+    state.stopped = state.since_best >= run.cfg.patience or epoch >= run.cfg.epochs
+    totals.update(new_totals())
+    save_checkpoint(run.stage, engine, state, run.info, totals, improved=improved)
+    run.reporter.epoch({**record, "best_epoch": state.best_epoch, "improved": improved})
+
+
+__all__ = ["learning_rate_schedule", "make_engine", "new_totals", "train_epochs"]
