@@ -68,6 +68,7 @@ def command_line() -> str:
 
 def git_state() -> dict[str, Any]:
     """Commit and dirtiness of the repository the bench runs from (None outside git)."""
+
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
@@ -138,6 +139,7 @@ def _json_default(o: Any) -> Any:
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A GitHub-flavoured markdown table (also readable as plain text)."""
+
     def cell(v: Any) -> str:
         if v is None:
             return "-"
@@ -165,9 +167,13 @@ class Timed:
     stderr: str
 
     def record(self) -> dict[str, Any]:
-        return {"command": shown_command(self.argv), "returncode": self.returncode, "wall_s": round(self.wall_s, 3),
-                "peak_rss_mb": None if self.peak_rss_mb is None else round(self.peak_rss_mb, 1),
-                "rss_source": self.rss_source}
+        return {
+            "command": shown_command(self.argv),
+            "returncode": self.returncode,
+            "wall_s": round(self.wall_s, 3),
+            "peak_rss_mb": None if self.peak_rss_mb is None else round(self.peak_rss_mb, 1),
+            "rss_source": self.rss_source,
+        }
 
 
 def shown_command(argv: list[str]) -> str:
@@ -189,8 +195,15 @@ def shown_command(argv: list[str]) -> str:
 _MAXRSS = re.compile(r"Maximum resident set size \(kbytes\):\s*(\d+)")
 
 
-def run_timed(argv: list[str], *, stdin: str | None = None, env: dict[str, str] | None = None,
-              cwd: Path | None = None, check: bool = True, timeout: float | None = None) -> Timed:
+def run_timed(
+    argv: list[str],
+    *,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    check: bool = True,
+    timeout: float | None = None,
+) -> Timed:
     """Run a command; peak RSS from `/usr/bin/time -v` where present, else getrusage(RUSAGE_CHILDREN).
 
     The getrusage fallback reports the largest child so far of this process, so it is exact only
@@ -199,7 +212,9 @@ def run_timed(argv: list[str], *, stdin: str | None = None, env: dict[str, str] 
     gnu_time = shutil.which("time", path="/usr/bin:/bin")
     full = [gnu_time, "-v", *argv] if gnu_time else list(argv)
     t0 = time.perf_counter()
-    proc = subprocess.run(full, input=stdin, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    proc = subprocess.run(
+        full, input=stdin, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
     wall = time.perf_counter() - t0
     stderr = proc.stderr
     peak, source = None, "none"
@@ -207,7 +222,11 @@ def run_timed(argv: list[str], *, stdin: str | None = None, env: dict[str, str] 
         m = _MAXRSS.search(stderr)
         if m:
             peak, source = int(m.group(1)) / 1024, "/usr/bin/time -v"
-            stderr = stderr[: stderr.rfind("\tCommand being timed:")].rstrip() if "\tCommand being timed:" in stderr else stderr
+            stderr = (
+                stderr[: stderr.rfind("\tCommand being timed:")].rstrip()
+                if "\tCommand being timed:" in stderr
+                else stderr
+            )
     if peak is None:
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         source = "getrusage(RUSAGE_CHILDREN)"

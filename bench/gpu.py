@@ -36,14 +36,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, format_table, load_average, log, provenance, result_path, write_json  # noqa: E402
 
 SMOLLM2_135M = {  # HuggingFaceTB/SmolLM2-135M(-Instruct) config.json, the fields that shape compute
-    "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-    "intermediate_size": 1536, "vocab_size": 49152, "head_dim": 64, "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "hidden_act": "silu",
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "vocab_size": 49152,
+    "head_dim": 64,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
 }
-TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "intermediate_size": 128, "vocab_size": 1000, "head_dim": 16, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "hidden_act": "silu"}
-PAPER_TABLE7 = {"model": "opt-125m", "device": "V100", "batch": 1, "seconds_per_instance": 0.02, "memory_gb": 0.97}
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 1000,
+    "head_dim": 16,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+}
+PAPER_TABLE7 = {
+    "model": "opt-125m",
+    "device": "V100",
+    "batch": 1,
+    "seconds_per_instance": 0.02,
+    "memory_gb": 0.97,
+}
 N_ITEMS = 4344  # amazon-scientific
 
 
@@ -71,9 +95,15 @@ def build_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
         real, where = zoo_config(args.zoo, args.backbone) if args.zoo is not None else (None, "")
         if real is not None:
             if real.get("model_type") != "llama":
-                raise SystemExit(f"{where}: model_type {real.get('model_type')!r}, this bench builds Llama models")
-            diffs = {k: (v, real[k]) for k, v in SMOLLM2_135M.items()
-                     if k in real and not (real[k] == v or isinstance(v, float) and math.isclose(real[k], v, rel_tol=1e-6))}
+                raise SystemExit(
+                    f"{where}: model_type {real.get('model_type')!r}, this bench builds Llama models"
+                )
+            diffs = {
+                k: (v, real[k])
+                for k, v in SMOLLM2_135M.items()
+                if k in real
+                and not (real[k] == v or isinstance(v, float) and math.isclose(real[k], v, rel_tol=1e-6))
+            }
             if diffs:
                 log(f"zoo config differs from the built-in numbers: {diffs}; using the zoo's")
             fields.update({k: real[k] for k in SMOLLM2_135M if k in real})
@@ -125,8 +155,12 @@ def main() -> int:
     ap.add_argument("--zoo", default=None, help="read the backbone's config.json from this zoo (read only)")
     ap.add_argument("--backbone", default="smollm2-135m")
     ap.add_argument("--items", type=int, default=N_ITEMS, help="ILP size (catalog items)")
-    ap.add_argument("--seq-len", type=int, default=None, help="tokens per history (default 256; 64 with --tiny)")
-    ap.add_argument("--query-every", type=int, default=25, help="a query token every this many tokens (~ one item)")
+    ap.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per history (default 256; 64 with --tiny)"
+    )
+    ap.add_argument(
+        "--query-every", type=int, default=25, help="a query token every this many tokens (~ one item)"
+    )
     ap.add_argument("--batch-sizes", default="1,256")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
@@ -141,8 +175,10 @@ def main() -> int:
 
     if args.device is None:
         if not torch.cuda.is_available():
-            print("No CUDA device here. Run on a GPU machine, or smoke-test with: python bench/gpu.py --device cpu --tiny",
-                  file=sys.stderr)
+            print(
+                "No CUDA device here. Run on a GPU machine, or smoke-test with: python bench/gpu.py --device cpu --tiny",
+                file=sys.stderr,
+            )
             return 2
         args.device = "cuda"
     device = args.device
@@ -172,21 +208,27 @@ def main() -> int:
     if {"forward", "recommend"} & set(modes):
         torch.manual_seed(args.seed)
         model = LlamaModel(cfg).to(device=device, dtype=torch.bfloat16).eval()
-        ilp = (torch.randn(args.items, cfg.hidden_size, generator=gen) * 0.02).to(device=device, dtype=torch.bfloat16)
+        ilp = (torch.randn(args.items, cfg.hidden_size, generator=gen) * 0.02).to(
+            device=device, dtype=torch.bfloat16
+        )
         n_params = sum(p.numel() for p in model.parameters())
         last = qpos[-1].item()
         for batch in batch_sizes:
             ids, _ = inputs(batch)
             if "forward" in modes:
+
                 def fwd(ids: Any = ids) -> None:
                     with torch.inference_mode():
                         model(input_ids=ids, use_cache=False)
+
                 results.append(run_mode("forward", batch, fwd, device, args))
             if "recommend" in modes:
+
                 def rec(ids: Any = ids) -> None:
                     with torch.inference_mode():
                         h = model(input_ids=ids, use_cache=False).last_hidden_state[:, last]
                         (h @ ilp.T).float().topk(10, dim=1)
+
                 results.append(run_mode("recommend", batch, rec, device, args))
         del model, ilp
         if device.startswith("cuda"):
@@ -212,36 +254,81 @@ def main() -> int:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+
             results.append(run_mode("train step", batch, step, device, args))
         del model, ilp, opt
 
     paper = PAPER_TABLE7
     for r in results:
         if r["mode"] == "recommend" and r["batch"] == 1 and r.get("seconds_per_instance"):
-            r["vs_paper_table7"] = {"time_ratio": r["seconds_per_instance"] / paper["seconds_per_instance"],
-                                    "memory_ratio": (r["peak_memory_gb"] / paper["memory_gb"])
-                                    if r.get("peak_memory_gb") is not None else None}
-    rows = [[r["mode"], r["batch"], r.get("seconds"), r.get("seconds_per_instance"), r.get("instances_per_s"),
-             r.get("peak_memory_gb"), r.get("note", "")] for r in results]
-    rows.append(["paper Table 7: opt-125m, V100, inference", 1, None, paper["seconds_per_instance"], None,
-                 paper["memory_gb"], "the row to beat"])
+            r["vs_paper_table7"] = {
+                "time_ratio": r["seconds_per_instance"] / paper["seconds_per_instance"],
+                "memory_ratio": (r["peak_memory_gb"] / paper["memory_gb"])
+                if r.get("peak_memory_gb") is not None
+                else None,
+            }
+    rows = [
+        [
+            r["mode"],
+            r["batch"],
+            r.get("seconds"),
+            r.get("seconds_per_instance"),
+            r.get("instances_per_s"),
+            r.get("peak_memory_gb"),
+            r.get("note", ""),
+        ]
+        for r in results
+    ]
+    rows.append(
+        [
+            "paper Table 7: opt-125m, V100, inference",
+            1,
+            None,
+            paper["seconds_per_instance"],
+            None,
+            paper["memory_gb"],
+            "the row to beat",
+        ]
+    )
     headers = ["mode", "batch", "s/batch", "s/instance", "instances/s", "peak GPU GB", "note"]
     text = format_table(headers, [[_fmt(v) for v in row] for row in rows])
     record = {
-        "part": "gpu", "device": device, "device_name": device_name, "tiny": args.tiny,
-        "architecture": {"source": source, **fields, "parameters": n_params}, "items": args.items,
-        "seq_len": seq_len, "queries_per_history": int(qpos.numel()), "batch_sizes": batch_sizes,
-        "precision": {"forward/recommend": "bf16 weights", "train step": "fp32 weights, bf16 autocast, AdamW"},
-        "warmup": args.warmup, "repeats": args.repeats, "paper_table7": paper, "results": results,
-        "cuda": torch.version.cuda, "provenance": {**prov, "load_average_end": load_average(),
-                                                   "wall_seconds": round(time.time() - t_start, 1)},
+        "part": "gpu",
+        "device": device,
+        "device_name": device_name,
+        "tiny": args.tiny,
+        "architecture": {"source": source, **fields, "parameters": n_params},
+        "items": args.items,
+        "seq_len": seq_len,
+        "queries_per_history": int(qpos.numel()),
+        "batch_sizes": batch_sizes,
+        "precision": {
+            "forward/recommend": "bf16 weights",
+            "train step": "fp32 weights, bf16 autocast, AdamW",
+        },
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "paper_table7": paper,
+        "results": results,
+        "cuda": torch.version.cuda,
+        "provenance": {
+            **prov,
+            "load_average_end": load_average(),
+            "wall_seconds": round(time.time() - t_start, 1),
+        },
         "table": text,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")[:40] if device.startswith("cuda") else "cpu"
+    slug = (
+        re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")[:40]
+        if device.startswith("cuda")
+        else "cpu"
+    )
     part = f"gpu-{slug}" + ("-tiny" if args.tiny else "")
     path = write_json(result_path(Path(args.out), part, args.tag), record)
-    md = (f"# GPU bench: {device_name}\n\ncommand: `{prov['command']}`\n\n{source}; {n_params:,} backbone parameters; "
-          f"ILP over {args.items} items; {seq_len} tokens per history, {int(qpos.numel())} queries.\n\n{text}\n")
+    md = (
+        f"# GPU bench: {device_name}\n\ncommand: `{prov['command']}`\n\n{source}; {n_params:,} backbone parameters; "
+        f"ILP over {args.items} items; {seq_len} tokens per history, {int(qpos.numel())} queries.\n\n{text}\n"
+    )
     path.with_suffix(".md").write_text(md)
     print(f"\n{device_name}: {source}\ncommand: {prov['command']}\n")
     print(text)

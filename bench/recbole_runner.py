@@ -116,8 +116,10 @@ def main() -> int:
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"[{args.model}] {dataset.user_num - 1} users, {dataset.item_num - 1} items, "
-        f"{len(train_data.dataset)} training prefixes, {n_params:,} parameters")
+    say(
+        f"[{args.model}] {dataset.user_num - 1} users, {dataset.item_num - 1} items, "
+        f"{len(train_data.dataset)} training prefixes, {n_params:,} parameters"
+    )
 
     history: list[dict] = []
     # Resumable: after every validated epoch the whole training state goes to resume.pt (this process's
@@ -162,8 +164,10 @@ def main() -> int:
         rec.update({f"valid_{k}": float(v) for k, v in result.items()})
         rec["valid_NDCG@10"] = float(result.get("ndcg@10", score))
         rec["elapsed_seconds"] = round(time.time() - t_fit, 3)
-        say(f"[{args.model}] epoch {rec['epoch']}: loss {rec['loss']:.4f}, valid NDCG@10 {rec['valid_NDCG@10']:.4f} "
-            f"({rec['train_seconds']:.1f} s train, {rec['valid_seconds']:.1f} s valid)")
+        say(
+            f"[{args.model}] epoch {rec['epoch']}: loss {rec['loss']:.4f}, valid NDCG@10 {rec['valid_NDCG@10']:.4f} "
+            f"({rec['train_seconds']:.1f} s train, {rec['valid_seconds']:.1f} s valid)"
+        )
         return score, result
 
     trainer._train_epoch, trainer._valid_epoch = train_epoch, valid_epoch
@@ -171,12 +175,21 @@ def main() -> int:
     def save_state(epoch_idx, valid_score):
         import random
 
-        state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-                 "epoch": epoch_idx, "cur_step": trainer.cur_step, "best_valid_score": trainer.best_valid_score,
-                 "best_valid_result": trainer.best_valid_result, "saved_model_file": trainer.saved_model_file,
-                 "generator": train_data.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                 "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), "history": history,
-                 "train_seconds": time.time() - t_fit}
+        state = {
+            "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "epoch": epoch_idx,
+            "cur_step": trainer.cur_step,
+            "best_valid_score": trainer.best_valid_score,
+            "best_valid_result": trainer.best_valid_result,
+            "saved_model_file": trainer.saved_model_file,
+            "generator": train_data.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "history": history,
+            "train_seconds": time.time() - t_fit,
+        }
         tmp = resume_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, resume_path)
@@ -186,12 +199,19 @@ def main() -> int:
     best_valid_score, best_valid_result = trainer.best_valid_score, trainer.best_valid_result
     train_seconds = time.time() - t_fit
     early_stopped = len(history) < args.epochs
-    stopped = (f"early stopping ({args.stopping_step} epochs without a better valid NDCG@10)" if early_stopped
-               else f"epoch cap ({args.epochs}) reached before early stopping: not converged")
-    best_epoch = max(history, key=lambda r: (r.get("valid_NDCG@10", -1), -r["epoch"]))["epoch"] if history else None
+    stopped = (
+        f"early stopping ({args.stopping_step} epochs without a better valid NDCG@10)"
+        if early_stopped
+        else f"epoch cap ({args.epochs}) reached before early stopping: not converged"
+    )
+    best_epoch = (
+        max(history, key=lambda r: (r.get("valid_NDCG@10", -1), -r["epoch"]))["epoch"] if history else None
+    )
 
     t_eval = time.time()
-    test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)  # RecBole's own numbers
+    test_result = trainer.evaluate(
+        test_data, load_best_model=True, show_progress=False
+    )  # RecBole's own numbers
     eval_seconds = time.time() - t_eval
 
     # Every test user's full score vector, from the same eval function RecBole's evaluator used.
@@ -224,7 +244,10 @@ def main() -> int:
         np.save(out / f"{prefix}_targets.npy", np.asarray(targets, dtype=np.int64))
         (out / f"{prefix}_histories.json").write_text(json.dumps(histories))
         if with_scores:
-            np.save(out / f"{prefix}_scores.npy", np.concatenate(rows) if rows else np.zeros((0, args.n_items), np.float32))
+            np.save(
+                out / f"{prefix}_scores.npy",
+                np.concatenate(rows) if rows else np.zeros((0, args.n_items), np.float32),
+            )
         return len(users)
 
     n_test = dump(test_data, "test", with_scores=True)
@@ -247,16 +270,46 @@ def main() -> int:
         "n_params": n_params,
         "n_test_users": n_test,
         "catalog_items_unseen_by_recbole": missing,
-        "timings": {"data_seconds": round(data_seconds, 2), "train_seconds": round(train_seconds, 2),
-                    "test_seconds": round(eval_seconds, 2)},
-        "config": {k: config[k] for k in ("MAX_ITEM_LIST_LENGTH", "epochs", "stopping_step", "train_batch_size",
-                                          "eval_batch_size", "learning_rate", "seed", "loss_type", "valid_metric")
-                   if k in config},
-        "model_config": {k: config[k] for k in ("n_layers", "n_heads", "hidden_size", "inner_size", "embedding_size",
-                                                "num_layers", "hidden_dropout_prob", "attn_dropout_prob",
-                                                "dropout_prob") if config[k] is not None},
-        "versions": {"recbole": __import__("recbole").__version__, "torch": torch.__version__,
-                     "numpy": np.__version__},
+        "timings": {
+            "data_seconds": round(data_seconds, 2),
+            "train_seconds": round(train_seconds, 2),
+            "test_seconds": round(eval_seconds, 2),
+        },
+        "config": {
+            k: config[k]
+            for k in (
+                "MAX_ITEM_LIST_LENGTH",
+                "epochs",
+                "stopping_step",
+                "train_batch_size",
+                "eval_batch_size",
+                "learning_rate",
+                "seed",
+                "loss_type",
+                "valid_metric",
+            )
+            if k in config
+        },
+        "model_config": {
+            k: config[k]
+            for k in (
+                "n_layers",
+                "n_heads",
+                "hidden_size",
+                "inner_size",
+                "embedding_size",
+                "num_layers",
+                "hidden_dropout_prob",
+                "attn_dropout_prob",
+                "dropout_prob",
+            )
+            if config[k] is not None
+        },
+        "versions": {
+            "recbole": __import__("recbole").__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
         "torch_threads": torch.get_num_threads(),
         "anomaly_detection": torch.is_anomaly_enabled(),
     }

@@ -33,7 +33,10 @@ def pick_files(results: Path, machine: str) -> list[Path]:
         if not isinstance(d, dict) or d.get("part") not in ("quality", "speed", "gpu"):
             continue
         key = (d["part"], str(d.get("domain") or d.get("device_name") or ""))
-        if key not in newest or (p.name[:10], p.stat().st_mtime) > (newest[key].name[:10], newest[key].stat().st_mtime):
+        if key not in newest or (p.name[:10], p.stat().st_mtime) > (
+            newest[key].name[:10],
+            newest[key].stat().st_mtime,
+        ):
             newest[key] = p
     return [newest[k] for k in sorted(newest)]
 
@@ -42,8 +45,10 @@ def provenance_line(prov: dict[str, Any]) -> str:
     git = prov.get("git") or {}
     commit = (git.get("commit") or "?")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
     load = f"load average {prov.get('load_average_start')} at start, {prov.get('load_average_end')} at end"
-    return (f"{prov.get('date')}, {prov.get('cpu')} ({prov.get('cores')} cores, {prov.get('torch_threads')} torch "
-            f"threads), torch {prov.get('torch')}, commit {commit}; {load}; {prov.get('wall_seconds')} s in all.")
+    return (
+        f"{prov.get('date')}, {prov.get('cpu')} ({prov.get('cores')} cores, {prov.get('torch_threads')} torch "
+        f"threads), torch {prov.get('torch')}, commit {commit}; {load}; {prov.get('wall_seconds')} s in all."
+    )
 
 
 # ---- plots ---------------------------------------------------------------------------------------------------
@@ -121,7 +126,9 @@ def plot_speed(s: dict[str, Any], path: Path) -> bool:
     lo, hi = min(values + [1.0]), max(values + [1.0])
     ax.set_xlim(lo / 2, hi * 4)
     ax.set_xlabel("ratio (log scale; 1 = parity)")
-    ax.set_title(f"{s['domain']}, {s['backbone']}: speed ratios measured in one run\n({s['scope']})", fontsize=9)
+    ax.set_title(
+        f"{s['domain']}, {s['backbone']}: speed ratios measured in one run\n({s['scope']})", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -133,33 +140,51 @@ def plot_speed(s: dict[str, Any], path: Path) -> bool:
 
 def quality_section(q: dict[str, Any], out_dir: Path, stem: str) -> str:
     d = q["dataset"]
-    lines = [f"## Quality: {q['domain']} ({d['users']:,} users, {d['items']:,} items, {d['interactions']:,} interactions)",
-             "", f"Command: `{q['provenance']['command']}`", "", provenance_line(q["provenance"]), "",
-             "Full ranking over all items, pessimistic ties; every number from `st2si_cli.metrics` (RecBole's "
-             "from its full score matrix). MRR is over the whole list, MRR@10 is RecBole's. The difference column "
-             "is the paired per-user NDCG@10 difference against SASRec with its 95% bootstrap interval. RecBole "
-             "models train until early stopping; one that did not is marked NOT CONVERGED.", "",
-             "History unmasked:", "", q["table"], ""]
+    lines = [
+        f"## Quality: {q['domain']} ({d['users']:,} users, {d['items']:,} items, {d['interactions']:,} interactions)",
+        "",
+        f"Command: `{q['provenance']['command']}`",
+        "",
+        provenance_line(q["provenance"]),
+        "",
+        "Full ranking over all items, pessimistic ties; every number from `st2si_cli.metrics` (RecBole's "
+        "from its full score matrix). MRR is over the whole list, MRR@10 is RecBole's. The difference column "
+        "is the paired per-user NDCG@10 difference against SASRec with its 95% bootstrap interval. RecBole "
+        "models train until early stopping; one that did not is marked NOT CONVERGED.",
+        "",
+        "History unmasked:",
+        "",
+        q["table"],
+        "",
+    ]
     if q.get("table_masked"):
         lines += ["History masked (items of the input history not ranked):", "", q["table_masked"], ""]
     notes = []
     for r in q["rows"]:
         if r["source"] == "recbole":
             sc = r["split_check"]
-            cc = ", ".join(f"{k} {v['recbole_printed']:.4f} vs {v['st2si_metrics']:.4f}" for k, v in r["cross_check"].items())
+            cc = ", ".join(
+                f"{k} {v['recbole_printed']:.4f} vs {v['st2si_metrics']:.4f}"
+                for k, v in r["cross_check"].items()
+            )
             mc = r.get("model_config") or {}
-            notes.append(f"- {r['model']}: {r['epochs_run']} epoch(s) (cap {r['epoch_cap']}; {r['stopped']}), best epoch "
-                         f"{r['best_epoch']}, {r['n_params']:,} parameters, {mc}, {r.get('torch_threads')} torch "
-                         f"thread(s). Split proved identical to st2si's for "
-                         f"{sc['test']['users']} users (test and validation targets and inputs, inputs truncated to the "
-                         f"newest {sc['test']['history_truncation']}). RecBole's own printed test metrics vs st2si's: {cc}.")
+            notes.append(
+                f"- {r['model']}: {r['epochs_run']} epoch(s) (cap {r['epoch_cap']}; {r['stopped']}), best epoch "
+                f"{r['best_epoch']}, {r['n_params']:,} parameters, {mc}, {r.get('torch_threads')} torch "
+                f"thread(s). Split proved identical to st2si's for "
+                f"{sc['test']['users']} users (test and validation targets and inputs, inputs truncated to the "
+                f"newest {sc['test']['history_truncation']}). RecBole's own printed test metrics vs st2si's: {cc}."
+            )
         else:
             feat = r.get("features_seconds")
             text = r.get("text") or {}
-            notes.append(f"- {r['model']}: head `{r['head']}` on backbone {r['backbone']}, best epoch {r['best_epoch']} of "
-                         f"{r['epochs_run']}; history window {text.get('max_items')} items / {text.get('max_tokens')} "
-                         f"tokens; metrics from {r['metrics_source']}"
-                         + (f"; one-off feature pass {feat:.0f} s" if feat else "") + ".")
+            notes.append(
+                f"- {r['model']}: head `{r['head']}` on backbone {r['backbone']}, best epoch {r['best_epoch']} of "
+                f"{r['epochs_run']}; history window {text.get('max_items')} items / {text.get('max_tokens')} "
+                f"tokens; metrics from {r['metrics_source']}"
+                + (f"; one-off feature pass {feat:.0f} s" if feat else "")
+                + "."
+            )
     lines += ["Notes:", "", *notes, ""]
     png = out_dir / f"{stem}-curves-{q['domain']}.png"
     if plot_curves(q, png):
@@ -169,7 +194,11 @@ def quality_section(q: dict[str, Any], out_dir: Path, stem: str) -> str:
 
 def quality_summary_line(q: dict[str, Any]) -> str:
     """The st2si head chosen on validation against converged SASRec, or why there is no claim."""
-    st2si = [r for r in q["rows"] if r["source"] == "st2si" and (r.get("valid_metrics") or {}).get("NDCG@10") is not None]
+    st2si = [
+        r
+        for r in q["rows"]
+        if r["source"] == "st2si" and (r.get("valid_metrics") or {}).get("NDCG@10") is not None
+    ]
     sasrec = next((r for r in q["rows"] if r.get("method") == "SASRec"), None)
     if not st2si:
         return f"- quality, {q['domain']}: no st2si head scored"
@@ -180,24 +209,35 @@ def quality_summary_line(q: dict[str, Any]) -> str:
     if not sasrec.get("converged"):
         return line + f"; SASRec {sasrec['metrics']['NDCG@10']:.4f} NOT CONVERGED, no claim"
     diff = best["diff"]["SASRec"]
-    return (line + f"; converged SASRec {sasrec['metrics']['NDCG@10']:.4f} "
-            f"({best['metrics']['NDCG@10'] / sasrec['metrics']['NDCG@10']:.2f}x; paired difference {diff['mean']:+.4f}, "
-            f"95% CI {diff['ci95'][0]:+.4f} to {diff['ci95'][1]:+.4f})")
+    return (
+        line + f"; converged SASRec {sasrec['metrics']['NDCG@10']:.4f} "
+        f"({best['metrics']['NDCG@10'] / sasrec['metrics']['NDCG@10']:.2f}x; paired difference {diff['mean']:+.4f}, "
+        f"95% CI {diff['ci95'][0]:+.4f} to {diff['ci95'][1]:+.4f})"
+    )
 
 
 def speed_section(s: dict[str, Any], out_dir: Path, stem: str) -> str:
     fpt = s["forward"]["flops_per_token"]
     geo = s["model"]
     t = s.get("ilp_tuning") or {}
-    lines = [f"## Speed and cost: {s['domain']}, backbone {s['backbone']}", "",
-             f"Command: `{s['provenance']['command']}`", "", provenance_line(s["provenance"]), "",
-             f"Scope: {s['scope']}. Matmul throughput measured in the same run (median round; the best round is in "
-             f"the JSON). Roofline tokens/s = matmul FLOP/s on the model's own linear shapes / FLOPs per token; "
-             f"FLOPs per token = 2 x {geo['non_embedding_parameters']:,} non-embedding parameters + "
-             f"{fpt['attention'] / 1e6:.2f} MFLOP causal attention (averaged over these samples) = "
-             f"{fpt['total'] / 1e6:.1f} MFLOP. The ILP tuning with the backbone in the loop runs it frozen in eval "
-             f"mode ({t.get('epochs')} epochs, same seed as the cached run): a lower bound of the authors' cost. "
-             f"Default dtype here: {s['auto_dtype']}.", "", s["table"], ""]
+    lines = [
+        f"## Speed and cost: {s['domain']}, backbone {s['backbone']}",
+        "",
+        f"Command: `{s['provenance']['command']}`",
+        "",
+        provenance_line(s["provenance"]),
+        "",
+        f"Scope: {s['scope']}. Matmul throughput measured in the same run (median round; the best round is in "
+        f"the JSON). Roofline tokens/s = matmul FLOP/s on the model's own linear shapes / FLOPs per token; "
+        f"FLOPs per token = 2 x {geo['non_embedding_parameters']:,} non-embedding parameters + "
+        f"{fpt['attention'] / 1e6:.2f} MFLOP causal attention (averaged over these samples) = "
+        f"{fpt['total'] / 1e6:.1f} MFLOP. The ILP tuning with the backbone in the loop runs it frozen in eval "
+        f"mode ({t.get('epochs')} epochs, same seed as the cached run): a lower bound of the authors' cost. "
+        f"Default dtype here: {s['auto_dtype']}.",
+        "",
+        s["table"],
+        "",
+    ]
     png = out_dir / f"{stem}-speed-{s['domain']}.png"
     if plot_speed(s, png):
         lines += [f"![speed ratios, {s['domain']}]({png.name})", ""]
@@ -206,15 +246,28 @@ def speed_section(s: dict[str, Any], out_dir: Path, stem: str) -> str:
 
 def gpu_section(g: dict[str, Any]) -> str:
     a = g["architecture"]
-    return "\n".join([
-        f"## GPU: {g['device_name']}", "", f"Command: `{g['provenance']['command']}`", "",
-        provenance_line(g["provenance"]), "",
-        f"Randomly initialised Llama ({a['source']}; {a['parameters']:,} backbone parameters, hidden {a['hidden_size']}, "
-        f"{a['num_hidden_layers']} layers), synthetic ILP over {g['items']:,} items, {g['seq_len']} tokens per "
-        f"history with {g['queries_per_history']} queries. Precision: {g['precision']}. Median of {g['repeats']} "
-        f"after {g['warmup']} warm-up calls."
-        + (" **Tiny smoke-test model: these numbers say nothing about SmolLM2.**" if g.get("tiny") else ""),
-        "", g["table"], ""])
+    return "\n".join(
+        [
+            f"## GPU: {g['device_name']}",
+            "",
+            f"Command: `{g['provenance']['command']}`",
+            "",
+            provenance_line(g["provenance"]),
+            "",
+            f"Randomly initialised Llama ({a['source']}; {a['parameters']:,} backbone parameters, hidden {a['hidden_size']}, "
+            f"{a['num_hidden_layers']} layers), synthetic ILP over {g['items']:,} items, {g['seq_len']} tokens per "
+            f"history with {g['queries_per_history']} queries. Precision: {g['precision']}. Median of {g['repeats']} "
+            f"after {g['warmup']} warm-up calls."
+            + (
+                " **Tiny smoke-test model: these numbers say nothing about SmolLM2.**"
+                if g.get("tiny")
+                else ""
+            ),
+            "",
+            g["table"],
+            "",
+        ]
+    )
 
 
 def main() -> int:
@@ -230,18 +283,29 @@ def main() -> int:
     machine = machine_name()
     files = [Path(f) for f in args.files] or pick_files(results, machine)
     if not files:
-        raise SystemExit(f"no result files in {results} for this machine ({machine}): run bench/quality.py, "
-                         "bench/speed.py or bench/gpu.py first")
+        raise SystemExit(
+            f"no result files in {results} for this machine ({machine}): run bench/quality.py, "
+            "bench/speed.py or bench/gpu.py first"
+        )
     order = {"quality": 0, "speed": 1, "gpu": 2}
-    pairs = sorted(((json.loads(p.read_text()), p) for p in files), key=lambda dp: order.get(dp[0].get("part"), 9))
+    pairs = sorted(
+        ((json.loads(p.read_text()), p) for p in files), key=lambda dp: order.get(dp[0].get("part"), 9)
+    )
     docs, files = [d for d, _ in pairs], [p for _, p in pairs]
     stem = f"{today()}-{machine}"
     out_dir.mkdir(parents=True, exist_ok=True)
     smoke = any("smoke" in p.name for p in files)
-    title = args.title or f"st2si benchmark report: {cpu_model()}, {cpu_count()} cores" + (" (SMOKE RUN)" if smoke else "")
-    parts = [f"# {title}", "",
-             f"Written {today()} by `python bench/report.py{' ' + ' '.join(args.files) if args.files else ''}` from: "
-             + ", ".join(f"`{p.name}`" for p in files) + ".", ""]
+    title = args.title or f"st2si benchmark report: {cpu_model()}, {cpu_count()} cores" + (
+        " (SMOKE RUN)" if smoke else ""
+    )
+    parts = [
+        f"# {title}",
+        "",
+        f"Written {today()} by `python bench/report.py{' ' + ' '.join(args.files) if args.files else ''}` from: "
+        + ", ".join(f"`{p.name}`" for p in files)
+        + ".",
+        "",
+    ]
     if smoke:
         parts += ["**Smoke run**: small models and capped epochs to check the instrument, not results.", ""]
     summary = []
@@ -252,17 +316,27 @@ def main() -> int:
         elif d["part"] == "speed":
             parts.append(speed_section(d, out_dir, stem))
             r = d["ratios"]
-            summary.append(f"- speed, {d['domain']} ({d['backbone']}): forward at {r['forward_bfloat16_over_roofline']:.2f} "
-                           f"(bf16) / {r['forward_float32_over_roofline']:.2f} (fp32) of the matmul roofline; adapt = "
-                           f"{r['adapt_wall_over_forward']:.2f} x one forward pass")
+            summary.append(
+                f"- speed, {d['domain']} ({d['backbone']}): forward at {r['forward_bfloat16_over_roofline']:.2f} "
+                f"(bf16) / {r['forward_float32_over_roofline']:.2f} (fp32) of the matmul roofline; adapt = "
+                f"{r['adapt_wall_over_forward']:.2f} x one forward pass"
+            )
         elif d["part"] == "gpu":
             parts.append(gpu_section(d))
-            rec = next((x for x in d["results"] if x["mode"] == "recommend" and x["batch"] == 1
-                        and x.get("seconds_per_instance")), None)
+            rec = next(
+                (
+                    x
+                    for x in d["results"]
+                    if x["mode"] == "recommend" and x["batch"] == 1 and x.get("seconds_per_instance")
+                ),
+                None,
+            )
             if rec:
                 mem = f", {rec['peak_memory_gb']:.2f} GB" if rec.get("peak_memory_gb") is not None else ""
-                summary.append(f"- gpu, {d['device_name']}: recommend at batch 1 {rec['seconds_per_instance']:.4f} "
-                               f"s/instance{mem} (paper Table 7, opt-125m on V100: 0.02 s, 0.97 GB)")
+                summary.append(
+                    f"- gpu, {d['device_name']}: recommend at batch 1 {rec['seconds_per_instance']:.4f} "
+                    f"s/instance{mem} (paper Table 7, opt-125m on V100: 0.02 s, 0.97 GB)"
+                )
     parts[4:4] = ["## Summary", "", *summary, ""]
     md = out_dir / f"{stem}.md"
     md.write_text("\n".join(parts).rstrip() + "\n")

@@ -46,18 +46,29 @@ def get_features(
 
     reporter = reporter or Reporter()
     bb_art = ensure_backbone(zoo, backbone_ref)
-    key = cache_key(bb_art.id, dataset_art.id, text, dtype_name(resolve_dtype(opts.dtype, opts.device)), opts.alignment)
+    key = cache_key(
+        bb_art.id, dataset_art.id, text, dtype_name(resolve_dtype(opts.dtype, opts.device)), opts.alignment
+    )
     cached = zoo.find(cache_name(key), kind="features")
     if cached is not None:
         reporter.message(f"Using cached features {cached.name} ({cached.meta.get('positions')} positions)")
         return cached, load_feature_set(zoo, cached), bb_art
     backbone = load_backbone(zoo, bb_art.id, dtype=opts.dtype, device=opts.device, query=text.query)
     ds = ds if ds is not None else load_dataset(zoo, dataset_art.id)
-    reporter.message(f"Computing features with {bb_art.name or bb_art.short_id} ({dtype_name(backbone.dtype)})")
+    reporter.message(
+        f"Computing features with {bb_art.name or bb_art.short_id} ({dtype_name(backbone.dtype)})"
+    )
     art, fs = compute_features(
-        zoo, backbone, ds, dataset_art.id, text,
-        alignment=opts.alignment, batch_tokens=opts.batch_tokens, max_batch=opts.max_batch,
-        on_start=reporter.features_start, on_progress=reporter.features_advance,
+        zoo,
+        backbone,
+        ds,
+        dataset_art.id,
+        text,
+        alignment=opts.alignment,
+        batch_tokens=opts.batch_tokens,
+        max_batch=opts.max_batch,
+        on_start=reporter.features_start,
+        on_progress=reporter.features_advance,
     )
     reporter.features_done()
     return art, fs, bb_art
@@ -100,25 +111,54 @@ def adapt(
     feat_art, fs, bb_art = get_features(zoo, backbone, dataset_art, text, feature_opts, reporter, ds=ds)
     t_features = time.time() - t0
     timings = {"features_seconds": round(t_features, 2), "features_cached": feat_art.meta.get("timings", {})}
-    common = {"dtype": feat_art.meta.get("dtype"), "inputs": {"features": feat_art.id},
-              "protocol": {"ties": "pessimistic", "mask_history": False, "ranking": "full"}}
+    common = {
+        "dtype": feat_art.meta.get("dtype"),
+        "inputs": {"features": feat_art.id},
+        "protocol": {"ties": "pessimistic", "mask_history": False, "ranking": "full"},
+    }
     if kind == "adapter":
         from st2si_cli.adapter_head import save_adapter_head, train_adapter_head
 
         tensors, meta = train_adapter_head(fs, ds, adapter_cfg, reporter, sweep_trials=sweep_trials)
         meta["timings"] = {**timings, **meta.get("timings", {})}
-        return save_adapter_head(zoo, tensors, n_items=ds.n_items, domain=domain, backbone=bb_art, dataset=dataset_art, text=text,
-                                 meta={**common, **meta}, name=name)
-    weight, meta = train_ilp(fs, ds.n_items, head_cfg, kind=kind, sweep_trials=sweep_trials, reporter=reporter)
+        return save_adapter_head(
+            zoo,
+            tensors,
+            n_items=ds.n_items,
+            domain=domain,
+            backbone=bb_art,
+            dataset=dataset_art,
+            text=text,
+            meta={**common, **meta},
+            name=name,
+        )
+    weight, meta = train_ilp(
+        fs, ds.n_items, head_cfg, kind=kind, sweep_trials=sweep_trials, reporter=reporter
+    )
     meta["timings"] = {**timings, **meta["timings"]}
     from st2si_cli.heads import save_head
 
-    return save_head(zoo, weight, domain=domain, backbone=bb_art, dataset=dataset_art, text=text,
-                     meta={**common, **meta}, name=name)
+    return save_head(
+        zoo,
+        weight,
+        domain=domain,
+        backbone=bb_art,
+        dataset=dataset_art,
+        text=text,
+        meta={**common, **meta},
+        name=name,
+    )
 
 
-def train_ilp(fs: Any, n_items: int, head_cfg: Any, *, kind: str = "ilp", sweep_trials: int | None = None,
-              reporter: Reporter | None = None) -> tuple[Any, dict[str, Any]]:
+def train_ilp(
+    fs: Any,
+    n_items: int,
+    head_cfg: Any,
+    *,
+    kind: str = "ilp",
+    sweep_trials: int | None = None,
+    reporter: Reporter | None = None,
+) -> tuple[Any, dict[str, Any]]:
     """(weight, head meta) of an ILP trained on a feature set, optionally chosen by a validation sweep."""
     from dataclasses import replace
 
@@ -147,11 +187,15 @@ def train_ilp(fs: Any, n_items: int, head_cfg: Any, *, kind: str = "ilp", sweep_
         points = grid_points(ILP_GRID, sweep_trials or None, seed=head_cfg.seed)
 
         def on_trial(k: int, trial: Any) -> None:
-            reporter.message(f"trial {k + 1}/{len(points)} {trial.settings}: valid NDCG@10 {trial.valid_ndcg10:.4f} "
-                             f"(best epoch {trial.best_epoch}, {trial.seconds:.0f}s)")
+            reporter.message(
+                f"trial {k + 1}/{len(points)} {trial.settings}: valid NDCG@10 {trial.valid_ndcg10:.4f} "
+                f"(best epoch {trial.best_epoch}, {trial.seconds:.0f}s)"
+            )
 
         head_cfg, result, trials = sweep(base, points, train, on_trial=on_trial)
-        sweep_meta = sweep_record(trials, {k: getattr(head_cfg, k) for k in ILP_GRID}, ILP_GRID, ILP_SWEEP_BASE)
+        sweep_meta = sweep_record(
+            trials, {k: getattr(head_cfg, k) for k in ILP_GRID}, ILP_GRID, ILP_SWEEP_BASE
+        )
         seconds = sum(t.seconds for t in trials)
     else:
         result = train(head_cfg)
@@ -246,8 +290,9 @@ def evaluate(
         rows = fs.rows(role)
         scores = fs.feats[rows] @ weight.float().T
         histories = history_exclusions(fs, rows, ds.sequences, role)
-        result["metrics"] = candidate_hit_ratio(scores, fs.targets[rows], histories, n_candidates=candidates,
-                                                seeds=range(seeds), ties=ties)
+        result["metrics"] = candidate_hit_ratio(
+            scores, fs.targets[rows], histories, n_candidates=candidates, seeds=range(seeds), ties=ties
+        )
     if kind != "adapter":
         result["metrics"].update(alignment_accuracy(load_head_weight(zoo, head), fs))
     result["seconds"] = round(time.time() - t0, 2)

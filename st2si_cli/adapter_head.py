@@ -15,8 +15,9 @@ from st2si_cli.zoo.store import Artifact, Zoo
 HEAD_KIND = "adapter"
 
 
-def train_adapter_head(fs: Any, ds: Any, cfg: Any = None, reporter: Any = None,
-                       sweep_trials: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def train_adapter_head(
+    fs: Any, ds: Any, cfg: Any = None, reporter: Any = None, sweep_trials: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tensors, head meta) of an adapter trained with early stopping on validation NDCG@10.
 
     With `sweep_trials` (0: the whole grid), points of `ADAPTER_GRID` are tried and the best on
@@ -40,18 +41,24 @@ def train_adapter_head(fs: Any, ds: Any, cfg: Any = None, reporter: Any = None,
 
         def on_trial(k: int, trial: Any) -> None:
             if reporter:
-                reporter.message(f"trial {k + 1}/{len(points)} {trial.settings}: valid NDCG@10 "
-                                 f"{trial.valid_ndcg10:.4f} (best epoch {trial.best_epoch}, {trial.seconds:.0f}s)")
+                reporter.message(
+                    f"trial {k + 1}/{len(points)} {trial.settings}: valid NDCG@10 "
+                    f"{trial.valid_ndcg10:.4f} (best epoch {trial.best_epoch}, {trial.seconds:.0f}s)"
+                )
 
         cfg, result, trials = sweep(replace(cfg, **ADAPTER_SWEEP_BASE), points, train, on_trial=on_trial)
-        sweep_meta = sweep_record(trials, {k: getattr(cfg, k) for k in ADAPTER_GRID}, ADAPTER_GRID, ADAPTER_SWEEP_BASE)
+        sweep_meta = sweep_record(
+            trials, {k: getattr(cfg, k) for k in ADAPTER_GRID}, ADAPTER_GRID, ADAPTER_SWEEP_BASE
+        )
         seconds = sum(t.seconds for t in trials)
     else:
         result = train(cfg)
         seconds = result.seconds
     model = load_adapter(result.state_dict, cfg.to_dict(), fs.feats.shape[1], ds.n_items)
-    metrics = {split: evaluate_adapter(model, fs, ds.sequences, role, ties=cfg.ties)
-               for split, role in (("valid", VALID), ("test", TEST))}
+    metrics = {
+        split: evaluate_adapter(model, fs, ds.sequences, role, ties=cfg.ties)
+        for split, role in (("valid", VALID), ("test", TEST))
+    }
     meta = {
         "method": "adapter",
         "head": HEAD_KIND,
@@ -67,25 +74,55 @@ def train_adapter_head(fs: Any, ds: Any, cfg: Any = None, reporter: Any = None,
     return result.state_dict, meta
 
 
-def save_adapter_head(zoo: Zoo, tensors: dict[str, Any], *, n_items: int, domain: str, backbone: Artifact,
-                      dataset: Artifact, text: TextConfig, meta: dict[str, Any], name: str | None = None) -> Artifact:
+def save_adapter_head(
+    zoo: Zoo,
+    tensors: dict[str, Any],
+    *,
+    n_items: int,
+    domain: str,
+    backbone: Artifact,
+    dataset: Artifact,
+    text: TextConfig,
+    meta: dict[str, Any],
+    name: str | None = None,
+) -> Artifact:
     from st2si_cli.heads import store_head
 
-    return store_head(zoo, tensors, kind="st2si-adapter-head", n_items=n_items, hidden=int(meta["train"]["hidden"]),
-                      domain=domain, backbone=backbone, dataset=dataset, text=text, meta=meta, name=name,
-                      extra_config={"adapter": meta["train"], "d_feat": meta["d_feat"]})
+    return store_head(
+        zoo,
+        tensors,
+        kind="st2si-adapter-head",
+        n_items=n_items,
+        hidden=int(meta["train"]["hidden"]),
+        domain=domain,
+        backbone=backbone,
+        dataset=dataset,
+        text=text,
+        meta=meta,
+        name=name,
+        extra_config={"adapter": meta["train"], "d_feat": meta["d_feat"]},
+    )
 
 
 def load_adapter_head(zoo: Zoo, head: Artifact) -> Any:
     from st2si_cli.heads import load_head_tensors
     from st2si_cli.train.adapter import load_adapter
 
-    return load_adapter(load_head_tensors(zoo, head), head.meta["train"], int(head.meta["d_feat"]),
-                        int(head.meta["n_items"]))
+    return load_adapter(
+        load_head_tensors(zoo, head), head.meta["train"], int(head.meta["d_feat"]), int(head.meta["n_items"])
+    )
 
 
-def adapter_user_ranks(zoo: Zoo, head: Artifact, fs: Any, sequences: Any, role: int, *, ties: str = "pessimistic",
-                       mask_history: bool = False) -> Any:
+def adapter_user_ranks(
+    zoo: Zoo,
+    head: Artifact,
+    fs: Any,
+    sequences: Any,
+    role: int,
+    *,
+    ties: str = "pessimistic",
+    mask_history: bool = False,
+) -> Any:
     from st2si_cli.model.samples import VALID
     from st2si_cli.train.adapter import adapter_ranks
 

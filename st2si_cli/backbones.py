@@ -74,7 +74,9 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> Any:
     return torch.bfloat16 if native else torch.float32
 
 
-def load_backbone(zoo: Zoo, ref: str, *, dtype: str = "auto", device: str = "cpu", query: str = "dot") -> Backbone:
+def load_backbone(
+    zoo: Zoo, ref: str, *, dtype: str = "auto", device: str = "cpu", query: str = "dot"
+) -> Backbone:
     """Load a backbone artifact from the zoo as a base model in eval mode."""
 
     from st2si_cli.hf import quiet_transformers
@@ -93,7 +95,9 @@ def load_backbone(zoo: Zoo, ref: str, *, dtype: str = "auto", device: str = "cpu
     return Backbone(
         model=model,
         tokenizer=tokenizer,
-        hidden_size=int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model),
+        hidden_size=int(
+            model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
+        ),
         artifact_id=art.id,
         name=art.name,
         dtype=torch_dtype,
@@ -161,7 +165,9 @@ def build_from_gguf(zoo: Zoo, gguf: Path, name: str, extra: dict[str, Any] | Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
-        raise St2siError("reading .gguf files needs the gguf and accelerate packages: pip install gguf accelerate")
+        raise St2siError(
+            "reading .gguf files needs the gguf and accelerate packages: pip install gguf accelerate"
+        )
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -206,17 +212,28 @@ def download_from_hub(zoo: Zoo, repo_id: str, name: str, revision: str | None = 
         raise
     except Exception as e:  # offline, unknown repo, gated model: one line, not a traceback
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if any(w in f"{type(e).__name__} {reason}" for w in ("Connect", "Offline", "LocalEntryNotFound", "resolve")):
+        if any(
+            w in f"{type(e).__name__} {reason}"
+            for w in ("Connect", "Offline", "LocalEntryNotFound", "resolve")
+        ):
             reason = f"the hub is unreachable (offline?): {reason}"
         raise St2siError(f"could not download {repo_id!r} from the Hugging Face hub: {reason}") from None
 
 
-def build_tiny(zoo: Zoo, name: str, family: str = "opt", hidden: int = 32, layers: int = 2, seed: int = 0) -> Artifact:
+def build_tiny(
+    zoo: Zoo, name: str, family: str = "opt", hidden: int = 32, layers: int = 2, seed: int = 0
+) -> Artifact:
     """A tiny randomly initialised causal LM with a byte-level tokenizer (tests, smoke runs)."""
     with tempfile.TemporaryDirectory(dir=zoo.root / "tmp", prefix="tiny-") as tmp:
         write_tiny_model(Path(tmp), family=family, hidden=hidden, layers=layers, seed=seed)
         meta = {
-            "source": {"type": "random-init", "family": family, "hidden": hidden, "layers": layers, "seed": seed},
+            "source": {
+                "type": "random-init",
+                "family": family,
+                "hidden": hidden,
+                "layers": layers,
+                "seed": seed,
+            },
             "family": family,
             "hidden": hidden,
             "layers": layers,
@@ -224,7 +241,9 @@ def build_tiny(zoo: Zoo, name: str, family: str = "opt", hidden: int = 32, layer
         return _store_folder(zoo, Path(tmp), name, meta)
 
 
-def write_tiny_model(out: Path, family: str = "opt", hidden: int = 32, layers: int = 2, seed: int = 0) -> None:
+def write_tiny_model(
+    out: Path, family: str = "opt", hidden: int = 32, layers: int = 2, seed: int = 0
+) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, PreTrainedTokenizerFast
@@ -236,21 +255,38 @@ def write_tiny_model(out: Path, family: str = "opt", hidden: int = 32, layers: i
         vocab_size=300, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="</s>"
+    )
     vocab = len(fast)
     if family == "opt":
         cfg = OPTConfig(
-            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=hidden * 4,
-            num_attention_heads=max(1, hidden // 16), max_position_embeddings=2048, word_embed_proj_dim=hidden,
-            pad_token_id=fast.pad_token_id, bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id,
-            dropout=0.0, attention_dropout=0.0,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            ffn_dim=hidden * 4,
+            num_attention_heads=max(1, hidden // 16),
+            max_position_embeddings=2048,
+            word_embed_proj_dim=hidden,
+            pad_token_id=fast.pad_token_id,
+            bos_token_id=fast.eos_token_id,
+            eos_token_id=fast.eos_token_id,
+            dropout=0.0,
+            attention_dropout=0.0,
         )
     elif family == "llama":
         cfg = LlamaConfig(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-            num_attention_heads=max(1, hidden // 16), num_key_value_heads=max(1, hidden // 16),
-            max_position_embeddings=2048, pad_token_id=fast.pad_token_id, bos_token_id=fast.eos_token_id,
-            eos_token_id=fast.eos_token_id, tie_word_embeddings=True,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=hidden * 3,
+            num_hidden_layers=layers,
+            num_attention_heads=max(1, hidden // 16),
+            num_key_value_heads=max(1, hidden // 16),
+            max_position_embeddings=2048,
+            pad_token_id=fast.pad_token_id,
+            bos_token_id=fast.eos_token_id,
+            eos_token_id=fast.eos_token_id,
+            tie_word_embeddings=True,
         )
     else:
         raise St2siError(f"tiny backbones come in {', '.join(TINY_FAMILIES)}, not {family!r}")
@@ -270,7 +306,9 @@ def pull(zoo: Zoo, ref: str, name: str | None = None) -> Artifact:
     if ref in known and known[ref]["source"] == "wheel":
         entry = known[ref]
         gguf = wheel_path(entry, f"backbone {ref}")
-        return build_from_gguf(zoo, gguf, name or ref, {"package": entry["package"], "upstream": entry.get("upstream")})
+        return build_from_gguf(
+            zoo, gguf, name or ref, {"package": entry["package"], "upstream": entry.get("upstream")}
+        )
     if ref.startswith("tiny-") and ref.removeprefix("tiny-") in TINY_FAMILIES:
         return build_tiny(zoo, name or ref, family=ref.removeprefix("tiny-"))
     if path.exists():

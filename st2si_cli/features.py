@@ -66,7 +66,13 @@ class FeatureSet:
         return torch.nonzero(self.roles == role).flatten()
 
     def tensors(self) -> dict[str, Any]:
-        return {"feats": self.feats, "targets": self.targets, "roles": self.roles, "owner": self.owner, "sample": self.sample}
+        return {
+            "feats": self.feats,
+            "targets": self.targets,
+            "roles": self.roles,
+            "owner": self.owner,
+            "sample": self.sample,
+        }
 
     @classmethod
     def from_tensors(cls, t: dict[str, Any]) -> FeatureSet:
@@ -154,12 +160,19 @@ def compute_features(
     item_tokens = itok.encode_items(ds.items)
     if text.positions not in ("all", "newest"):
         raise ValueError(f"positions must be all or newest, not {text.positions!r}")
-    samples = build_samples(ds, itok, item_tokens, alignment=alignment, every_position=text.positions == "all")
+    samples = build_samples(
+        ds, itok, item_tokens, alignment=alignment, every_position=text.positions == "all"
+    )
     lengths = [len(s.tokens) for s in samples]
     batches = plan_batches(lengths, batch_tokens, max_batch)
     stage = zoo.staging_dir(cache_name(key))
-    spec = {"key": key, "n_samples": len(samples), "batch_tokens": batch_tokens, "max_batch": max_batch,
-            "shard_samples": shard_samples}
+    spec = {
+        "key": key,
+        "n_samples": len(samples),
+        "batch_tokens": batch_tokens,
+        "max_batch": max_batch,
+        "shard_samples": shard_samples,
+    }
     spec_path = stage / "spec.json"
     if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
         for old in stage.glob("shard-*.safetensors"):  # shards of another plan cannot be reused
@@ -236,7 +249,14 @@ def compute_features(
         },
         "versions": {"st2si": __version__, "torch": torch.__version__},
     }
-    art = zoo.put("features", {"features.safetensors": out}, meta, name=cache_name(key), identity={"key": key}, move=True)
+    art = zoo.put(
+        "features",
+        {"features.safetensors": out},
+        meta,
+        name=cache_name(key),
+        identity={"key": key},
+        move=True,
+    )
     import shutil
 
     shutil.rmtree(stage, ignore_errors=True)
@@ -249,7 +269,9 @@ def load_feature_set(zoo: Zoo, art: Artifact) -> FeatureSet:
     return FeatureSet.from_tensors(load_file(str(zoo.file(art, "features.safetensors"))))
 
 
-def live_features(backbone: Backbone, samples: Sequence[Sample], fs: FeatureSet, max_batch: int = 64) -> Callable[[Any], Any]:
+def live_features(
+    backbone: Backbone, samples: Sequence[Sample], fs: FeatureSet, max_batch: int = 64
+) -> Callable[[Any], Any]:
     """`features_of(rows)` that runs the backbone on the rows' samples at every call.
 
     This is ILP tuning with the backbone in the loop (the authors' way). With the backbone in eval

@@ -29,9 +29,19 @@ def save_head(
     """Store an ILP `weight` [N, d] as safetensors with a self-describing config."""
     import torch
 
-    return store_head(zoo, {"weight": weight.detach().to(torch.float32)}, kind="st2si-ilp-head",
-                      n_items=int(weight.shape[0]), hidden=int(weight.shape[1]), domain=domain, backbone=backbone,
-                      dataset=dataset, text=text, meta=meta, name=name)
+    return store_head(
+        zoo,
+        {"weight": weight.detach().to(torch.float32)},
+        kind="st2si-ilp-head",
+        n_items=int(weight.shape[0]),
+        hidden=int(weight.shape[1]),
+        domain=domain,
+        backbone=backbone,
+        dataset=dataset,
+        text=text,
+        meta=meta,
+        name=name,
+    )
 
 
 def store_head(
@@ -74,7 +84,11 @@ def store_head(
     }
     files = {"head.safetensors": blob, "config.json": json.dumps(config, indent=2, sort_keys=True).encode()}
     return zoo.put(
-        "head", files, full_meta, name=name or head_name(domain, backbone.name), domain=domain,
+        "head",
+        files,
+        full_meta,
+        name=name or head_name(domain, backbone.name),
+        domain=domain,
         identity={"meta": full_meta},
     )
 
@@ -106,7 +120,9 @@ def head_text_config(art: Artifact) -> TextConfig:
     return TextConfig.from_dict(art.meta["text"])
 
 
-def check_compatible(head: Artifact, *, backbone: Artifact | None = None, dataset: Artifact | None = None) -> None:
+def check_compatible(
+    head: Artifact, *, backbone: Artifact | None = None, dataset: Artifact | None = None
+) -> None:
     """Refuse a head used with another backbone or another catalog than it was trained on."""
     label = head.name or head.short_id
     if backbone is not None and head.meta.get("backbone") != backbone.id:
@@ -122,5 +138,5 @@ def check_compatible(head: Artifact, *, backbone: Artifact | None = None, datase
 
 
 def head_kind(art: Artifact) -> str:
-    """"ilp" (the paper's, random init), "ilp-text", "adapter", or the pretrain method's ILP ("ilp")."""
+    """ "ilp" (the paper's, random init), "ilp-text", "adapter", or the pretrain method's ILP ("ilp")."""
     return str(art.meta.get("head", "ilp"))

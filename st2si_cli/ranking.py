@@ -12,15 +12,22 @@ from st2si_cli.scoring import rank_rows
 from st2si_cli.zoo.store import Artifact, Zoo
 
 
-def user_ranks(zoo: Zoo, head: Artifact, fs: Any, sequences: Any, role: int, *, ties: str = "pessimistic",
-               mask_history: bool = False) -> Any:
+def user_ranks(
+    zoo: Zoo,
+    head: Artifact,
+    fs: Any,
+    sequences: Any,
+    role: int,
+    *,
+    ties: str = "pessimistic",
+    mask_history: bool = False,
+) -> Any:
     """Full-ranking rank of each user's VALID or TEST target under `head`, in user order ([n_users] long).
 
     `fs` is the feature set of the head's backbone and text settings on its dataset. With
     `mask_history`, items of the user's input history are not ranked (the target itself always is).
     """
     import torch
-
 
     cut = 2 if role == VALID else 1
     if head_kind(head) == "adapter":
@@ -30,7 +37,9 @@ def user_ranks(zoo: Zoo, head: Artifact, fs: Any, sequences: Any, role: int, *, 
     if sorted(owners.tolist()) != list(range(len(sequences))):
         raise ValueError("the feature set does not hold exactly one row per user for this split")
     exclude = [list(sequences[int(u)][:-cut]) for u in owners] if mask_history else None
-    ranks = rank_rows(load_head_weight(zoo, head), fs.feats[rows], fs.targets[rows], ties=ties, exclude=exclude)
+    ranks = rank_rows(
+        load_head_weight(zoo, head), fs.feats[rows], fs.targets[rows], ties=ties, exclude=exclude
+    )
     out = torch.empty_like(ranks)
     out[owners] = ranks
     return out

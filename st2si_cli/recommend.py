@@ -60,14 +60,23 @@ def parse_requests(
                 if isinstance(entry, dict) and entry.get("title") is not None:
                     items.append({k: v for k, v in entry.items() if k != "id"})
                     ids.append(index.get(str(entry["id"])) if "id" in entry else None)
-                elif isinstance(entry, dict) and "id" in entry or isinstance(entry, (str, int)) and not isinstance(entry, bool):
+                elif (
+                    isinstance(entry, dict)
+                    and "id" in entry
+                    or isinstance(entry, (str, int))
+                    and not isinstance(entry, bool)
+                ):
                     key = str(entry["id"] if isinstance(entry, dict) else entry)
                     if key not in index:
-                        raise ValueError(f"unknown item ID {key!r} (give an object with a title for items outside the catalog)")
+                        raise ValueError(
+                            f"unknown item ID {key!r} (give an object with a title for items outside the catalog)"
+                        )
                     items.append(catalog[index[key]])
                     ids.append(index[key])
                 else:
-                    raise ValueError(f"history entry {json.dumps(entry)[:60]} is neither an item ID nor an object with a title")
+                    raise ValueError(
+                        f"history entry {json.dumps(entry)[:60]} is neither an item ID nor an object with a title"
+                    )
         except ValueError as e:
             if not skip_bad:
                 raise InputError(source, str(e), n) from None
@@ -110,8 +119,13 @@ def recommend(
     check_compatible(head, dataset=dataset_art)
     ds = load_dataset(zoo, dataset_art.id)
     text = head_text_config(head)
-    backbone = load_backbone(zoo, head.meta["backbone"], dtype=dtype or head.meta.get("dtype") or "auto",
-                             device=device, query=text.query)
+    backbone = load_backbone(
+        zoo,
+        head.meta["backbone"],
+        dtype=dtype or head.meta.get("dtype") or "auto",
+        device=device,
+        query=text.query,
+    )
     adapter = load_adapter_head(zoo, head) if head_kind(head) == "adapter" else None
     weight = load_head_weight(zoo, head) if adapter is None else None
     itok = ItemTokenizer.create(backbone.tokenizer, text)
@@ -121,7 +135,10 @@ def recommend(
     cache: dict[Any, list[int]] = {}
     samples: list[Sample] = []
     for r in good:
-        keys = [("c", i) if i is not None else ("t", json.dumps(it, sort_keys=True)) for it, i in zip(r.items, r.catalog_ids)]
+        keys = [
+            ("c", i) if i is not None else ("t", json.dumps(it, sort_keys=True))
+            for it, i in zip(r.items, r.catalog_ids)
+        ]
         missing = [(key, it) for key, it in zip(keys, r.items) if key not in cache]
         if missing:
             for (key, _), ids in zip(missing, itok.encode_items([it for _, it in missing])):
@@ -161,8 +178,14 @@ def recommend(
     return results
 
 
-def adapter_top_k(adapter: Any, feats: list[Any], catalog_ids: list[list[int | None]], k: int,
-                  exclude: list[list[int]] | None, batch: int = 256) -> tuple[Any, Any]:
+def adapter_top_k(
+    adapter: Any,
+    feats: list[Any],
+    catalog_ids: list[list[int | None]],
+    k: int,
+    exclude: list[list[int]] | None,
+    batch: int = 256,
+) -> tuple[Any, Any]:
     """Top-k of a sequence adapter over each history's newest positions (unknown items: no ID)."""
     import torch
 
@@ -177,7 +200,9 @@ def adapter_top_k(adapter: Any, feats: list[Any], catalog_ids: list[list[int | N
         for r, (f, cids) in enumerate(zip(rows, catalog_ids[b0 : b0 + batch])):
             m = int(lengths[r])
             x[r, :m] = f[-m:].float()
-            ids[r, :m] = torch.tensor([n if c is None else c for c in cids[len(cids) - len(f):]][-m:], dtype=torch.long)
+            ids[r, :m] = torch.tensor(
+                [n if c is None else c for c in cids[len(cids) - len(f) :]][-m:], dtype=torch.long
+            )
         scores = adapter.score_last(x, ids, lengths)
         if exclude is not None:
             for r, items in enumerate(exclude[b0 : b0 + batch]):

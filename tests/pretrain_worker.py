@@ -33,7 +33,9 @@ def main() -> None:
             last.update({k: v.detach().clone() for k, v in info["module"].state_dict().items()})
 
         cfg = PretrainConfig(epochs=epochs, lr=1e-3, batch_size=batch, seed=0)
-        res = pretrain(zoo, ["toy"], backbone="tiny-opt", cfg=cfg, out=f"two-{mode}", deepspeed=ds, on_step=keep_last)
+        res = pretrain(
+            zoo, ["toy"], backbone="tiny-opt", cfg=cfg, out=f"two-{mode}", deepspeed=ds, on_step=keep_last
+        )
         torch.save(last, out / f"{mode}-rank{rank}.pt")
         (out / f"{mode}-rank{rank}.json").write_text(json.dumps([r["loss"] for r in res.history]))
     torch.distributed.destroy_process_group()

@@ -60,8 +60,9 @@ def synthetic(n_users: int = N_USERS, long_user: int | None = None) -> tuple[Fea
 
 
 def tiny(**kw) -> AdapterConfig:
-    base = dict(hidden=16, layers=1, heads=2, dropout=0.1, max_len=8, lr=1e-2, batch_size=8, max_epochs=25,
-                patience=5)
+    base = dict(
+        hidden=16, layers=1, heads=2, dropout=0.1, max_len=8, lr=1e-2, batch_size=8, max_epochs=25, patience=5
+    )
     return AdapterConfig(**{**base, **kw})
 
 
@@ -102,7 +103,8 @@ def test_training_learns_and_is_deterministic(one_thread):
     assert a.state_dict.keys() == b.state_dict.keys()
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     assert a.best_epoch == b.best_epoch and [h["valid_NDCG@10"] for h in a.history] == [
-        h["valid_NDCG@10"] for h in b.history]
+        h["valid_NDCG@10"] for h in b.history
+    ]
     # A random scorer ranks the target uniformly in 1..20: expected NDCG@10 = sum_{r<=10} 1/log2(r+1) / 20
     # = 0.23 with a per-user std of about 0.33, so about 0.05 over 40 users; 0.7 is ~9 std above it.
     assert a.best_valid["NDCG@10"] > 0.7
@@ -142,7 +144,9 @@ def test_padding_does_not_change_scores():
         hidden = model(feats, ids, torch.tensor([3, 7]))
     assert torch.isfinite(hidden).all()
     torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=0)
-    torch.testing.assert_close(batched[1:], model.score_last(long_f, long_i, torch.tensor([7])), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        batched[1:], model.score_last(long_f, long_i, torch.tensor([7])), atol=1e-5, rtol=0
+    )
 
 
 def test_save_load_round_trip():

@@ -50,8 +50,14 @@ def zoo(tmp_path_factory):
 @pytest.fixture
 def one_rank(monkeypatch):
     """The launcher variables of a one-process group; no group may outlive the test."""
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(dist.free_port()), "DS_ACCELERATOR": "cpu"}.items():
+    for k, v in {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(dist.free_port()),
+        "DS_ACCELERATOR": "cpu",
+    }.items():
         monkeypatch.setenv(k, v)
     yield
     assert not torch.distributed.is_initialized()
@@ -60,8 +66,9 @@ def one_rank(monkeypatch):
 def run_with_last_step(zoo, **kw):
     """pretrain(...) and the module's parameters after its last optimizer step."""
     last: dict = {}
-    res = pretrain(zoo, ["toy"], backbone="tiny-opt", on_step=lambda info: last.update(info["module"].state_dict()),
-                   **kw)
+    res = pretrain(
+        zoo, ["toy"], backbone="tiny-opt", on_step=lambda info: last.update(info["module"].state_dict()), **kw
+    )
     return res, {k: v.detach().clone() for k, v in last.items()}
 
 
@@ -83,8 +90,13 @@ def test_zero0_in_process_matches_plain_pytorch(zoo, plain_b8, one_rank):
     ds = run_with_last_step(zoo, cfg=PretrainConfig(**FAST, batch_size=8), out="zero0", deepspeed="zero0")
     assert_same_run(plain_b8, ds)
     res = ds[0]
-    assert res.run.meta["flags"]["deepspeed"] == "zero0" and res.run.meta["config"]["deepspeed"]["zero_optimization"]["stage"] == 0
-    torch.testing.assert_close(load_head_weight(zoo, res.heads["toy"]), load_head_weight(zoo, plain_b8[0].heads["toy"]), **TOL)
+    assert (
+        res.run.meta["flags"]["deepspeed"] == "zero0"
+        and res.run.meta["config"]["deepspeed"]["zero_optimization"]["stage"] == 0
+    )
+    torch.testing.assert_close(
+        load_head_weight(zoo, res.heads["toy"]), load_head_weight(zoo, plain_b8[0].heads["toy"]), **TOL
+    )
 
 
 def test_zero2_in_process_killed_and_resumed_matches_plain_pytorch(zoo, plain_b8, one_rank):
@@ -101,8 +113,12 @@ def test_zero2_in_process_killed_and_resumed_matches_plain_pytorch(zoo, plain_b8
     resumed = run_with_last_step(zoo, cfg=cfg, out="zero2", deepspeed="zero2", resume=True)
     assert_same_run(plain_b8, resumed)
     # The head and backbone are plain safetensors that `evaluate` reads without DeepSpeed.
-    result = evaluate(zoo, "toy", head_ref=resumed[0].heads["toy"].id, feature_opts=FeatureOptions(dtype="fp32"))
-    assert result["metrics"]["NDCG@10"] == pytest.approx(plain_b8[0].run.meta["metrics"]["test"]["NDCG@10"], abs=1e-5)
+    result = evaluate(
+        zoo, "toy", head_ref=resumed[0].heads["toy"].id, feature_opts=FeatureOptions(dtype="fp32")
+    )
+    assert result["metrics"]["NDCG@10"] == pytest.approx(
+        plain_b8[0].run.meta["metrics"]["test"]["NDCG@10"], abs=1e-5
+    )
 
 
 def live_state(engine):
@@ -111,12 +127,16 @@ def live_state(engine):
 
 
 @pytest.mark.parametrize("preset", ["zero2", "zero3"])
-def test_consolidated_fp32_weights_equal_the_live_module_and_checkpoints_round_trip(zoo, one_rank, tmp_path, preset):
+def test_consolidated_fp32_weights_equal_the_live_module_and_checkpoints_round_trip(
+    zoo, one_rank, tmp_path, preset
+):
     _, tokenizer = load_trainable(zoo, zoo.get("tiny-opt"), "dot")
     corpus = build_corpus(zoo, [zoo.get("toy", kind="dataset")], tokenizer, TextConfig())
     samples = epoch_samples(corpus, PretrainConfig(), 1)
     batches = [collate(samples[i : i + 6], corpus.pad_id) for i in range(0, 18, 6)]
-    cfg = dist.deepspeed_config(preset, micro_batch=6, grad_accum=1, world_size=1, max_grad_norm=1.0, precision="fp32")
+    cfg = dist.deepspeed_config(
+        preset, micro_batch=6, grad_accum=1, world_size=1, max_grad_norm=1.0, precision="fp32"
+    )
 
     def engine(info):
         torch.manual_seed(0)
@@ -147,8 +167,13 @@ def test_consolidated_fp32_weights_equal_the_live_module_and_checkpoints_round_t
 
 
 def launcher_env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "ST2SI_NO_PROGRESS": "1",
-            "MASTER_PORT": str(dist.free_port())}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "ST2SI_NO_PROGRESS": "1",
+        "MASTER_PORT": str(dist.free_port()),
+    }
 
 
 def test_two_torchrun_processes_match_one_process_on_the_combined_batch(zoo, plain_b8, tmp_path):
@@ -156,8 +181,18 @@ def test_two_torchrun_processes_match_one_process_on_the_combined_batch(zoo, pla
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = launcher_env()
     port = env.pop("MASTER_PORT")
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", port, str(REPO / "tests" / "pretrain_worker.py"),
-           str(zoo.root), str(tmp_path), "4", str(FAST["epochs"])]
+    cmd = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        str(REPO / "tests" / "pretrain_worker.py"),
+        str(zoo.root),
+        str(tmp_path),
+        "4",
+        str(FAST["epochs"]),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     _, plain_last = plain_b8
@@ -179,8 +214,27 @@ def test_cli_under_the_deepspeed_launcher(zoo):
     env = launcher_env()
     port = env.pop("MASTER_PORT")
     launcher = [deepspeed, "--num_gpus", "2", "--no_local_rank", "--master_port", port]
-    r = run_cli(zoo, "pretrain", "--domain", "toy", "--backbone", "tiny-opt", "--epochs", "2", "--batch-size", "4",
-                "--lr", "1e-3", "--deepspeed", "zero3", "--out", "launcher", "--json", env=env, launcher=launcher)
+    r = run_cli(
+        zoo,
+        "pretrain",
+        "--domain",
+        "toy",
+        "--backbone",
+        "tiny-opt",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--deepspeed",
+        "zero3",
+        "--out",
+        "launcher",
+        "--json",
+        env=env,
+        launcher=launcher,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     start = r.stdout.index("\n{\n") + 1  # the launcher logs its own lines on stdout too
     out = json.loads(r.stdout[start : r.stdout.index("\n}\n", start) + 2])
@@ -192,16 +246,31 @@ def test_cli_under_the_deepspeed_launcher(zoo):
 
 
 def test_deepspeed_config_presets_and_json_files(tmp_path):
-    cfg = dist.deepspeed_config("zero2", micro_batch=4, grad_accum=2, world_size=3, max_grad_norm=1.0, precision="bf16")
+    cfg = dist.deepspeed_config(
+        "zero2", micro_batch=4, grad_accum=2, world_size=3, max_grad_norm=1.0, precision="bf16"
+    )
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["train_batch_size"] == 24
     assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False and "optimizer" not in cfg
     f = tmp_path / "ds.json"
-    f.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
-                             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}))
-    cfg = dist.deepspeed_config(str(f), micro_batch=4, grad_accum=1, world_size=2, max_grad_norm=0.0, precision="fp32")
+    f.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 3},
+                "train_micro_batch_size_per_gpu": "auto",
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+            }
+        )
+    )
+    cfg = dist.deepspeed_config(
+        str(f), micro_batch=4, grad_accum=1, world_size=2, max_grad_norm=0.0, precision="fp32"
+    )
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["zero_optimization"]["stage"] == 3
     f.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
     with pytest.raises(St2siError, match="train_micro_batch_size_per_gpu=8"):
-        dist.deepspeed_config(str(f), micro_batch=4, grad_accum=1, world_size=1, max_grad_norm=1.0, precision="fp32")
+        dist.deepspeed_config(
+            str(f), micro_batch=4, grad_accum=1, world_size=1, max_grad_norm=1.0, precision="fp32"
+        )
     with pytest.raises(St2siError, match="zero0"):
-        dist.deepspeed_config("zero7", micro_batch=4, grad_accum=1, world_size=1, max_grad_norm=1.0, precision="fp32")
+        dist.deepspeed_config(
+            "zero7", micro_batch=4, grad_accum=1, world_size=1, max_grad_norm=1.0, precision="fp32"
+        )

@@ -18,7 +18,13 @@ from st2si_cli.train.head import HeadConfig
 
 
 def test_eval_refuses_a_head_with_another_backbone(zoo):
-    adapt(zoo, "toy", backbone="tiny-opt", head_cfg=HeadConfig(max_epochs=1), feature_opts=FeatureOptions(dtype="fp32"))
+    adapt(
+        zoo,
+        "toy",
+        backbone="tiny-opt",
+        head_cfg=HeadConfig(max_epochs=1),
+        feature_opts=FeatureOptions(dtype="fp32"),
+    )
     with pytest.raises(MismatchError):
         evaluate(zoo, "toy", backbone="tiny-llama", feature_opts=FeatureOptions(dtype="fp32"))
     result = evaluate(zoo, "toy", feature_opts=FeatureOptions(dtype="fp32"))
@@ -26,7 +32,13 @@ def test_eval_refuses_a_head_with_another_backbone(zoo):
 
 
 def test_eval_refuses_a_head_whose_catalog_changed(zoo, tmp_path):
-    adapt(zoo, "toy", backbone="tiny-opt", head_cfg=HeadConfig(max_epochs=1), feature_opts=FeatureOptions(dtype="fp32"))
+    adapt(
+        zoo,
+        "toy",
+        backbone="tiny-opt",
+        head_cfg=HeadConfig(max_epochs=1),
+        feature_opts=FeatureOptions(dtype="fp32"),
+    )
     other = synthetic_dataset(n_items=30, seed=1)
     store_dataset(zoo, other, domain="toy", fmt="synthetic", source="synthetic")
     try:
@@ -43,8 +55,18 @@ def test_recommend_cli_reads_ids_and_texts_and_keeps_input_order(zoo):
         {"user": "b", "history": ["3", "4", {"id": "5"}]},
         {"user": "c", "history": ["7"]},
     ]
-    r = run_cli(zoo, "recommend", "--domain", "toy", "--user-history", "-", "-k", "5", "--exclude-history",
-                input="".join(json.dumps(x) + "\n" for x in lines))
+    r = run_cli(
+        zoo,
+        "recommend",
+        "--domain",
+        "toy",
+        "--user-history",
+        "-",
+        "-k",
+        "5",
+        "--exclude-history",
+        input="".join(json.dumps(x) + "\n" for x in lines),
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in r.stdout.splitlines()]
     assert [row["user"] for row in rows] == ["a", "b", "c"]
@@ -56,7 +78,9 @@ def test_recommend_cli_reads_ids_and_texts_and_keeps_input_order(zoo):
 def test_recommend_bad_line_is_one_error_naming_the_line(zoo, tmp_path):
     adapt(zoo, "toy", backbone="tiny-opt", head_cfg=HeadConfig(max_epochs=1))
     f = tmp_path / "h.jsonl"
-    f.write_text('{"user": "a", "history": ["1"]}\n{"user": "b", "history": ["nope"]}\n{"user": "c", "history": []}\n')
+    f.write_text(
+        '{"user": "a", "history": ["1"]}\n{"user": "b", "history": ["nope"]}\n{"user": "c", "history": []}\n'
+    )
     r = run_cli(zoo, "recommend", "--domain", "toy", "--user-history", str(f))
     assert r.returncode != 0 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0

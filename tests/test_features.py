@@ -49,7 +49,9 @@ def test_killed_feature_pass_resumes_from_its_shards(tmp_path, backbone):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        compute_features(z, backbone, ds, dsa.id, text, shard_samples=8, max_batch=4, on_progress=die_in_the_second_shard)
+        compute_features(
+            z, backbone, ds, dsa.id, text, shard_samples=8, max_batch=4, on_progress=die_in_the_second_shard
+        )
     assert z.ls(kind="features") == []  # nothing half-written is listed
     art, fs = compute_features(z, backbone, ds, dsa.id, text, shard_samples=8, max_batch=4)
     timings = art.meta["timings"]
@@ -85,10 +87,14 @@ def test_features_are_reused_for_the_same_key(tmp_path, monkeypatch):
             return lambda *a, **k: self.calls.append(name)
 
     first, second = Recorder(), Recorder()
-    a1, fs1, _ = get_features(zoo, "tiny-opt", dsa, TextConfig(), FeatureOptions(dtype="fp32"), reporter=first)
+    a1, fs1, _ = get_features(
+        zoo, "tiny-opt", dsa, TextConfig(), FeatureOptions(dtype="fp32"), reporter=first
+    )
     assert len(loads) == 1 and "features_start" in first.calls  # the first call ran the backbone ...
     assert a1.meta["timings"]["tokens_computed"] > 0
-    a2, fs2, _ = get_features(zoo, "tiny-opt", dsa, TextConfig(), FeatureOptions(dtype="fp32"), reporter=second)
+    a2, fs2, _ = get_features(
+        zoo, "tiny-opt", dsa, TextConfig(), FeatureOptions(dtype="fp32"), reporter=second
+    )
     assert a1.id == a2.id
     assert len(loads) == 1, "the second call loaded the backbone"  # ... the second did not
     assert not {"features_start", "features_advance"} & set(second.calls)

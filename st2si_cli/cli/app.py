@@ -46,10 +46,14 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     zoo: Path | None = typer.Option(
-        None, "--zoo", help="Zoo folder (default: $ST2SI_HOME, else the platform's user data dir).",
+        None,
+        "--zoo",
+        help="Zoo folder (default: $ST2SI_HOME, else the platform's user data dir).",
         envvar=None,
     ),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
 ) -> None:
     state.zoo_path = zoo
 
@@ -103,7 +107,11 @@ def main() -> None:
             sys.exit(e.exit_code)
         if debug_enabled():
             raise
-        err.print(f"Error: {type(e).__name__}: {e} (set ST2SI_DEBUG=1 for a traceback)", markup=False, soft_wrap=True)
+        err.print(
+            f"Error: {type(e).__name__}: {e} (set ST2SI_DEBUG=1 for a traceback)",
+            markup=False,
+            soft_wrap=True,
+        )
         sys.exit(1)
     if isinstance(exit_code, int) and exit_code:
         sys.exit(exit_code)

@@ -81,5 +81,7 @@ def metrics_table(title: str, rows: dict[str, dict[str, float]]):
     for k in keys:
         table.add_column(k, justify="right")
     for name, m in rows.items():
-        table.add_row(name, *(f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys))
+        table.add_row(
+            name, *(f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys)
+        )
     return table

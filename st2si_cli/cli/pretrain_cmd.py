@@ -24,34 +24,61 @@ from st2si_cli.cli.reporting import RichReporter
 
 
 def pretrain_cmd(
-    domain: list[str] = typer.Option(..., "--domain", help="Dataset in the zoo; repeat for one item space over several."),
+    domain: list[str] = typer.Option(
+        ..., "--domain", help="Dataset in the zoo; repeat for one item space over several."
+    ),
     backbone: str = backbone_option("Backbone name or ID to start from."),
-    out_name: str | None = typer.Option(None, "--out", help="Name of the new backbone (default BACKBONE-st2si-DOMAINS)."),
-    epochs: int = typer.Option(30, "--epochs", min=1, help="Most epochs (early stopping usually ends sooner)."),
-    patience: int = typer.Option(5, "--patience", min=1, help="Epochs without a better valid NDCG@10 before stopping."),
+    out_name: str | None = typer.Option(
+        None, "--out", help="Name of the new backbone (default BACKBONE-st2si-DOMAINS)."
+    ),
+    epochs: int = typer.Option(
+        30, "--epochs", min=1, help="Most epochs (early stopping usually ends sooner)."
+    ),
+    patience: int = typer.Option(
+        5, "--patience", min=1, help="Epochs without a better valid NDCG@10 before stopping."
+    ),
     lr: float = typer.Option(5e-5, "--lr", help="AdamW learning rate (backbone and ILP)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    warmup_steps: int = typer.Option(100, "--warmup-steps", help="Linear warm-up steps, then cosine (clipped to a tenth of the run)."),
+    warmup_steps: int = typer.Option(
+        100, "--warmup-steps", help="Linear warm-up steps, then cosine (clipped to a tenth of the run)."
+    ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Samples per micro-batch per process."),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off)."),
-    sampling: Sampling = typer.Option(Sampling.all, "--sampling", help="all: every training query of each history; "
-                                      "crop: one random crop per user per epoch."),
+    sampling: Sampling = typer.Option(
+        Sampling.all,
+        "--sampling",
+        help="all: every training query of each history; crop: one random crop per user per epoch.",
+    ),
     no_multi_query: bool = no_multi_query_option("Only the last query of each history trains."),
     no_alignment: bool = no_alignment_option(),
-    query_token: QueryToken = query_token_option("dot: the tokenizer's '.'; new: an added [Q] token (saved with the backbone)."),
+    query_token: QueryToken = query_token_option(
+        "dot: the tokenizer's '.'; new: an added [Q] token (saved with the backbone)."
+    ),
     attributes: str = attributes_option("Item attributes in order, comma-separated."),
     max_items: int = typer.Option(50, "--max-items", help="Newest history items kept per user."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Token budget of a history, newest first."),
     no_clean: bool = no_clean_option(),
     seed: int = typer.Option(0, "--seed"),
-    device: str = device_option("auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, cuda:N."),
-    precision: Precision = typer.Option(Precision.auto, "--precision", help="auto: bf16, else fp16, on GPU; fp32 on CPU."),
-    deepspeed: str | None = typer.Option(None, "--deepspeed", help="zero0, zero1, zero2, zero3 or a DeepSpeed JSON config."),
-    save_every: int = typer.Option(0, "--save-every", min=0, help="Also checkpoint every N optimizer steps (0: epoch ends only)."),
+    device: str = device_option(
+        "auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, cuda:N."
+    ),
+    precision: Precision = typer.Option(
+        Precision.auto, "--precision", help="auto: bf16, else fp16, on GPU; fp32 on CPU."
+    ),
+    deepspeed: str | None = typer.Option(
+        None, "--deepspeed", help="zero0, zero1, zero2, zero3 or a DeepSpeed JSON config."
+    ),
+    save_every: int = typer.Option(
+        0, "--save-every", min=0, help="Also checkpoint every N optimizer steps (0: epoch ends only)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run with these settings."),
-    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run's checkpoint and start over."),
-    eval_batch_tokens: int = typer.Option(16384, "--eval-batch-tokens", help="Padded tokens per validation batch."),
+    restart: bool = typer.Option(
+        False, "--restart", help="Discard an interrupted run's checkpoint and start over."
+    ),
+    eval_batch_tokens: int = typer.Option(
+        16384, "--eval-batch-tokens", help="Padded tokens per validation batch."
+    ),
     json_out: bool = json_option("Print the run's record as JSON."),
 ) -> None:
     """Full tuning with multi-query input and ID alignment: a new backbone, a head per domain, a run record.
@@ -67,21 +94,44 @@ def pretrain_cmd(
     if resume and restart:
         raise typer.BadParameter("--resume and --restart exclude each other", param_hint="'--restart'")
     text = TextConfig(
-        attributes=attribute_list(attributes), max_items=max_items, max_tokens=max_tokens, query=query_token.value,
+        attributes=attribute_list(attributes),
+        max_items=max_items,
+        max_tokens=max_tokens,
+        query=query_token.value,
         clean=not no_clean,
     )
     cfg = PretrainConfig(
-        lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, epochs=epochs, patience=patience,
-        batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm, sampling=sampling.value,
-        multi_query=not no_multi_query, alignment=not no_alignment, seed=seed, precision=precision.value,
-        save_every=save_every, eval_batch_tokens=eval_batch_tokens,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        epochs=epochs,
+        patience=patience,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_grad_norm=max_grad_norm,
+        sampling=sampling.value,
+        multi_query=not no_multi_query,
+        alignment=not no_alignment,
+        seed=seed,
+        precision=precision.value,
+        save_every=save_every,
+        eval_batch_tokens=eval_batch_tokens,
     )
     main_rank = launch_env()[0] == 0
     reporter = RichReporter(quiet=json_out or not main_rank)
     try:
         result = pretrain(
-            open_zoo(), domain, backbone=backbone, text=text, cfg=cfg, out=out_name, device=device,
-            deepspeed=deepspeed, resume=resume, restart=restart, reporter=reporter,
+            open_zoo(),
+            domain,
+            backbone=backbone,
+            text=text,
+            cfg=cfg,
+            out=out_name,
+            device=device,
+            deepspeed=deepspeed,
+            resume=resume,
+            restart=restart,
+            reporter=reporter,
         )
     finally:
         reporter.close()
@@ -89,17 +139,32 @@ def pretrain_cmd(
         return
     meta = result.run.meta
     if json_out:
-        print_json({"run": result.run.name, "run_id": result.run.id, "backbone": result.backbone.name,
-                    "backbone_id": result.backbone.id,
-                    "heads": {d: {"name": h.name, "id": h.id} for d, h in result.heads.items()},
-                    "metrics": meta["metrics"], "best_epoch": meta["best_epoch"], "flags": meta["flags"],
-                    "world_size": meta["world_size"], "timings": meta["timings"]})
+        print_json(
+            {
+                "run": result.run.name,
+                "run_id": result.run.id,
+                "backbone": result.backbone.name,
+                "backbone_id": result.backbone.id,
+                "heads": {d: {"name": h.name, "id": h.id} for d, h in result.heads.items()},
+                "metrics": meta["metrics"],
+                "best_epoch": meta["best_epoch"],
+                "flags": meta["flags"],
+                "world_size": meta["world_size"],
+                "timings": meta["timings"],
+            }
+        )
         return
-    rows = {"valid": meta["metrics"]["valid"], "test": {**meta["metrics"]["test"], **meta["metrics"]["alignment"]}}
+    rows = {
+        "valid": meta["metrics"]["valid"],
+        "test": {**meta["metrics"]["test"], **meta["metrics"]["alignment"]},
+    }
     if len(domain) > 1:
         rows.update({f"test {d}": m["test"] for d, m in meta["metrics"]["domains"].items()})
     out.print(metrics_table(f"{result.backbone.name} (best epoch {meta['best_epoch']})", rows))
     t = meta["timings"]
-    err.print(f"Stored backbone {result.backbone.name} ({result.backbone.short_id}), heads "
-              f"{', '.join(h.name for h in result.heads.values())} and {result.run.name}; "
-              f"{t['epochs']} epochs, {t['epoch_seconds']:.1f}s each, {t['total_seconds']:.0f}s in all", markup=False)
+    err.print(
+        f"Stored backbone {result.backbone.name} ({result.backbone.short_id}), heads "
+        f"{', '.join(h.name for h in result.heads.values())} and {result.run.name}; "
+        f"{t['epochs']} epochs, {t['epoch_seconds']:.1f}s each, {t['total_seconds']:.0f}s in all",
+        markup=False,
+    )

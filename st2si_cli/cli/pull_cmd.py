@@ -9,7 +9,10 @@ from st2si_cli.cli.output import err, human_size, print_json
 
 
 def pull_cmd(
-    ref: str = typer.Argument(..., help="smollm2-135m (offline default), tiny-opt, tiny-llama, a hub id, a .gguf file or an HF folder."),
+    ref: str = typer.Argument(
+        ...,
+        help="smollm2-135m (offline default), tiny-opt, tiny-llama, a hub id, a .gguf file or an HF folder.",
+    ),
     name: str | None = typer.Option(None, "--name", help="Name in the zoo."),
     json_out: bool = json_option(),
 ) -> None:

@@ -35,29 +35,53 @@ def quickstart_cmd(
     folder, fmt, _ = resolve_source_name("movielens-100k")
     ds_art, ds = prepare_dataset(folder, format=fmt, domain=domain, zoo=zoo)
     st = ds_art.meta["stats"]
-    err.print(f"      {st['users']:,} users, {st['items']:,} items, {st['interactions']:,} interactions", markup=False)
+    err.print(
+        f"      {st['users']:,} users, {st['items']:,} items, {st['interactions']:,} interactions",
+        markup=False,
+    )
 
     err.print(f"[2/5] Backbone {backbone}", markup=False)
     t = time.time()
     bb = ensure_backbone(zoo, backbone)
     err.print(f"      {bb.name} ({bb.short_id}) ready in {time.time() - t:.0f}s", markup=False)
 
-    err.print(f"[3/5] Adapting an ILP head (frozen backbone, newest {max_items} items per history)", markup=False)
+    err.print(
+        f"[3/5] Adapting an ILP head (frozen backbone, newest {max_items} items per history)", markup=False
+    )
     reporter = RichReporter()
     try:
-        head = adapt(zoo, domain, backbone=bb.name or bb.id, text=TextConfig(max_items=max_items, positions="newest"), reporter=reporter)
+        head = adapt(
+            zoo,
+            domain,
+            backbone=bb.name or bb.id,
+            text=TextConfig(max_items=max_items, positions="newest"),
+            reporter=reporter,
+        )
     finally:
         reporter.close()
     m = head.meta["metrics"]
 
-    err.print("[4/5] Evaluation (full ranking over all items, pessimistic ties, history not masked)", markup=False)
-    out.print(metrics_table(f"{head.name}, best epoch {head.meta['best_epoch']}",
-                            {"valid": m["valid"], "test": {**m["test"], **m["alignment"]}}))
+    err.print(
+        "[4/5] Evaluation (full ranking over all items, pessimistic ties, history not masked)", markup=False
+    )
+    out.print(
+        metrics_table(
+            f"{head.name}, best epoch {head.meta['best_epoch']}",
+            {"valid": m["valid"], "test": {**m["test"], **m["alignment"]}},
+        )
+    )
 
     err.print(f"[5/5] Recommendations for {users} sample users", markup=False)
     picks = list(range(min(users, ds.n_users)))
-    requests = [Request(line=i + 1, user=ds.users[u], items=[ds.items[j] for j in ds.sequences[u][:-1]],
-                        catalog_ids=list(ds.sequences[u][:-1])) for i, u in enumerate(picks)]
+    requests = [
+        Request(
+            line=i + 1,
+            user=ds.users[u],
+            items=[ds.items[j] for j in ds.sequences[u][:-1]],
+            catalog_ids=list(ds.sequences[u][:-1]),
+        )
+        for i, u in enumerate(picks)
+    ]
     results = recommend(zoo, domain, requests, k=k, exclude_history=True, head_ref=head.id)
     for u, res in zip(picks, results):
         seq = ds.sequences[u]
@@ -65,11 +89,15 @@ def quickstart_cmd(
         table.add_column("recently watched")
         table.add_column(f"top {k} recommended (history excluded)")
         recent = [ds.items[j]["title"] for j in seq[-6:-1]]
-        recs = [f"{r['title']}" + ("  <- held-out next item" if r["id"] == ds.items[seq[-1]]["id"] else "")
-                for r in res["items"]]
+        recs = [
+            f"{r['title']}" + ("  <- held-out next item" if r["id"] == ds.items[seq[-1]]["id"] else "")
+            for r in res["items"]
+        ]
         for i in range(max(len(recent), len(recs))):
             table.add_row(recent[i] if i < len(recent) else "", recs[i] if i < len(recs) else "")
         out.print(table)
         out.print(f"  held-out next item: {ds.items[seq[-1]]['title']}")
-    err.print(f"Done in {time.time() - t0:.0f}s. Try: st2si recommend --domain {domain} --user-history FILE", markup=False)
-
+    err.print(
+        f"Done in {time.time() - t0:.0f}s. Try: st2si recommend --domain {domain} --user-history FILE",
+        markup=False,
+    )

@@ -16,8 +16,12 @@ def recommend_cmd(
     domain: str = typer.Option(..., "--domain"),
     user_history: str = typer.Option(..., "--user-history", help="JSON-lines file, or - for stdin."),
     k: int = typer.Option(10, "-k", "--top-k", help="Items per user."),
-    exclude_history: bool = typer.Option(False, "--exclude-history", help="Never recommend an item already in the history."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Write an error object for a bad line and go on."),
+    exclude_history: bool = typer.Option(
+        False, "--exclude-history", help="Never recommend an item already in the history."
+    ),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Write an error object for a bad line and go on."
+    ),
     head: str | None = head_ref_option(),
     device: str = device_option(),
 ) -> None:
@@ -39,5 +43,7 @@ def recommend_cmd(
             raise InputError(path, f"not UTF-8 text (byte {e.start})") from None
         source = str(path)
     requests = parse_requests(lines, source, ds.items, skip_bad=skip_bad)
-    for row in recommend(zoo, domain, requests, k=k, exclude_history=exclude_history, head_ref=head, device=device):
+    for row in recommend(
+        zoo, domain, requests, k=k, exclude_history=exclude_history, head_ref=head, device=device
+    ):
         print_jsonl(row)

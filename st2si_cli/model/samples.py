@@ -37,8 +37,14 @@ class Sample:
     owner: int  # user index (history) or item index (alignment)
 
 
-def history_samples(itok: ItemTokenizer, items: Sequence[Sequence[int]], targets: Sequence[int] | None,
-                    roles: Sequence[int] | None, owner: int, every_position: bool = True) -> list[Sample]:
+def history_samples(
+    itok: ItemTokenizer,
+    items: Sequence[Sequence[int]],
+    targets: Sequence[int] | None,
+    roles: Sequence[int] | None,
+    owner: int,
+    every_position: bool = True,
+) -> list[Sample]:
     """Samples over one history's item tokens (oldest first); query j predicts targets[j] in role roles[j].
 
     With `every_position` the history is cut into the windows of `ItemTokenizer.windows`, so every
@@ -66,8 +72,13 @@ def alignment_sample(itok: ItemTokenizer, item_tokens: Sequence[int], item: int)
     return Sample(tokens, [len(tokens) - 1], [item], [ALIGN], item)
 
 
-def build_samples(ds: Dataset, itok: ItemTokenizer, item_tokens: list[list[int]], alignment: bool = True,
-                  every_position: bool = True) -> list[Sample]:
+def build_samples(
+    ds: Dataset,
+    itok: ItemTokenizer,
+    item_tokens: list[list[int]],
+    alignment: bool = True,
+    every_position: bool = True,
+) -> list[Sample]:
     """A dataset's history samples (per user, oldest window first) then alignment samples (one per item).
 
     A user's input is the history without its test item: the last query predicts the test item (TEST),

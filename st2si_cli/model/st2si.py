@@ -40,8 +40,15 @@ class ST2SI(nn.Module):
     one forward per batch, whose features the caches hold.
     """
 
-    def __init__(self, backbone: nn.Module, n_items: int | None, *, pad_id: int = 0, seed: int = 0,
-                 split_by_length: bool = False):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        n_items: int | None,
+        *,
+        pad_id: int = 0,
+        seed: int = 0,
+        split_by_length: bool = False,
+    ):
         super().__init__()
         self.backbone = backbone
         self.pad_id = pad_id  # right padding: any token would do, causal attention never reads it
@@ -68,13 +75,17 @@ class ST2SI(nn.Module):
         Split by length, the features are the same: attention is causal, padding is on the right and
         a sample ends with its last query.
         """
-        groups = self._length_groups(query_rows, query_cols, input_ids.shape[0]) if self.split_by_length else None
+        groups = (
+            self._length_groups(query_rows, query_cols, input_ids.shape[0]) if self.split_by_length else None
+        )
         if groups is None:
             h = self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, L, d]
             return h[query_rows, query_cols]  # [P, d]
         out: Tensor | None = None
         for rows, width in groups:
-            h = self.backbone(input_ids=input_ids[rows, :width], use_cache=False).last_hidden_state  # [b, w, d]
+            h = self.backbone(
+                input_ids=input_ids[rows, :width], use_cache=False
+            ).last_hidden_state  # [b, w, d]
             where = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
             where[rows] = torch.arange(rows.numel(), device=input_ids.device)
             sel = torch.nonzero(where[query_rows] >= 0).flatten()  # the queries of these rows
@@ -85,7 +96,9 @@ class ST2SI(nn.Module):
         return out
 
     @staticmethod
-    def _length_groups(query_rows: Tensor, query_cols: Tensor, n_rows: int) -> list[tuple[Tensor, int]] | None:
+    def _length_groups(
+        query_rows: Tensor, query_cols: Tensor, n_rows: int
+    ) -> list[tuple[Tensor, int]] | None:
         """Rows by length (a row ends at its last query), cut where a row is under half the group's width."""
         lengths = torch.zeros(n_rows, dtype=torch.long, device=query_rows.device)
         lengths = lengths.scatter_reduce(0, query_rows, query_cols + 1, reduce="amax").tolist()
@@ -100,8 +113,9 @@ class ST2SI(nn.Module):
         device = query_rows.device
         return [(torch.tensor(sorted(g), dtype=torch.long, device=device), lengths[g[0]]) for g in groups]
 
-    def forward(self, input_ids: Tensor, query_rows: Tensor, query_cols: Tensor,
-                targets: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    def forward(
+        self, input_ids: Tensor, query_rows: Tensor, query_cols: Tensor, targets: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """(logits [P, N], None) without targets; (None, mean cross-entropy over the P queries) with them.
 
         With targets the logits are never materialised whole: the CE runs in item chunks for big catalogs.

@@ -17,7 +17,10 @@ from typing import Any
 ALIGNMENT_PROMPT = "Please give the index of the following item: "
 NEW_QUERY_TOKEN = "[Q]"
 _SPACES = re.compile(r"\s+")
-_LATER_FIELDS = {"trim_periods": False, "positions": "all"}  # TextConfig fields newer than the feature-cache format
+_LATER_FIELDS = {
+    "trim_periods": False,
+    "positions": "all",
+}  # TextConfig fields newer than the feature-cache format
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,14 @@ class TextConfig:
     query: str = "dot"  # "dot": the tokenizer's existing "." token; "new": an added [Q] token
     max_items: int = 50  # items in one history window (the newest ones at inference)
     max_tokens: int = 1024  # token budget of a window (items + query tokens), newest first
-    stride: int | None = None  # training windows step back this many positions (None: max_items // 2), so each
+    stride: int | None = (
+        None  # training windows step back this many positions (None: max_items // 2), so each
+    )
     # position sees at least max_items - stride earlier items
     clean: bool = True  # decode HTML entities and collapse whitespace (the authors did not)
-    trim_periods: bool = False  # drop periods ending an attribute, so the "." query is the item's only full stop
+    trim_periods: bool = (
+        False  # drop periods ending an attribute, so the "." query is the item's only full stop
+    )
     positions: str = "all"  # "all": windows give every training position a row; "newest": the newest window only (fast demos)
 
     @property
@@ -43,7 +50,10 @@ class TextConfig:
         d = asdict(self)
         d["attributes"] = list(self.attributes)
         d["stride"] = self.window_stride  # the default written out: one cache key per behaviour
-        for name, default in _LATER_FIELDS.items():  # added later: absent at their default, so keys stay valid
+        for (
+            name,
+            default,
+        ) in _LATER_FIELDS.items():  # added later: absent at their default, so keys stay valid
             if d[name] == default:
                 del d[name]
         return d

@@ -63,7 +63,9 @@ class AdapterResult:
 class SequenceAdapter(nn.Module):
     """Causal transformer over a user's positions; scores = h_t @ item_vectors().T."""
 
-    def __init__(self, cfg: AdapterConfig, d_feat: int, n_items: int, item_text: Tensor | None = None) -> None:
+    def __init__(
+        self, cfg: AdapterConfig, d_feat: int, n_items: int, item_text: Tensor | None = None
+    ) -> None:
         super().__init__()
         if not (cfg.use_ids or cfg.use_text):
             raise ValueError("the adapter needs use_ids or use_text")
@@ -87,8 +89,15 @@ class SequenceAdapter(nn.Module):
         if cfg.use_ids:
             self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=n_items)  # n_items: unknown/pad
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
-        layer = nn.TransformerEncoderLayer(cfg.hidden, cfg.heads, 4 * cfg.hidden, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            cfg.hidden,
+            cfg.heads,
+            4 * cfg.hidden,
+            cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -166,11 +175,14 @@ def user_sequences(fs: FeatureSet, sequences: Sequence[Sequence[int]]) -> list[U
     for u, seq in enumerate(sequences):
         n = len(seq)
         if n < 3 or counts[u] != n - 1:
-            raise ValueError(f"user {u}: {counts[u]} history rows for a sequence of {n} items (need n >= 3, n - 1 rows)")
+            raise ValueError(
+                f"user {u}: {counts[u]} history rows for a sequence of {n} items (need n >= 3, n - 1 rows)"
+            )
         expected_targets += list(seq[1:])
         expected_roles += [TRAIN] * (n - 3) + [VALID, TEST]
     bad = (fs.targets[rows] != torch.tensor(expected_targets, dtype=torch.long)) | (
-        fs.roles[rows].long() != torch.tensor(expected_roles, dtype=torch.long))
+        fs.roles[rows].long() != torch.tensor(expected_roles, dtype=torch.long)
+    )
     if bool(bad.any()):
         first = int(torch.nonzero(bad)[0, 0])
         u = int(torch.searchsorted(torch.tensor(counts).cumsum(0), first, right=True))
@@ -206,7 +218,9 @@ def eval_windows(users: Sequence[UserRows], role: int, max_len: int) -> list[Use
     return out
 
 
-def collate(fs: FeatureSet, windows: Sequence[UserRows], n_items: int, device: Any = "cpu") -> tuple[Tensor, ...]:
+def collate(
+    fs: FeatureSet, windows: Sequence[UserRows], n_items: int, device: Any = "cpu"
+) -> tuple[Tensor, ...]:
     """Right-padded (feats [B, T, d], ids [B, T], lengths [B], targets [B, T] with -100 at padding)."""
     lengths = torch.tensor([len(ids) for _, ids in windows], dtype=torch.long)
     b, t = len(windows), int(lengths.max())
@@ -229,19 +243,30 @@ def item_text_features(fs: FeatureSet, n_items: int) -> Tensor:
     out[fs.owner[rows]] = fs.feats[rows].float()
     seen[fs.owner[rows]] = True
     if not bool(seen.all()):
-        raise ValueError(f"{int((~seen).sum())} items have no ALIGN row; use_text needs features with alignment")
+        raise ValueError(
+            f"{int((~seen).sum())} items have no ALIGN row; use_text needs features with alignment"
+        )
     return out
 
 
 @torch.no_grad()
-def adapter_ranks(model: SequenceAdapter, fs: FeatureSet, sequences: Sequence[Sequence[int]], role: int, *,
-                  ties: str = "pessimistic", exclude: Sequence[Sequence[int]] | None = None,
-                  users: Sequence[UserRows] | None = None) -> Tensor:
+def adapter_ranks(
+    model: SequenceAdapter,
+    fs: FeatureSet,
+    sequences: Sequence[Sequence[int]],
+    role: int,
+    *,
+    ties: str = "pessimistic",
+    exclude: Sequence[Sequence[int]] | None = None,
+    users: Sequence[UserRows] | None = None,
+) -> Tensor:
     """Full-ranking rank of each user's VALID or TEST target, [n_users] in user order."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    windows = eval_windows(users if users is not None else user_sequences(fs, sequences), role, model.cfg.max_len)
+    windows = eval_windows(
+        users if users is not None else user_sequences(fs, sequences), role, model.cfg.max_len
+    )
     ranks: list[Tensor] = []
     for b0 in range(0, len(windows), EVAL_BATCH):
         feats, ids, lengths, targets = collate(fs, windows[b0 : b0 + EVAL_BATCH], model.n_items, device)
@@ -253,17 +278,32 @@ def adapter_ranks(model: SequenceAdapter, fs: FeatureSet, sequences: Sequence[Se
     return torch.cat(ranks)
 
 
-def evaluate_adapter(model: SequenceAdapter, fs: FeatureSet, sequences: Sequence[Sequence[int]], role: int, *,
-                     ks: Sequence[int] = (10,), ties: str = "pessimistic",
-                     exclude: Sequence[Sequence[int]] | None = None,
-                     users: Sequence[UserRows] | None = None) -> dict[str, float]:
+def evaluate_adapter(
+    model: SequenceAdapter,
+    fs: FeatureSet,
+    sequences: Sequence[Sequence[int]],
+    role: int,
+    *,
+    ks: Sequence[int] = (10,),
+    ties: str = "pessimistic",
+    exclude: Sequence[Sequence[int]] | None = None,
+    users: Sequence[UserRows] | None = None,
+) -> dict[str, float]:
     """Full-ranking metrics of the VALID or TEST targets (one per user)."""
-    return metrics_from_ranks(adapter_ranks(model, fs, sequences, role, ties=ties, exclude=exclude, users=users), ks)
+    return metrics_from_ranks(
+        adapter_ranks(model, fs, sequences, role, ties=ties, exclude=exclude, users=users), ks
+    )
 
 
-def train_adapter(fs: FeatureSet, sequences: Sequence[Sequence[int]], n_items: int, cfg: AdapterConfig,
-                  on_epoch: Callable[[dict[str, Any]], None] | None = None, *,
-                  device: Any = "cpu") -> AdapterResult:
+def train_adapter(
+    fs: FeatureSet,
+    sequences: Sequence[Sequence[int]],
+    n_items: int,
+    cfg: AdapterConfig,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    device: Any = "cpu",
+) -> AdapterResult:
     """AdamW with early stopping on validation NDCG@10; returns the best epoch's weights.
 
     The loss is cross-entropy over all items at every real step of a window (mean over steps).
@@ -304,8 +344,12 @@ def train_adapter(fs: FeatureSet, sequences: Sequence[Sequence[int]], n_items: i
                 total += float(loss.detach())
                 steps += 1
             valid = evaluate_adapter(model, fs, sequences, VALID, ties=cfg.ties, users=users)
-            record = {"epoch": epoch, "loss": total / steps, "seconds": round(time.time() - e0, 3),
-                      **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"}}
+            record = {
+                "epoch": epoch,
+                "loss": total / steps,
+                "seconds": round(time.time() - e0, 3),
+                **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"},
+            }
             history.append(record)
             improved = valid["NDCG@10"] > best["NDCG@10"]
             if improved:
@@ -317,8 +361,13 @@ def train_adapter(fs: FeatureSet, sequences: Sequence[Sequence[int]], n_items: i
                 on_epoch({**record, "best_epoch": best_epoch, "improved": improved})
             if since_best >= cfg.patience:
                 break
-    return AdapterResult(state_dict=best_state, best_epoch=best_epoch, best_valid=best, history=history,
-                         seconds=time.time() - t0)
+    return AdapterResult(
+        state_dict=best_state,
+        best_epoch=best_epoch,
+        best_valid=best,
+        history=history,
+        seconds=time.time() - t0,
+    )
 
 
 def adapter_tensors(model: SequenceAdapter) -> dict[str, Tensor]:
@@ -326,7 +375,9 @@ def adapter_tensors(model: SequenceAdapter) -> dict[str, Tensor]:
     return {k: v.detach().float().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def load_adapter(tensors: dict[str, Tensor], cfg_dict: dict[str, Any], d_feat: int, n_items: int) -> SequenceAdapter:
+def load_adapter(
+    tensors: dict[str, Tensor], cfg_dict: dict[str, Any], d_feat: int, n_items: int
+) -> SequenceAdapter:
     """Rebuild an adapter (in eval mode) from `AdapterConfig.to_dict()` and `adapter_tensors`."""
     cfg = AdapterConfig(**cfg_dict)
     model = SequenceAdapter(cfg, d_feat, n_items, tensors["item_text"] if cfg.use_text else None)

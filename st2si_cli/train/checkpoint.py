@@ -68,8 +68,14 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_checkpoint(stage: Path, engine: dist.Engine, state: RunState, info: dist.DistInfo,
-                    rank_extra: dict[str, Any], improved: bool) -> None:
+def save_checkpoint(
+    stage: Path,
+    engine: dist.Engine,
+    state: RunState,
+    info: dist.DistInfo,
+    rank_extra: dict[str, Any],
+    improved: bool,
+) -> None:
     """All ranks: engine state, each rank's RNG and loss sums, the best weights if improved; then the pointer."""
     tag = f"step-{state.global_step:08d}"
     folder = stage / "checkpoints" / tag

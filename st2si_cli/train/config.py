@@ -32,7 +32,9 @@ class PretrainConfig:
     batch_size: int = 16  # samples per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # 0 turns clipping off (the Hugging Face Trainer's default is 1.0)
-    sampling: str = "all"  # "all": every TRAIN query of each history; "crop": one random crop per user per epoch
+    sampling: str = (
+        "all"  # "all": every TRAIN query of each history; "crop": one random crop per user per epoch
+    )
     multi_query: bool = True  # False: only the last query of each history trains (Table 3)
     alignment: bool = True  # False: no ID-alignment samples (Table 3)
     seed: int = 0
@@ -73,7 +75,9 @@ class RunSetup:
     stage: Path = field(default_factory=Path)  # the staging folder: checkpoints, state.json, best weights
     out: str | None = None  # the name of the stored backbone (None: default_out_name)
     reporter: Reporter = field(default_factory=Reporter)
-    on_step: Callable[[dict[str, Any]], None] | None = None  # after every optimizer step (tests stop runs here)
+    on_step: Callable[[dict[str, Any]], None] | None = (
+        None  # after every optimizer step (tests stop runs here)
+    )
 
 
 def check_config(cfg: PretrainConfig, domains: Sequence[str]) -> None:
@@ -90,17 +94,36 @@ def check_config(cfg: PretrainConfig, domains: Sequence[str]) -> None:
         raise St2siError(f"save_every must be >= 0, not {cfg.save_every}")
 
 
-def run_key(bb: Artifact, datasets: Sequence[Artifact], text: TextConfig, cfg: PretrainConfig, world_size: int,
-            ds_config: dict[str, Any] | None, precision: str) -> str:
-    spec = {"format": RUN_FORMAT, "backbone": bb.id, "datasets": [a.id for a in datasets], "text": text.to_dict(),
-            "config": cfg.result_dict(), "world_size": world_size, "deepspeed": ds_config, "precision": precision}
+def run_key(
+    bb: Artifact,
+    datasets: Sequence[Artifact],
+    text: TextConfig,
+    cfg: PretrainConfig,
+    world_size: int,
+    ds_config: dict[str, Any] | None,
+    precision: str,
+) -> str:
+    spec = {
+        "format": RUN_FORMAT,
+        "backbone": bb.id,
+        "datasets": [a.id for a in datasets],
+        "text": text.to_dict(),
+        "config": cfg.result_dict(),
+        "world_size": world_size,
+        "deepspeed": ds_config,
+        "precision": precision,
+    }
     return hashlib.sha256(canonical_json(spec).encode()).hexdigest()
 
 
 def default_out_name(backbone: str, domains: Sequence[str], cfg: PretrainConfig, text: TextConfig) -> str:
     name = f"{backbone}-st2si-{'+'.join(domains)}"
-    for flag, on in (("nomq", not cfg.multi_query), ("noalign", not cfg.alignment), ("crop", cfg.sampling == "crop"),
-                     ("newq", text.query == "new")):
+    for flag, on in (
+        ("nomq", not cfg.multi_query),
+        ("noalign", not cfg.alignment),
+        ("crop", cfg.sampling == "crop"),
+        ("newq", text.query == "new"),
+    ):
         if on:
             name += f"-{flag}"
     return name

@@ -68,8 +68,17 @@ def build_corpus(zoo: Zoo, datasets: Sequence[Artifact], tokenizer: Any, text: T
     for s, k in histories + aligns:
         eval_samples.append(s)
         eval_domain.append(k)
-    return Corpus([a.name or a.id for a in datasets], list(datasets), offsets, sizes, itok, item_tokens,
-                  train_items, eval_samples, eval_domain)
+    return Corpus(
+        [a.name or a.id for a in datasets],
+        list(datasets),
+        offsets,
+        sizes,
+        itok,
+        item_tokens,
+        train_items,
+        eval_samples,
+        eval_domain,
+    )
 
 
 def epoch_samples(corpus: Corpus, cfg: PretrainConfig, epoch: int) -> list[Sample]:
@@ -94,7 +103,9 @@ def epoch_samples(corpus: Corpus, cfg: PretrainConfig, epoch: int) -> list[Sampl
         else:
             inputs, targets = items[:-1], items[1:]
         # The newest window of the inputs that fits; query j predicts targets[j].
-        [s] = history_samples(itok, [toks[i] for i in inputs], targets, [TRAIN] * len(targets), u, every_position=False)
+        [s] = history_samples(
+            itok, [toks[i] for i in inputs], targets, [TRAIN] * len(targets), u, every_position=False
+        )
         if not cfg.multi_query:
             s.query_pos, s.targets, s.roles = s.query_pos[-1:], s.targets[-1:], s.roles[-1:]
         out.append(s)
@@ -133,8 +144,18 @@ def steps_per_epoch(corpus: Corpus, cfg: PretrainConfig, world_size: int) -> int
     """Optimizer steps per epoch: each takes batch_size x grad_accum x world_size samples."""
     n_train = len(epoch_samples(corpus, cfg, 1))  # the same count every epoch
     if n_train == 0:
-        raise St2siError("no training samples: every user needs at least 4 items (or keep the alignment samples)")
+        raise St2siError(
+            "no training samples: every user needs at least 4 items (or keep the alignment samples)"
+        )
     return -(-n_train // (cfg.batch_size * cfg.grad_accum * world_size))
 
 
-__all__ = ["Corpus", "build_corpus", "epoch_order", "epoch_samples", "split_even", "steps_per_epoch", "valid_view"]
+__all__ = [
+    "Corpus",
+    "build_corpus",
+    "epoch_order",
+    "epoch_samples",
+    "split_even",
+    "steps_per_epoch",
+    "valid_view",
+]

@@ -18,8 +18,14 @@ from st2si_cli.train.corpus import Corpus
 
 
 @torch.no_grad()
-def collect_features(module: ST2SI, samples: Sequence[Sample], cfg: PretrainConfig, precision: str,
-                     shard: tuple[int, int] = (0, 1), equal_rounds: bool = False) -> dict[int, Tensor]:
+def collect_features(
+    module: ST2SI,
+    samples: Sequence[Sample],
+    cfg: PretrainConfig,
+    precision: str,
+    shard: tuple[int, int] = (0, 1),
+    equal_rounds: bool = False,
+) -> dict[int, Tensor]:
     """Query features of this rank's share of `samples`: {sample index: [q, d] float32 on CPU}.
 
     Batches are planned over all samples (length-sorted) and dealt to ranks round-robin. With
@@ -53,8 +59,14 @@ def validate(engine: dist.Engine, run: RunSetup, valid_samples: list[Sample]) ->
     engine.eval()
     module = engine.module
     info = run.info
-    feats = collect_features(module, valid_samples, run.cfg, run.precision, shard=(info.rank, info.world_size),
-                             equal_rounds=engine.zero_stage == 3)
+    feats = collect_features(
+        module,
+        valid_samples,
+        run.cfg,
+        run.precision,
+        shard=(info.rank, info.world_size),
+        equal_rounds=engine.zero_stage == 3,
+    )
     with engine.gathered([module.ilp.weight]):
         weight = module.ilp.weight.detach().float().cpu()  # [N, d]
     mine = sorted(feats)
@@ -69,7 +81,9 @@ def validate(engine: dist.Engine, run: RunSetup, valid_samples: list[Sample]) ->
     return metrics_from_ranks([by_sample[i] for i in range(len(valid_samples))], (10,))
 
 
-def final_metrics(module: ST2SI, corpus: Corpus, cfg: PretrainConfig, precision: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def final_metrics(
+    module: ST2SI, corpus: Corpus, cfg: PretrainConfig, precision: str
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(union metrics, per-domain metrics) of the given weights: valid, test and text->ID accuracy.
 
     Per domain the head is its slice of the ILP, ranking that domain's items only (as `st2si eval` does).
@@ -92,14 +106,19 @@ def final_metrics(module: ST2SI, corpus: Corpus, cfg: PretrainConfig, precision:
         )
 
     def metrics(w: Tensor, fs: FeatureSet) -> dict[str, Any]:
-        return {"valid": evaluate_split(w, fs, VALID), "test": evaluate_split(w, fs, TEST),
-                "alignment": alignment_accuracy(w, fs)}
+        return {
+            "valid": evaluate_split(w, fs, VALID),
+            "test": evaluate_split(w, fs, TEST),
+            "alignment": alignment_accuracy(w, fs),
+        }
 
     union = metrics(weight, feature_set(lambda i: True, 0))
     per_domain = {}
     for k, name in enumerate(corpus.domains):
         off, n = corpus.offsets[k], corpus.sizes[k]
-        per_domain[name] = metrics(weight[off : off + n], feature_set(lambda i, k=k: corpus.eval_domain[i] == k, off))
+        per_domain[name] = metrics(
+            weight[off : off + n], feature_set(lambda i, k=k: corpus.eval_domain[i] == k, off)
+        )
     return union, per_domain
 
 

@@ -68,7 +68,9 @@ def pretrain(
         run.deepspeed, run.out, run.on_step = deepspeed, out, on_step
         run.reporter = reporter if (reporter is not None and info.is_main) else Reporter()
         run.ds_config = _deepspeed_config(run) if deepspeed is not None else None
-        run.key = run_key(run.backbone, run.datasets, text, cfg, info.world_size, run.ds_config, run.precision)
+        run.key = run_key(
+            run.backbone, run.datasets, text, cfg, info.world_size, run.ds_config, run.precision
+        )
         run.stage = zoo.root / "tmp" / f"run-{run.key[:16]}"
         state = _open_state(run, resume, restart)
         model, tokenizer = load_trainable(zoo, run.backbone, text.query)
@@ -80,24 +82,36 @@ def pretrain(
         return store_result(run, corpus, tokenizer, state, time.time() - t_start)
 
 
-def _setup(zoo: Zoo, domains: list[str], backbone: str, text: TextConfig, cfg: PretrainConfig,
-           info: dist.DistInfo) -> RunSetup:
+def _setup(
+    zoo: Zoo, domains: list[str], backbone: str, text: TextConfig, cfg: PretrainConfig, info: dist.DistInfo
+) -> RunSetup:
     """The run's inputs (rank 0 builds a missing known backbone; the others wait, then read it)."""
     from st2si_cli.backbones import ensure_backbone
 
     if info.is_main:
         ensure_backbone(zoo, backbone)
     dist.barrier(info)
-    return RunSetup(zoo=zoo, backbone=zoo.get(backbone, kind="backbone"),
-                    datasets=[zoo.get(d, kind="dataset") for d in domains], text=text, cfg=cfg, info=info,
-                    precision=dist.resolve_precision(cfg.precision, info.device))
+    return RunSetup(
+        zoo=zoo,
+        backbone=zoo.get(backbone, kind="backbone"),
+        datasets=[zoo.get(d, kind="dataset") for d in domains],
+        text=text,
+        cfg=cfg,
+        info=info,
+        precision=dist.resolve_precision(cfg.precision, info.device),
+    )
 
 
 def _deepspeed_config(run: RunSetup) -> dict[str, Any]:
     cfg = run.cfg
-    return dist.deepspeed_config(run.deepspeed, micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum,
-                                 world_size=run.info.world_size, max_grad_norm=cfg.max_grad_norm,
-                                 precision=run.precision)
+    return dist.deepspeed_config(
+        run.deepspeed,
+        micro_batch=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        world_size=run.info.world_size,
+        max_grad_norm=cfg.max_grad_norm,
+        precision=run.precision,
+    )
 
 
 def _open_state(run: RunSetup, resume: bool, restart: bool) -> RunState:
@@ -121,8 +135,10 @@ def _open_state(run: RunSetup, resume: bool, restart: bool) -> RunState:
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
         state = RunState(key=run.key, world_size=info.world_size)
     elif resume:
-        run.reporter.message(f"Resuming run {run.key[:12]} at epoch {state.epoch}, step {state.step}"
-                             + (" (training done: final evaluation)" if state.stopped else ""))
+        run.reporter.message(
+            f"Resuming run {run.key[:12]} at epoch {state.epoch}, step {state.step}"
+            + (" (training done: final evaluation)" if state.stopped else "")
+        )
     dist.barrier(info)
     return state
 
@@ -132,7 +148,9 @@ def _train(run: RunSetup, corpus: Corpus, model: torch.nn.Module, state: RunStat
     cfg, info = run.cfg, run.info
     total_steps = steps_per_epoch(corpus, cfg, info.world_size) * cfg.epochs
     torch.manual_seed(cfg.seed)
-    module = ST2SI(model, corpus.n_items, pad_id=corpus.pad_id, seed=cfg.seed, split_by_length=True).to(info.device)
+    module = ST2SI(model, corpus.n_items, pad_id=corpus.pad_id, seed=cfg.seed, split_by_length=True).to(
+        info.device
+    )
     engine = make_engine(module, run, total_steps)
     totals = new_totals()
     if state.checkpoint is not None:

@@ -67,7 +67,9 @@ def training_rows(fs: FeatureSet, multi_query: bool = True, alignment: bool = Tr
     return train
 
 
-def history_exclusions(fs: FeatureSet, rows: Tensor, sequences: Sequence[Sequence[int]], role: int) -> list[list[int]]:
+def history_exclusions(
+    fs: FeatureSet, rows: Tensor, sequences: Sequence[Sequence[int]], role: int
+) -> list[list[int]]:
     """Items each row's user had seen before its target (for optional history masking)."""
     cut = 2 if role == VALID else 1
     return [list(sequences[int(u)][:-cut]) for u in fs.owner[rows]]
@@ -106,7 +108,9 @@ def evaluate_split(
     ks: Sequence[int] = (10,),
 ) -> dict[str, float]:
     rows = fs.rows(role)
-    exclude = history_exclusions(fs, rows, sequences, role) if mask_history and sequences is not None else None
+    exclude = (
+        history_exclusions(fs, rows, sequences, role) if mask_history and sequences is not None else None
+    )
     return evaluate_rows(weight, fs.feats[rows], fs.targets[rows], ties=ties, exclude=exclude, ks=ks)
 
 
@@ -123,6 +127,7 @@ def train_head(
     """AdamW on the ILP with early stopping on validation NDCG@10; returns the best epoch's head."""
     t0 = time.time()
     if features_of is None:
+
         def features_of(rows: Tensor) -> Tensor:
             return fs.feats[rows]
 
@@ -171,8 +176,12 @@ def train_head(
                 on_step(1)
         with torch.no_grad():
             valid = evaluate_rows(weight.detach(), valid_feats, valid_targets, ties=cfg.ties)
-        record = {"epoch": epoch, "loss": total / max(steps, 1), "seconds": round(time.time() - e0, 3),
-                  **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"}}
+        record = {
+            "epoch": epoch,
+            "loss": total / max(steps, 1),
+            "seconds": round(time.time() - e0, 3),
+            **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"},
+        }
         history.append(record)
         improved = valid["NDCG@10"] > best["NDCG@10"]
         if improved:
@@ -184,8 +193,9 @@ def train_head(
             on_epoch({**record, "best_epoch": best_epoch, "improved": improved})
         if since_best >= cfg.patience:
             break
-    return HeadResult(weight=best_weight, best_epoch=best_epoch, best_valid=best, history=history,
-                      seconds=time.time() - t0)
+    return HeadResult(
+        weight=best_weight, best_epoch=best_epoch, best_valid=best, history=history, seconds=time.time() - t0
+    )
 
 
 def lr_schedule(opt: torch.optim.Optimizer, cfg: HeadConfig, steps_per_epoch: int) -> Any:
@@ -207,7 +217,9 @@ def lr_schedule(opt: torch.optim.Optimizer, cfg: HeadConfig, steps_per_epoch: in
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def text_init(fs: FeatureSet, n_items: int, features_of: Callable[[Tensor], Tensor], row_norm: float) -> Tensor:
+def text_init(
+    fs: FeatureSet, n_items: int, features_of: Callable[[Tensor], Tensor], row_norm: float
+) -> Tensor:
     """ILP rows from each item's alignment feature (the hidden state of its own text + [Q]).
 
     The features share a large common direction, so the mean over items is removed; each row is then

@@ -51,7 +51,9 @@ def new_totals() -> dict[str, Any]:
     return {"loss_sum": 0.0, "loss_count": 0, "tokens": 0}
 
 
-def train_epochs(engine: dist.Engine, run: RunSetup, corpus: Corpus, state: RunState, totals: dict[str, Any]) -> None:
+def train_epochs(
+    engine: dist.Engine, run: RunSetup, corpus: Corpus, state: RunState, totals: dict[str, Any]
+) -> None:
     """Epochs from `state` on until early stopping or the last epoch; a checkpoint after each."""
     valid_samples = [v for s in corpus.eval_samples if (v := valid_view(s)) is not None]
     steps = steps_per_epoch(corpus, run.cfg, run.info.world_size)
@@ -74,15 +76,28 @@ def train_epochs(engine: dist.Engine, run: RunSetup, corpus: Corpus, state: RunS
                 mark = time.time()
                 save_checkpoint(run.stage, engine, state, run.info, totals, improved=False)
             if run.on_step is not None:
-                run.on_step({"epoch": epoch, "step": state.step, "global_step": state.global_step, "loss": loss,
-                             "lr": engine.lr(), "module": engine.module})
+                run.on_step(
+                    {
+                        "epoch": epoch,
+                        "step": state.step,
+                        "global_step": state.global_step,
+                        "loss": loss,
+                        "lr": engine.lr(),
+                        "module": engine.module,
+                    }
+                )
         state.seconds["train"] += time.time() - mark
-        _end_epoch(engine, run, state, totals, time.time() - e0,
-                   lambda: validate(engine, run, valid_samples))
+        _end_epoch(engine, run, state, totals, time.time() - e0, lambda: validate(engine, run, valid_samples))
 
 
-def _global_step(engine: dist.Engine, run: RunSetup, samples: list[Sample], order: list[int], k: int,
-                 totals: dict[str, Any]) -> float:
+def _global_step(
+    engine: dist.Engine,
+    run: RunSetup,
+    samples: list[Sample],
+    order: list[int],
+    k: int,
+    totals: dict[str, Any],
+) -> float:
     """Optimizer step k of the epoch: its global batch split into a disjoint slice per (micro-step, rank)."""
     cfg, info = run.cfg, run.info
     parts = info.world_size * cfg.grad_accum
@@ -107,11 +122,19 @@ def _global_step(engine: dist.Engine, run: RunSetup, samples: list[Sample], orde
     return loss
 
 
-def _end_epoch(engine: dist.Engine, run: RunSetup, state: RunState, totals: dict[str, Any], train_seconds: float,
-               validate_now: Callable[[], dict[str, float]]) -> None:
+def _end_epoch(
+    engine: dist.Engine,
+    run: RunSetup,
+    state: RunState,
+    totals: dict[str, Any],
+    train_seconds: float,
+    validate_now: Callable[[], dict[str, float]],
+) -> None:
     """Validation, early stopping, the epoch's record and its checkpoint."""
     epoch = state.epoch
-    loss_sum, loss_count, tokens = dist.all_sum(run.info, [totals["loss_sum"], totals["loss_count"], totals["tokens"]])
+    loss_sum, loss_count, tokens = dist.all_sum(
+        run.info, [totals["loss_sum"], totals["loss_count"], totals["tokens"]]
+    )
     v0 = time.time()
     valid = validate_now()
     valid_seconds = time.time() - v0
@@ -121,11 +144,17 @@ def _end_epoch(engine: dist.Engine, run: RunSetup, state: RunState, totals: dict
         state.best, state.best_epoch, state.since_best = valid, epoch, 0
     else:
         state.since_best += 1
-    record = {"epoch": epoch, "loss": loss_sum / max(loss_count, 1), "steps": state.global_step,
-              "lr": engine.lr(), "tokens": int(tokens),
-              **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"},
-              "train_seconds": round(train_seconds, 3), "valid_seconds": round(valid_seconds, 3),
-              "seconds": round(train_seconds + valid_seconds, 3)}
+    record = {
+        "epoch": epoch,
+        "loss": loss_sum / max(loss_count, 1),
+        "steps": state.global_step,
+        "lr": engine.lr(),
+        "tokens": int(tokens),
+        **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"},
+        "train_seconds": round(train_seconds, 3),
+        "valid_seconds": round(valid_seconds, 3),
+        "seconds": round(train_seconds + valid_seconds, 3),
+    }
     state.history.append(record)
     state.epoch, state.step = epoch + 1, 0
     state.stopped = state.since_best >= run.cfg.patience or epoch >= run.cfg.epochs

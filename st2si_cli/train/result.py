@@ -32,7 +32,9 @@ class PretrainResult:
     history: list[dict[str, Any]]
 
 
-def store_result(run: RunSetup, corpus: Corpus, tokenizer: Any, state: RunState, elapsed: float) -> PretrainResult:
+def store_result(
+    run: RunSetup, corpus: Corpus, tokenizer: Any, state: RunState, elapsed: float
+) -> PretrainResult:
     """Rank 0: best weights -> final metrics -> backbone, heads and run into the zoo; staging removed."""
     from safetensors.torch import load_file
 
@@ -46,28 +48,70 @@ def store_result(run: RunSetup, corpus: Corpus, tokenizer: Any, state: RunState,
     name = run.out or default_out_name(bb_art.name or bb_art.short_id, corpus.domains, cfg, text)
     flags = run_flags(run)
     inputs = {"backbone": bb_art.id, "datasets": [a.id for a in run.datasets]}
-    config = {"train": cfg.to_dict(), "text": text.to_dict(), "precision": run.precision, "deepspeed": run.ds_config,
-              "domains": corpus.domains, "offsets": corpus.offsets, "n_items": corpus.n_items,
-              "steps_per_epoch": steps_per_epoch(corpus, cfg, run.info.world_size), "key": state.key}
+    config = {
+        "train": cfg.to_dict(),
+        "text": text.to_dict(),
+        "precision": run.precision,
+        "deepspeed": run.ds_config,
+        "domains": corpus.domains,
+        "offsets": corpus.offsets,
+        "n_items": corpus.n_items,
+        "steps_per_epoch": steps_per_epoch(corpus, cfg, run.info.world_size),
+        "key": state.key,
+    }
     s0 = time.time()
     backbone_state = {k.removeprefix("backbone."): v for k, v in best.items() if k.startswith("backbone.")}
-    new_bb = store_backbone(run.zoo, bb_art, backbone_state, tokenizer, text.query, name, {
-        "source": {"type": "st2si-pretrain", "from": bb_art.id, "from_name": bb_art.name, "domains": corpus.domains},
-        "inputs": inputs, "text": text.to_dict(), "query_token": text.query, "flags": flags,
-        "metrics": union, "versions": {"torch": torch.__version__},
-    })
-    timings = {"total_seconds": round(elapsed + time.time() - t0, 2), "train_seconds": round(state.seconds["train"], 2),
-               "valid_seconds": round(state.seconds["valid"], 2), "final_eval_seconds": round(eval_seconds, 2),
-               "epochs": len(state.history),
-               "epoch_seconds": round(sum(r["seconds"] for r in state.history) / max(1, len(state.history)), 2)}
+    new_bb = store_backbone(
+        run.zoo,
+        bb_art,
+        backbone_state,
+        tokenizer,
+        text.query,
+        name,
+        {
+            "source": {
+                "type": "st2si-pretrain",
+                "from": bb_art.id,
+                "from_name": bb_art.name,
+                "domains": corpus.domains,
+            },
+            "inputs": inputs,
+            "text": text.to_dict(),
+            "query_token": text.query,
+            "flags": flags,
+            "metrics": union,
+            "versions": {"torch": torch.__version__},
+        },
+    )
+    timings = {
+        "total_seconds": round(elapsed + time.time() - t0, 2),
+        "train_seconds": round(state.seconds["train"], 2),
+        "valid_seconds": round(state.seconds["valid"], 2),
+        "final_eval_seconds": round(eval_seconds, 2),
+        "epochs": len(state.history),
+        "epoch_seconds": round(sum(r["seconds"] for r in state.history) / max(1, len(state.history)), 2),
+    }
     heads = _store_heads(run, corpus, state, HeadsInput(best["ilp.weight"], new_bb, per_domain, timings))
     timings["store_seconds"] = round(time.time() - s0, 2)
-    meta = {"flags": flags, "config": config, "metrics": {**union, "domains": per_domain}, "history": state.history,
-            "best_epoch": state.best_epoch, "timings": timings, "inputs": inputs, "world_size": run.info.world_size,
-            "outputs": {"backbone": new_bb.id, "heads": {d: h.id for d, h in heads.items()}},
-            "versions": {"st2si": __version__, "torch": torch.__version__}}
-    art = run.zoo.put("run", {"run.json": json.dumps(meta, indent=1, sort_keys=True).encode()}, meta,
-                      name=f"run/{name}", domain="+".join(corpus.domains))
+    meta = {
+        "flags": flags,
+        "config": config,
+        "metrics": {**union, "domains": per_domain},
+        "history": state.history,
+        "best_epoch": state.best_epoch,
+        "timings": timings,
+        "inputs": inputs,
+        "world_size": run.info.world_size,
+        "outputs": {"backbone": new_bb.id, "heads": {d: h.id for d, h in heads.items()}},
+        "versions": {"st2si": __version__, "torch": torch.__version__},
+    }
+    art = run.zoo.put(
+        "run",
+        {"run.json": json.dumps(meta, indent=1, sort_keys=True).encode()},
+        meta,
+        name=f"run/{name}",
+        domain="+".join(corpus.domains),
+    )
     shutil.rmtree(run.stage, ignore_errors=True)
     return PretrainResult(art, new_bb, heads, union, state.history)
 
@@ -75,14 +119,19 @@ def store_result(run: RunSetup, corpus: Corpus, tokenizer: Any, state: RunState,
 def run_flags(run: RunSetup) -> dict[str, Any]:
     """The non-default choices (what `st2si zoo ls --kind run` shows); the run's `config` has every setting."""
     cfg, spec, world = run.cfg, run.deepspeed, run.info.world_size
-    return {"no-multi-query": not cfg.multi_query, "no-alignment": not cfg.alignment,
-            "sampling": cfg.sampling if cfg.sampling != "all" else None,
-            "query-token": run.text.query if run.text.query != "dot" else None,
-            "deepspeed": (spec if spec in dist.ZERO_PRESETS else "json") if spec else None,
-            "world-size": world if world > 1 else None}
+    return {
+        "no-multi-query": not cfg.multi_query,
+        "no-alignment": not cfg.alignment,
+        "sampling": cfg.sampling if cfg.sampling != "all" else None,
+        "query-token": run.text.query if run.text.query != "dot" else None,
+        "deepspeed": (spec if spec in dist.ZERO_PRESETS else "json") if spec else None,
+        "world-size": world if world > 1 else None,
+    }
 
 
-def _final_metrics(run: RunSetup, corpus: Corpus, best: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _final_metrics(
+    run: RunSetup, corpus: Corpus, best: dict[str, Tensor]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(union, per-domain) metrics of the best weights, loaded into a fresh module."""
     model, _ = load_trainable(run.zoo, run.backbone, run.text.query)
     module = ST2SI(model, corpus.n_items, pad_id=corpus.pad_id, split_by_length=True)
@@ -108,13 +157,32 @@ def _store_heads(run: RunSetup, corpus: Corpus, state: RunState, h: HeadsInput) 
     heads: dict[str, Artifact] = {}
     for k, (art, domain) in enumerate(zip(run.datasets, corpus.domains)):
         off, n = corpus.offsets[k], corpus.sizes[k]
-        meta = {"method": "full", "dtype": "float32", "train": run.cfg.to_dict(), "metrics": h.per_domain[domain],
-                "protocol": {"ties": "pessimistic", "mask_history": False, "ranking": "full"},
-                "best_epoch": state.best_epoch, "history": state.history, "timings": h.timings,
-                "pretrain": {"key": state.key, "domains": corpus.domains, "offset": off, "union_items": corpus.n_items},
-                "inputs": {"source_backbone": run.backbone.id}}
-        heads[domain] = save_head(run.zoo, h.ilp[off : off + n], domain=domain, backbone=h.backbone, dataset=art,
-                                  text=run.text, meta=meta)
+        meta = {
+            "method": "full",
+            "dtype": "float32",
+            "train": run.cfg.to_dict(),
+            "metrics": h.per_domain[domain],
+            "protocol": {"ties": "pessimistic", "mask_history": False, "ranking": "full"},
+            "best_epoch": state.best_epoch,
+            "history": state.history,
+            "timings": h.timings,
+            "pretrain": {
+                "key": state.key,
+                "domains": corpus.domains,
+                "offset": off,
+                "union_items": corpus.n_items,
+            },
+            "inputs": {"source_backbone": run.backbone.id},
+        }
+        heads[domain] = save_head(
+            run.zoo,
+            h.ilp[off : off + n],
+            domain=domain,
+            backbone=h.backbone,
+            dataset=art,
+            text=run.text,
+            meta=meta,
+        )
     return heads
 
 

@@ -70,7 +70,9 @@ def sweep(
     for k, point in enumerate(points):
         cfg = replace(base, **point)
         result = train(cfg)
-        trial = Trial(dict(point), float(result.best_valid["NDCG@10"]), int(result.best_epoch), round(result.seconds, 2))
+        trial = Trial(
+            dict(point), float(result.best_valid["NDCG@10"]), int(result.best_epoch), round(result.seconds, 2)
+        )
         trials.append(trial)
         if on_trial:
             on_trial(k, trial)
@@ -79,8 +81,12 @@ def sweep(
     return best_cfg, best_result, trials
 
 
-def sweep_record(trials: Sequence[Trial], chosen: Mapping[str, Any], grid: Mapping[str, Sequence[Any]],
-                 base: Mapping[str, Any]) -> dict[str, Any]:
+def sweep_record(
+    trials: Sequence[Trial],
+    chosen: Mapping[str, Any],
+    grid: Mapping[str, Sequence[Any]],
+    base: Mapping[str, Any],
+) -> dict[str, Any]:
     """What a head stores about the sweep that chose it."""
     return {
         "selection": "best validation NDCG@10 (test never seen)",

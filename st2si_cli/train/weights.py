@@ -26,8 +26,15 @@ def load_trainable(zoo: Zoo, art: Artifact, query: str) -> tuple[nn.Module, Any]
     return model, tokenizer
 
 
-def store_backbone(zoo: Zoo, art: Artifact, backbone_state: dict[str, Tensor], tokenizer: Any, query: str,
-                   name: str, meta: dict[str, Any]) -> Artifact:
+def store_backbone(
+    zoo: Zoo,
+    art: Artifact,
+    backbone_state: dict[str, Tensor],
+    tokenizer: Any,
+    query: str,
+    name: str,
+    meta: dict[str, Any],
+) -> Artifact:
     """The tuned weights in the source backbone's own format (a causal LM folder; an untied LM head is kept)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -274,9 +274,7 @@ class Zoo:
             )
 
     def _row_to_artifact(self, row: Mapping[str, Any]) -> Artifact:
-        files = {
-            r["name"]: r["blob"] for r in self.db["files"].rows_where("artifact = ?", [row["id"]])
-        }
+        files = {r["name"]: r["blob"] for r in self.db["files"].rows_where("artifact = ?", [row["id"]])}
         names = [
             r["name"]
             for r in self.db["names"].rows_where("artifact = ?", [row["id"]], order_by="updated desc")
@@ -324,9 +322,7 @@ class Zoo:
         if domain:
             where.append("domain = ?")
             args.append(domain)
-        rows = self.db["artifacts"].rows_where(
-            " AND ".join(where) or None, args, order_by="created desc, id"
-        )
+        rows = self.db["artifacts"].rows_where(" AND ".join(where) or None, args, order_by="created desc, id")
         return [self._row_to_artifact(r) for r in rows]
 
     def names_of(self, art: Artifact) -> list[str]:

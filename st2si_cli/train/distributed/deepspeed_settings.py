@@ -31,7 +31,9 @@ def deepspeed_config(
     else:
         path = Path(spec)
         if not path.is_file():
-            raise St2siError(f"DeepSpeed config {spec!r}: not one of {', '.join(ZERO_PRESETS)} nor a JSON file")
+            raise St2siError(
+                f"DeepSpeed config {spec!r}: not one of {', '.join(ZERO_PRESETS)} nor a JSON file"
+            )
         try:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -52,7 +54,9 @@ def deepspeed_config(
         if sub.get("enabled", "auto") == "auto":
             sub["enabled"] = on
         elif bool(sub["enabled"]) != on:
-            raise St2siError(f"DeepSpeed config has {section}.enabled={sub['enabled']}, but precision is {precision}")
+            raise St2siError(
+                f"DeepSpeed config has {section}.enabled={sub['enabled']}, but precision is {precision}"
+            )
     cfg.setdefault("zero_optimization", {}).setdefault("stage", 0)
     cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("steps_per_print", 10**9)

@@ -40,8 +40,12 @@ class Engine:
     def micro_step(self, batch: tuple[Any, ...], scale: float, boundary: bool) -> float: ...
     def step(self) -> None: ...
     def lr(self) -> float: ...
-    def train(self) -> None: self.module.train()
-    def eval(self) -> None: self.module.eval()
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
     def save(self, folder: Path, info: DistInfo) -> None: ...
     def load(self, folder: Path) -> None: ...
     def consolidated_state_dict(self, checkpoint: Path | None) -> dict[str, Any] | None: ...
@@ -51,8 +55,10 @@ class Engine:
 
 
 def _cpu_fp32(sd: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.detach().to("cpu", copy=True).float() if v.is_floating_point() else v.detach().cpu().clone()
-            for k, v in sd.items()}
+    return {
+        k: v.detach().to("cpu", copy=True).float() if v.is_floating_point() else v.detach().cpu().clone()
+        for k, v in sd.items()
+    }
 
 
 def write_safetensors(tensors: dict[str, Any], path: Path) -> None:
@@ -74,8 +80,15 @@ def torch_save_atomic(obj: Any, path: Path) -> None:
 class PlainEngine(Engine):
     """One process or torch DDP; torch AdamW, LambdaLR, optional autocast and GradScaler (fp16)."""
 
-    def __init__(self, module: Any, optimizer: Any, scheduler: Any, info: DistInfo, precision: str,
-                 max_grad_norm: float):
+    def __init__(
+        self,
+        module: Any,
+        optimizer: Any,
+        scheduler: Any,
+        info: DistInfo,
+        precision: str,
+        max_grad_norm: float,
+    ):
         import torch
 
         self.module = module
@@ -133,8 +146,11 @@ class PlainEngine(Engine):
             return
         folder.mkdir(parents=True, exist_ok=True)
         write_safetensors(_cpu_fp32(self.module.state_dict()), folder / "model.safetensors")
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
         torch_save_atomic(state, folder / "trainer.pt")
 
     def load(self, folder: Path) -> None:

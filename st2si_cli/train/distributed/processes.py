@@ -103,16 +103,22 @@ def init_processes(device: str = "auto", use_deepspeed: bool = False) -> DistInf
     env_set: list[str] = []
     if use_deepspeed and world == 1 and "MASTER_PORT" not in os.environ:
         # DeepSpeed wants a process group even for one process; without these it looks for MPI.
-        for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                     "MASTER_PORT": str(free_port())}.items():
+        for k, v in {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }.items():
             if k not in os.environ:
                 os.environ[k] = v
                 env_set.append(k)
     dev = resolve_device(device, local)
     if dev.startswith("cuda"):
         torch.cuda.set_device(torch.device(dev))
-    info = DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, deepspeed=use_deepspeed,
-                    env_set=env_set)
+    info = DistInfo(
+        rank=rank, world_size=world, local_rank=local, device=dev, deepspeed=use_deepspeed, env_set=env_set
+    )
     if world == 1 and not use_deepspeed:
         return info
     backend = "nccl" if dev.startswith("cuda") else "gloo"
@@ -203,10 +209,17 @@ def import_deepspeed() -> Any:
             import deepspeed
             import deepspeed.utils.groups as ds_groups
     except ImportError:
-        raise St2siError("DeepSpeed training needs the deepspeed package: pip install 'st2si[deepspeed]'") from None
+        raise St2siError(
+            "DeepSpeed training needs the deepspeed package: pip install 'st2si[deepspeed]'"
+        ) from None
     if not _DS_GROUP_DEFAULTS:
-        _DS_GROUP_DEFAULTS.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(ds_groups).items()
-                                   if not k.startswith("__") and (v is None or isinstance(v, dict))})
+        _DS_GROUP_DEFAULTS.update(
+            {
+                k: (dict(v) if isinstance(v, dict) else v)
+                for k, v in vars(ds_groups).items()
+                if not k.startswith("__") and (v is None or isinstance(v, dict))
+            }
+        )
     import logging
     import warnings
 
