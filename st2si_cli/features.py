@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from st2si_cli import __version__
 from st2si_cli.data.dataset import Dataset
 from st2si_cli.model.samples import Sample, build_samples, plan_batches
 from st2si_cli.model.text import ItemTokenizer, TextConfig
-from st2si_cli.zoo.store import Artifact, Zoo, canonical_json
+from st2si_cli.zoo.artifact import Artifact, canonical_json, write_safetensors_atomic
+from st2si_cli.zoo.store import Zoo
 
 if TYPE_CHECKING:
     from st2si_cli.backbones import Backbone
@@ -116,14 +115,6 @@ def cache_name(key: str) -> str:
 
 def dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def _write_atomic_safetensors(tensors: dict[str, Any], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def compute_features(
@@ -219,7 +210,7 @@ def compute_features(
                     on_progress(btok, len(b))
             sizes = [per_sample[i].shape[0] for i in members]
             offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.long)
-            _write_atomic_safetensors(
+            write_safetensors_atomic(
                 {"feats": torch.cat(shard_feats).to(backbone.dtype), "offsets": offsets}, path
             )
 
@@ -229,7 +220,7 @@ def compute_features(
     out = stage / "features.safetensors"
     stored = fs.tensors()
     stored["feats"] = fs.feats.to(backbone.dtype)  # bf16 features are exact in bf16
-    _write_atomic_safetensors(stored, out)
+    write_safetensors_atomic(stored, out)
     meta = {
         "key": key,
         "inputs": {"backbone": backbone.artifact_id, "dataset": dataset_id},

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from st2si_cli.train import distributed as dist
+from st2si_cli.zoo.artifact import write_safetensors_atomic
 
 
 @dataclass
@@ -89,7 +90,7 @@ def save_checkpoint(
         best = f"best-{state.best_epoch:04d}.safetensors"
         sd = engine.consolidated_state_dict(folder)
         if info.is_main:
-            dist.write_safetensors(sd, stage / best)
+            write_safetensors_atomic(sd, stage / best)
         state.best_file = best
     dist.barrier(info)
     state.checkpoint = tag

@@ -22,7 +22,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,18 @@ import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
 from st2si_cli.errors import ZooError
+from st2si_cli.zoo.artifact import (
+    CHUNK,
+    Artifact,
+    RemovalPlan,
+    VerifyReport,
+    canonical_json,
+    input_ids,
+    sha256_file,
+)
 
 KINDS = ("dataset", "catalog", "backbone", "head", "features", "run")
 ENV_HOME = "ST2SI_HOME"
-CHUNK = 1 << 20
 
 migrations = Migrations("st2si.zoo")
 
@@ -66,73 +73,6 @@ def resolve_root(path: str | Path | None = None) -> Path:
     if env:
         return Path(env).expanduser().absolute()
     return default_root().absolute()
-
-
-def sha256_file(path: Path, on_chunk: Callable[[int], Any] | None = None) -> str:
-    """The file's sha256; `on_chunk(n_bytes)` after each chunk read (for progress bars)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            if on_chunk is not None:
-                on_chunk(len(chunk))
-    return h.hexdigest()
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-@dataclass
-class Artifact:
-    id: str
-    kind: str
-    name: str | None
-    domain: str | None
-    created: float
-    size: int
-    meta: dict[str, Any]
-    files: dict[str, str] = field(default_factory=dict)  # file name -> blob sha256
-
-    @property
-    def short_id(self) -> str:
-        return self.id[:12]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "name": self.name,
-            "domain": self.domain,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
-            "size": self.size,
-            "files": self.files,
-            "meta": self.meta,
-        }
-
-
-@dataclass
-class RemovalPlan:
-    artifact: Artifact
-    names: list[str]
-    blobs: list[tuple[str, int]]  # blobs no other artifact uses: (sha256, size)
-    dependents: list[Artifact]  # artifacts whose meta lists this one as an input
-
-    @property
-    def bytes_freed(self) -> int:
-        return sum(size for _, size in self.blobs)
-
-
-@dataclass
-class VerifyReport:
-    checked: int
-    mismatched: list[str]  # blob sha256s whose bytes no longer hash to their name
-    missing: list[str]  # blobs in the index with no file
-    orphans: list[str]  # files under blobs/ that no artifact references
-
-    @property
-    def ok(self) -> bool:
-        return not (self.mismatched or self.missing)
 
 
 class Zoo:
@@ -431,19 +371,3 @@ class Zoo:
         """IDs of the artifacts that list this blob, each once."""
         rows = self.db.execute("SELECT DISTINCT artifact FROM files WHERE blob = ? ORDER BY artifact", [sha])
         return [artifact for (artifact,) in rows.fetchall()]
-
-
-def input_ids(meta: Mapping[str, Any]) -> set[str]:
-    """IDs in meta["inputs"]: {role: id}, {role: [id, ...]} or {role: {"id": id, ...}}, or a list."""
-    inputs = meta.get("inputs") or {}
-    values = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
-    ids: set[str] = set()
-    while values:
-        v = values.pop()
-        if isinstance(v, str):
-            ids.add(v)
-        elif isinstance(v, Mapping) and isinstance(v.get("id"), str):
-            ids.add(v["id"])
-        elif isinstance(v, (list, tuple)):
-            values.extend(v)
-    return ids

@@ -11,7 +11,6 @@ from st2si_cli.train.distributed.engines import (
     PlainEngine,
     loss_scale,
     torch_save_atomic,
-    write_safetensors,
 )
 from st2si_cli.train.distributed.processes import (
     DistInfo,
@@ -48,6 +47,5 @@ __all__ = [
     "resolve_precision",
     "shutdown",
     "torch_save_atomic",
-    "write_safetensors",
     "zero_stage",
 ]

@@ -19,6 +19,7 @@ from typing import Any
 from st2si_cli.errors import St2siError
 from st2si_cli.train.distributed.deepspeed_settings import zero_stage
 from st2si_cli.train.distributed.processes import DistInfo, autocast, import_deepspeed
+from st2si_cli.zoo.artifact import write_safetensors_atomic
 
 
 def loss_scale(n_global: int, info: DistInfo, grad_accum: int, deepspeed: bool) -> float:
@@ -59,14 +60,6 @@ def _cpu_fp32(sd: dict[str, Any]) -> dict[str, Any]:
         k: v.detach().to("cpu", copy=True).float() if v.is_floating_point() else v.detach().cpu().clone()
         for k, v in sd.items()
     }
-
-
-def write_safetensors(tensors: dict[str, Any], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def torch_save_atomic(obj: Any, path: Path) -> None:
@@ -145,7 +138,7 @@ class PlainEngine(Engine):
         if not info.is_main:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        write_safetensors(_cpu_fp32(self.module.state_dict()), folder / "model.safetensors")
+        write_safetensors_atomic(_cpu_fp32(self.module.state_dict()), folder / "model.safetensors")
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),

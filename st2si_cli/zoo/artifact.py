@@ -1,0 +1,107 @@
+"""What the zoo stores and returns: artifacts, removal plans, verify reports, and the file helpers
+they share (sha256 of a file, canonical JSON, atomic safetensors writes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path, on_chunk: Callable[[int], Any] | None = None) -> str:
+    """The file's sha256; `on_chunk(n_bytes)` after each chunk read (for progress bars)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            if on_chunk is not None:
+                on_chunk(len(chunk))
+    return h.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def write_safetensors_atomic(tensors: dict[str, Any], path: Path) -> None:
+    """Write tensors as safetensors to a temp file beside `path`, then rename it into place."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Artifact:
+    id: str
+    kind: str
+    name: str | None
+    domain: str | None
+    created: float
+    size: int
+    meta: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)  # file name -> blob sha256
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "name": self.name,
+            "domain": self.domain,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
+            "size": self.size,
+            "files": self.files,
+            "meta": self.meta,
+        }
+
+
+@dataclass
+class RemovalPlan:
+    artifact: Artifact
+    names: list[str]
+    blobs: list[tuple[str, int]]  # blobs no other artifact uses: (sha256, size)
+    dependents: list[Artifact]  # artifacts whose meta lists this one as an input
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(size for _, size in self.blobs)
+
+
+@dataclass
+class VerifyReport:
+    checked: int
+    mismatched: list[str]  # blob sha256s whose bytes no longer hash to their name
+    missing: list[str]  # blobs in the index with no file
+    orphans: list[str]  # files under blobs/ that no artifact references
+
+    @property
+    def ok(self) -> bool:
+        return not (self.mismatched or self.missing)
+
+
+def input_ids(meta: Mapping[str, Any]) -> set[str]:
+    """IDs in meta["inputs"]: {role: id}, {role: [id, ...]} or {role: {"id": id, ...}}, or a list."""
+    inputs = meta.get("inputs") or {}
+    values = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
+    ids: set[str] = set()
+    while values:
+        v = values.pop()
+        if isinstance(v, str):
+            ids.add(v)
+        elif isinstance(v, Mapping) and isinstance(v.get("id"), str):
+            ids.add(v["id"])
+        elif isinstance(v, (list, tuple)):
+            values.extend(v)
+    return ids
