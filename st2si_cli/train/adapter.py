@@ -3,7 +3,7 @@
 Each user's history rows in a `FeatureSet` are positions j = 0..n-2 of its sequence: the feature
 of the query after item seq[j], target seq[j + 1]. The adapter runs a causal transformer over those
 positions; the input at a step is LN(query_proj(feature)) + item_emb(seq[j]) + pos_emb(step), and
-items are scored against item_proj(item text feature) + item_emb(item). With `use_text=False` it
+items are scored against LN(item_proj(item text feature)) + item_emb(item). With `use_text=False` it
 is plain SASRec on IDs; with `use_ids=False` it reads only the language model.
 
 Layout: windows are right-padded and positions are left-aligned (the oldest step of a window has
@@ -26,6 +26,7 @@ from st2si_cli.metrics import metrics_from_ranks, rank_of_target
 from st2si_cli.model.samples import ALIGN, TEST, TRAIN, VALID
 
 EVAL_BATCH = 256  # users scored at once when evaluating
+TEXT_GAIN = 0.02  # initial LayerNorm gain of the projected text features (the ID embeddings' init std)
 
 
 @dataclass
@@ -45,6 +46,9 @@ class AdapterConfig:
     seed: int = 0
     use_ids: bool = True  # ablation: False = text only (no item ID embeddings)
     use_text: bool = True  # ablation: False = plain SASRec on item IDs
+    text_norm: bool = (
+        True  # LayerNorm (gain 0.02 at init) on both projected text paths; False: the first version
+    )
     ties: str = "pessimistic"
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,6 +90,7 @@ class SequenceAdapter(nn.Module):
             self.query_proj = nn.Linear(d_feat, cfg.hidden)
             self.query_norm = nn.LayerNorm(cfg.hidden)
             self.item_proj = nn.Linear(d_feat, cfg.hidden)
+            self.item_norm = nn.LayerNorm(cfg.hidden) if cfg.text_norm else nn.Identity()
         if cfg.use_ids:
             self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=n_items)  # n_items: unknown/pad
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
@@ -102,6 +107,11 @@ class SequenceAdapter(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
         self.apply(_init_weights)
+        if cfg.use_text and cfg.text_norm:
+            # Both text paths start at the ID embeddings' scale (std 0.02 per dimension), so neither
+            # kind of evidence drowns the other at the start; the LayerNorm gains learn the balance.
+            for norm in (self.query_norm, self.item_norm):
+                nn.init.constant_(norm.weight, TEXT_GAIN)
         if cfg.use_ids:
             with torch.no_grad():
                 self.item_emb.weight[n_items].zero_()
@@ -131,7 +141,11 @@ class SequenceAdapter(nn.Module):
 
     def item_vectors(self) -> Tensor:
         """Output vector of every item, [n_items, hidden] (the unknown/pad ID is not an item)."""
-        v = self.item_proj((self.item_text - self.text_mean) / self.text_std) if self.cfg.use_text else 0
+        v = (
+            self.item_norm(self.item_proj((self.item_text - self.text_mean) / self.text_std))
+            if self.cfg.use_text
+            else 0
+        )
         if self.cfg.use_ids:
             v = v + self.item_emb.weight[: self.n_items]
         return v
@@ -379,6 +393,7 @@ def load_adapter(
     tensors: dict[str, Tensor], cfg_dict: dict[str, Any], d_feat: int, n_items: int
 ) -> SequenceAdapter:
     """Rebuild an adapter (in eval mode) from `AdapterConfig.to_dict()` and `adapter_tensors`."""
+    cfg_dict = {"text_norm": False, **cfg_dict}  # adapters stored before text_norm existed had none
     cfg = AdapterConfig(**cfg_dict)
     model = SequenceAdapter(cfg, d_feat, n_items, tensors["item_text"] if cfg.use_text else None)
     model.load_state_dict(tensors)
