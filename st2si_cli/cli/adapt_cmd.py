@@ -50,24 +50,44 @@ def adapt_cmd(
     sweep_trials: int = typer.Option(
         8, "--sweep-trials", min=0, help="Grid points tried by --sweep (0: all 16)."
     ),
-    lr: float = typer.Option(
-        3e-4, "--lr", help="AdamW learning rate of the head (1e-4 suits a pretrained backbone)."
+    lr: float | None = typer.Option(
+        None,
+        "--lr",
+        help="AdamW learning rate (default: ILP 3e-4, the authors'; 1e-4 suits a pretrained backbone; adapter 1e-3).",
     ),
-    batch_size: int = typer.Option(256, "--batch-size", help="Query positions per step."),
-    epochs: int = typer.Option(100, "--epochs", help="Most epochs (early stopping usually ends sooner)."),
-    patience: int = typer.Option(
-        5, "--patience", help="Epochs without a better valid NDCG@10 before stopping."
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        min=1,
+        help="Per step: ILP query positions (256); adapter history windows (128).",
     ),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    epochs: int | None = typer.Option(
+        None,
+        "--epochs",
+        min=1,
+        help="Most epochs, early stopping usually ends sooner (ILP 100, adapter 200).",
+    ),
+    patience: int | None = typer.Option(
+        None,
+        "--patience",
+        min=1,
+        help="Epochs without a better valid NDCG@10 before stopping (ILP 5, adapter 10).",
+    ),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0)."),
     schedule: Schedule = typer.Option(
         Schedule.constant, "--schedule", help="constant or cosine (to 0 at --epochs)."
     ),
     warmup: float = typer.Option(
         0.0, "--warmup", min=0.0, max=1.0, help="Fraction of the schedule spent warming up."
     ),
-    dropout: float = typer.Option(
-        0.0, "--dropout", min=0.0, max=0.95, help="Dropout on the features while training."
+    dropout: float | None = typer.Option(
+        None,
+        "--dropout",
+        min=0.0,
+        max=0.95,
+        help="ILP: dropout on the features while training (0); adapter: hidden and attention dropout (0.5).",
     ),
+    hidden: int | None = typer.Option(None, "--hidden", min=8, help="Adapter width (64)."),
     seed: int = typer.Option(0, "--seed"),
     attributes: str = attributes_option(
         "Item attributes in order, comma-separated (e.g. title,brand,category)."
@@ -123,19 +143,25 @@ def adapt_cmd(
         trim_periods=trim_periods,
         positions=positions.value,
     )
+    # Settings left out keep the head kind's own defaults.
+    given = {
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "max_epochs": epochs,
+        "patience": patience,
+        "dropout": dropout,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
     head_cfg = HeadConfig(
-        lr=lr,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        max_epochs=epochs,
-        patience=patience,
         seed=seed,
         multi_query=not no_multi_query,
         alignment=not no_alignment,
         schedule=schedule.value,
         warmup=warmup,
-        dropout=dropout,
+        **given,
     )
+    adapter_cfg = AdapterConfig(seed=seed, **given, **({"hidden": hidden} if hidden else {}))
     reporter = RichReporter()
     zoo = open_zoo()
     try:
@@ -152,7 +178,7 @@ def adapt_cmd(
             reporter=reporter,
             kind=head_kind.value,
             sweep_trials=sweep_trials if sweep else None,
-            adapter_cfg=AdapterConfig(seed=seed) if head_kind is HeadKind.adapter else None,
+            adapter_cfg=adapter_cfg if head_kind is HeadKind.adapter else None,
         )
     finally:
         reporter.close()
