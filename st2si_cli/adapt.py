@@ -283,8 +283,8 @@ def evaluate(
     if candidates is None:
         ranks = user_ranks(zoo, head, fs, ds.sequences, role, ties=ties, mask_history=mask_history)
         result["metrics"] = metrics_from_ranks(ranks, ks)
-    elif kind == "adapter":
-        raise St2siError(f"protocol {protocol} scores ILP heads only; {head.name} is a sequence adapter")
+    elif kind in ("adapter", "fusion"):
+        raise St2siError(f"protocol {protocol} scores ILP heads only; {head.name} is a {kind} head")
     else:
         weight = load_head_weight(zoo, head)
         rows = fs.rows(role)
@@ -293,7 +293,7 @@ def evaluate(
         result["metrics"] = candidate_hit_ratio(
             scores, fs.targets[rows], histories, n_candidates=candidates, seeds=range(seeds), ties=ties
         )
-    if kind != "adapter":
+    if kind not in ("adapter", "fusion"):
         result["metrics"].update(alignment_accuracy(load_head_weight(zoo, head), fs))
     result["seconds"] = round(time.time() - t0, 2)
     return result

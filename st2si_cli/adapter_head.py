@@ -129,3 +129,22 @@ def adapter_user_ranks(
     cut = 2 if role == VALID else 1
     exclude = [list(seq[:-cut]) for seq in sequences] if mask_history else None
     return adapter_ranks(load_adapter_head(zoo, head), fs, sequences, role, ties=ties, exclude=exclude)
+
+
+def adapter_history_scores(adapter: Any, feats: list[Any], catalog_ids: list[list[int | None]]) -> Any:
+    """Scores [B, N] of histories given as their query features (newest window) and catalog IDs (None:
+    an item outside the catalog, which gets no ID embedding)."""
+    import torch
+
+    max_len, n = adapter.cfg.max_len, adapter.n_items
+    lengths = torch.tensor([min(len(f), max_len) for f in feats])
+    width = int(lengths.max())
+    x = torch.zeros(len(feats), width, feats[0].shape[1])
+    ids = torch.full((len(feats), width), n, dtype=torch.long)
+    for r, (f, cids) in enumerate(zip(feats, catalog_ids)):
+        m = int(lengths[r])
+        x[r, :m] = f[-m:].float()
+        window = [n if c is None else c for c in cids[len(cids) - len(f) :]]
+        ids[r, :m] = torch.tensor(window[-m:], dtype=torch.long)
+    with torch.no_grad():
+        return adapter.score_last(x, ids, lengths)

@@ -1,11 +1,12 @@
 """Per-user ranks of any head on its domain's validation or test targets (the one scoring path of
-`eval` and the benchmarks): ILP heads through `rank_rows`, sequence adapters through the adapter."""
+`eval` and the benchmarks): ILP heads through `rank_rows`, sequence adapters and fusions through their own scorers."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from st2si_cli.adapter_head import adapter_user_ranks
+from st2si_cli.fusion_head import fusion_user_ranks
 from st2si_cli.heads import head_kind, load_head_weight
 from st2si_cli.model.samples import VALID
 from st2si_cli.scoring import rank_rows
@@ -30,6 +31,8 @@ def user_ranks(
     import torch
 
     cut = 2 if role == VALID else 1
+    if head_kind(head) == "fusion":
+        return fusion_user_ranks(zoo, head, fs, sequences, role, ties=ties, mask_history=mask_history)
     if head_kind(head) == "adapter":
         return adapter_user_ranks(zoo, head, fs, sequences, role, ties=ties, mask_history=mask_history)
     rows = fs.rows(role)

@@ -9,8 +9,9 @@ reads text; only the predicted items need IDs. Output: one JSON object per input
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from st2si_cli.errors import InputError, St2siError
@@ -103,10 +104,11 @@ def recommend(
     """One output object per request (errors for BadLines), in input order."""
     import torch
 
-    from st2si_cli.adapter_head import load_adapter_head
+    from st2si_cli.adapter_head import adapter_history_scores, load_adapter_head
     from st2si_cli.backbones import load_backbone
     from st2si_cli.data.prepare import load_dataset
     from st2si_cli.features import query_features
+    from st2si_cli.fusion_head import load_fusion_head
     from st2si_cli.heads import check_compatible, find_head, head_kind, head_text_config, load_head_weight
     from st2si_cli.model.samples import Sample, history_samples, plan_batches
     from st2si_cli.model.text import ItemTokenizer
@@ -126,8 +128,15 @@ def recommend(
         device=device,
         query=text.query,
     )
-    adapter = load_adapter_head(zoo, head) if head_kind(head) == "adapter" else None
-    weight = load_head_weight(zoo, head) if adapter is None else None
+    kind = head_kind(head)
+    if kind == "adapter":
+        adapter = load_adapter_head(zoo, head)
+        sequence_scores = partial(adapter_history_scores, adapter)
+    elif kind == "fusion":
+        sequence_scores = load_fusion_head(zoo, head).history_scores
+    else:  # ILP: chunked top-k over the last query's feature, bounded memory for any catalog size
+        sequence_scores = None
+        weight = load_head_weight(zoo, head)
     itok = ItemTokenizer.create(backbone.tokenizer, text)
 
     good = [r for r in requests if isinstance(r, Request)]
@@ -144,7 +153,7 @@ def recommend(
             for (key, _), ids in zip(missing, itok.encode_items([it for _, it in missing])):
                 cache[key] = ids
         [sample] = history_samples(itok, [cache[key] for key in keys], None, None, 0, every_position=False)
-        if adapter is None:  # the ILP reads the last query; the adapter every query of the window
+        if sequence_scores is None:  # the ILP reads the last query; the other heads every query of the window
             sample.query_pos = sample.query_pos[-1:]
         samples.append(sample)
 
@@ -157,11 +166,11 @@ def recommend(
             if on_progress:
                 on_progress(len(batch))
         exclude = [[i for i in r.catalog_ids if i is not None] for r in good] if exclude_history else None
-        if adapter is None:
+        if sequence_scores is None:
             hidden = torch.stack([f[-1] for f in feats]) if feats else torch.empty(0, backbone.hidden_size)
             scores, idx = top_k(weight, hidden, k, exclude=exclude)
         else:
-            scores, idx = adapter_top_k(adapter, feats, [r.catalog_ids for r in good], k, exclude)
+            scores, idx = sequence_top_k(sequence_scores, feats, [r.catalog_ids for r in good], k, exclude)
 
     results: list[dict[str, Any]] = []
     g = 0
@@ -178,37 +187,27 @@ def recommend(
     return results
 
 
-def adapter_top_k(
-    adapter: Any,
+def sequence_top_k(
+    scores_of: Callable[[list[Any], list[list[int | None]]], Any],
     feats: list[Any],
     catalog_ids: list[list[int | None]],
     k: int,
     exclude: list[list[int]] | None,
     batch: int = 256,
 ) -> tuple[Any, Any]:
-    """Top-k of a sequence adapter over each history's newest positions (unknown items: no ID)."""
+    """Top-k of a head that reads each history's query features and item IDs, `batch` histories at a time."""
     import torch
 
-    max_len, n = adapter.cfg.max_len, adapter.n_items
     out_s, out_i = [], []
     for b0 in range(0, len(feats), batch):
-        rows = feats[b0 : b0 + batch]
-        lengths = torch.tensor([min(len(f), max_len) for f in rows])
-        width = int(lengths.max())
-        x = torch.zeros(len(rows), width, rows[0].shape[1])
-        ids = torch.full((len(rows), width), n, dtype=torch.long)
-        for r, (f, cids) in enumerate(zip(rows, catalog_ids[b0 : b0 + batch])):
-            m = int(lengths[r])
-            x[r, :m] = f[-m:].float()
-            ids[r, :m] = torch.tensor(
-                [n if c is None else c for c in cids[len(cids) - len(f) :]][-m:], dtype=torch.long
-            )
-        scores = adapter.score_last(x, ids, lengths)
+        scores = scores_of(feats[b0 : b0 + batch], catalog_ids[b0 : b0 + batch])
         if exclude is not None:
             for r, items in enumerate(exclude[b0 : b0 + batch]):
                 if items:
                     scores[r, items] = float("-inf")
-        s, i = scores.topk(min(k, n), dim=1)
+        s, i = scores.topk(min(k, scores.shape[1]), dim=1)
         out_s.append(s)
         out_i.append(i)
+    if not out_s:
+        return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
     return torch.cat(out_s), torch.cat(out_i)

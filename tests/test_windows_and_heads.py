@@ -316,3 +316,39 @@ def test_adapter_sweep_records_its_trials_and_keeps_the_best_on_validation(zoo, 
     assert head.meta["train"]["hidden"] == head.meta["sweep"]["chosen"]["hidden"]
     result = evaluate(zoo, "short", head_ref="short/adapter-swept", split="valid")
     assert result["metrics"]["NDCG@10"] == pytest.approx(head.meta["metrics"]["valid"]["NDCG@10"])
+
+
+def test_fusion_of_ilp_and_adapter_chooses_its_weight_on_validation(zoo, one_thread):
+    from st2si_cli.fusion_head import fuse_heads
+    from st2si_cli.train.adapter import AdapterConfig
+
+    ilp = adapt(
+        zoo,
+        "short",
+        backbone="tiny-opt",
+        name="short/ilp-for-fusion",
+        head_cfg=HeadConfig(batch_size=64, max_epochs=3, lr=1e-2),
+    )
+    ad = adapt(
+        zoo,
+        "short",
+        backbone="tiny-opt",
+        kind="adapter",
+        name="short/adapter-for-fusion",
+        adapter_cfg=AdapterConfig(hidden=16, max_epochs=3, patience=3, max_len=8),
+    )
+    fused = fuse_heads(zoo, ilp, ad, name="short/fusion")
+    trials = fused.meta["sweep"]["trials"]
+    assert fused.meta["metrics"]["valid"]["NDCG@10"] == pytest.approx(max(t["valid_ndcg10"] for t in trials))
+    # the end points of the grid are the two heads themselves
+    by_w = {t["w"]: t["valid_ndcg10"] for t in trials}
+    assert by_w[1.0] == pytest.approx(ilp.meta["metrics"]["valid"]["NDCG@10"])
+    assert by_w[0.0] == pytest.approx(ad.meta["metrics"]["valid"]["NDCG@10"])
+    result = evaluate(zoo, "short", head_ref="short/fusion", split="test")
+    assert result["metrics"]["NDCG@10"] == pytest.approx(fused.meta["metrics"]["test"]["NDCG@10"])
+    ds = load_dataset(zoo, "short")
+    reqs = parse_requests(['{"user": "a", "history": ["1", "2", {"title": "red lamp"}]}'], "<test>", ds.items)
+    [out] = recommend(zoo, "short", reqs, k=3, head_ref="short/fusion", exclude_history=True)
+    assert len(out["items"]) == 3 and not {"1", "2"} & {i["id"] for i in out["items"]}
+    with pytest.raises(Exception, match="ILP head and an adapter"):
+        fuse_heads(zoo, ad, ilp)

@@ -60,6 +60,7 @@ def root(
 
 app.command("adapt")(adapt_cmd.adapt_cmd)
 app.command("eval")(adapt_cmd.eval_cmd)
+app.command("fuse")(adapt_cmd.fuse_cmd)
 app.command("prepare")(prepare_cmd.prepare)
 app.command("pretrain")(pretrain_cmd.pretrain_cmd)
 app.command("quickstart")(quickstart_cmd.quickstart_cmd)
