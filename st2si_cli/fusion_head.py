@@ -49,7 +49,8 @@ def _split_scores(fusion: Fusion, fs: Any, sequences: Any, role: int) -> tuple[A
     """(ILP scores, adapter scores, targets) of each user's VALID or TEST target, in user order."""
     import torch
 
-    from st2si_cli.train.adapter import EVAL_BATCH, collate, eval_windows, user_sequences
+    from st2si_cli.train.adapter import EVAL_BATCH
+    from st2si_cli.train.adapter_data import collate, eval_windows, user_sequences
 
     rows = fs.rows(role)
     order = torch.argsort(fs.owner[rows])
