@@ -16,7 +16,7 @@ from typing import Any
 # The ILP grid: peak learning rate, decoupled weight decay, feature dropout and batch size, under a
 # cosine schedule with 5% warm-up over at most 30 epochs.
 ILP_GRID: dict[str, Sequence[Any]] = {
-    "lr": (1e-3, 3e-3),
+    "lr": (3e-4, 1e-3),
     "weight_decay": (0.0, 0.05),
     "dropout": (0.0, 0.3),
     "batch_size": (256, 1024),
