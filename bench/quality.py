@@ -131,7 +131,7 @@ def st2si_row(zoo: Any, head: Any, ds: Any, dataset_art: Any, allow_compute: boo
         return None
     kind = head_kind(head)
     method = head.meta.get("method", "ilp")
-    label = f"st2si {kind}" + ("" if method == "ilp" else f" ({method}-tuned backbone)")
+    label = f"st2si {kind}" + (" (fully tuned backbone)" if method == "full" else "")
     timings = head.meta.get("timings", {})
     row: dict[str, Any] = {
         "model": f"{label} [{head.name}]",
@@ -443,6 +443,8 @@ def paired_diff(a: list[int], b: list[int]) -> dict[str, Any]:
 
 def status(r: dict[str, Any]) -> str:
     if r["source"] == "st2si":
+        if r["kind"] == "fusion":
+            return f"fusion, w = {(r.get('sweep') or {}).get('w')} (valid)"
         return f"best epoch {r.get('best_epoch')} of {r.get('epochs_run')}"
     if r["converged"]:
         return f"converged: early stop at {r['epochs_run']}, best {r['best_epoch']}"
@@ -677,6 +679,10 @@ def main() -> int:
         "table": texts["unmasked"],
         "table_masked": texts["masked"],
     }
+    for r in rows:  # per-user ranks (user order) as one string each: a list of ints takes a line per user
+        for key in ("ranks", "ranks_masked"):
+            r[key] = " ".join(map(str, r[key]))
+    record["protocol"]["ranks"] = "per row: space-separated 1-based test ranks, one per user in st2si user order"
     out_dir = Path(args.out)
     path = write_json(result_path(out_dir, f"quality-{args.domain}", args.tag), record)
     summary_path = Path(args.summary) if args.summary else out_dir / "quality-summary.json"
