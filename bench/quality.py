@@ -682,7 +682,9 @@ def main() -> int:
     for r in rows:  # per-user ranks (user order) as one string each: a list of ints takes a line per user
         for key in ("ranks", "ranks_masked"):
             r[key] = " ".join(map(str, r[key]))
-    record["protocol"]["ranks"] = "per row: space-separated 1-based test ranks, one per user in st2si user order"
+    record["protocol"]["ranks"] = (
+        "per row: space-separated 1-based test ranks, one per user in st2si user order"
+    )
     out_dir = Path(args.out)
     path = write_json(result_path(out_dir, f"quality-{args.domain}", args.tag), record)
     summary_path = Path(args.summary) if args.summary else out_dir / "quality-summary.json"
