@@ -113,24 +113,6 @@ def load_adapter_head(zoo: Zoo, head: Artifact) -> Any:
     )
 
 
-def adapter_user_ranks(
-    zoo: Zoo,
-    head: Artifact,
-    fs: Any,
-    sequences: Any,
-    role: int,
-    *,
-    ties: str = "pessimistic",
-    mask_history: bool = False,
-) -> Any:
-    from st2si_cli.model.samples import VALID
-    from st2si_cli.train.adapter import adapter_ranks
-
-    cut = 2 if role == VALID else 1
-    exclude = [list(seq[:-cut]) for seq in sequences] if mask_history else None
-    return adapter_ranks(load_adapter_head(zoo, head), fs, sequences, role, ties=ties, exclude=exclude)
-
-
 def adapter_history_scores(adapter: Any, feats: list[Any], catalog_ids: list[list[int | None]]) -> Any:
     """Scores [B, N] of histories given as their query features (newest window) and catalog IDs (None:
     an item outside the catalog, which gets no ID embedding)."""

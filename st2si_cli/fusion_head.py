@@ -173,20 +173,3 @@ def load_fusion_head(zoo: Zoo, head: Artifact) -> Fusion:
         adapter_tensors, head.meta["train"]["adapter"], int(head.meta["d_feat"]), int(head.meta["n_items"])
     )
     return Fusion(tensors["ilp.weight"], adapter, float(head.meta["train"]["w"]))
-
-
-def fusion_user_ranks(
-    zoo: Zoo,
-    head: Artifact,
-    fs: Any,
-    sequences: Any,
-    role: int,
-    *,
-    ties: str = "pessimistic",
-    mask_history: bool = False,
-) -> Any:
-    from st2si_cli.model.samples import VALID
-
-    cut = 2 if role == VALID else 1
-    exclude = [list(seq[:-cut]) for seq in sequences] if mask_history else None
-    return fusion_ranks(load_fusion_head(zoo, head), fs, sequences, role, ties=ties, exclude=exclude)

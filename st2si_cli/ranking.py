@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from st2si_cli.adapter_head import adapter_user_ranks
-from st2si_cli.fusion_head import fusion_user_ranks
+from st2si_cli.adapter_head import load_adapter_head
+from st2si_cli.fusion_head import fusion_ranks, load_fusion_head
 from st2si_cli.heads import head_kind, load_head_weight
 from st2si_cli.model.samples import VALID
 from st2si_cli.scoring import rank_rows
+from st2si_cli.train.adapter import adapter_ranks
 from st2si_cli.zoo.store import Artifact, Zoo
 
 
@@ -31,10 +32,14 @@ def user_ranks(
     import torch
 
     cut = 2 if role == VALID else 1
-    if head_kind(head) == "fusion":
-        return fusion_user_ranks(zoo, head, fs, sequences, role, ties=ties, mask_history=mask_history)
-    if head_kind(head) == "adapter":
-        return adapter_user_ranks(zoo, head, fs, sequences, role, ties=ties, mask_history=mask_history)
+    kind = head_kind(head)
+    if kind in ("adapter", "fusion"):  # these score users in user order
+        exclude = [list(seq[:-cut]) for seq in sequences] if mask_history else None
+        if kind == "adapter":
+            return adapter_ranks(
+                load_adapter_head(zoo, head), fs, sequences, role, ties=ties, exclude=exclude
+            )
+        return fusion_ranks(load_fusion_head(zoo, head), fs, sequences, role, ties=ties, exclude=exclude)
     rows = fs.rows(role)
     owners = fs.owner[rows]
     if sorted(owners.tolist()) != list(range(len(sequences))):
