@@ -579,6 +579,13 @@ def main() -> int:
     )
     ap.add_argument("--seed", type=int, default=2020, help="RecBole seed")
     ap.add_argument(
+        "--epoch-cap",
+        type=int,
+        default=RECBOLE_SETTINGS["epochs"],
+        help="most RecBole epochs (smoke runs of the instrument only: a model stopped by the cap "
+        "is printed NOT CONVERGED)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -597,6 +604,7 @@ def main() -> int:
     from st2si_cli.data.prepare import load_dataset
     from st2si_cli.zoo.store import Zoo
 
+    RECBOLE_SETTINGS["epochs"] = args.epoch_cap  # recorded in the result's settings
     t_start = time.time()
     prov = provenance()
     zoo = Zoo(args.zoo)
