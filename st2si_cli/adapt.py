@@ -99,6 +99,7 @@ def adapt(
     kind's sweep grid (0: all of them) and keep the best on validation; None: no sweep.
     """
     from st2si_cli.data.prepare import load_dataset
+    from st2si_cli.heads import HeadOrigin, save_head
 
     if kind not in HEAD_KINDS:
         raise St2siError(f"head kind must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
@@ -111,6 +112,7 @@ def adapt(
     feat_art, fs, bb_art = get_features(zoo, backbone, dataset_art, text, feature_opts, reporter, ds=ds)
     t_features = time.time() - t0
     timings = {"features_seconds": round(t_features, 2), "features_cached": feat_art.meta.get("timings", {})}
+    origin = HeadOrigin(domain, bb_art, dataset_art, text, name)
     common = {
         "dtype": feat_art.meta.get("dtype"),
         "inputs": {"features": feat_art.id},
@@ -121,33 +123,12 @@ def adapt(
 
         tensors, meta = train_adapter_head(fs, ds, adapter_cfg, reporter, sweep_trials=sweep_trials)
         meta["timings"] = {**timings, **meta.get("timings", {})}
-        return save_adapter_head(
-            zoo,
-            tensors,
-            n_items=ds.n_items,
-            domain=domain,
-            backbone=bb_art,
-            dataset=dataset_art,
-            text=text,
-            meta={**common, **meta},
-            name=name,
-        )
+        return save_adapter_head(zoo, tensors, origin, ds.n_items, {**common, **meta})
     weight, meta = train_ilp(
         fs, ds.n_items, head_cfg, kind=kind, sweep_trials=sweep_trials, reporter=reporter
     )
     meta["timings"] = {**timings, **meta["timings"]}
-    from st2si_cli.heads import save_head
-
-    return save_head(
-        zoo,
-        weight,
-        domain=domain,
-        backbone=bb_art,
-        dataset=dataset_art,
-        text=text,
-        meta={**common, **meta},
-        name=name,
-    )
+    return save_head(zoo, weight, origin, {**common, **meta})
 
 
 def train_ilp(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from st2si_cli.model.text import TextConfig
+from st2si_cli.heads import HeadOrigin, load_head_tensors, store_head
 from st2si_cli.zoo.store import Artifact, Zoo
 
 HEAD_KIND = "adapter"
@@ -75,37 +75,19 @@ def train_adapter_head(
 
 
 def save_adapter_head(
-    zoo: Zoo,
-    tensors: dict[str, Any],
-    *,
-    n_items: int,
-    domain: str,
-    backbone: Artifact,
-    dataset: Artifact,
-    text: TextConfig,
-    meta: dict[str, Any],
-    name: str | None = None,
+    zoo: Zoo, tensors: dict[str, Any], origin: HeadOrigin, n_items: int, meta: dict[str, Any]
 ) -> Artifact:
-    from st2si_cli.heads import store_head
-
-    return store_head(
-        zoo,
-        tensors,
-        kind="st2si-adapter-head",
-        n_items=n_items,
-        hidden=int(meta["train"]["hidden"]),
-        domain=domain,
-        backbone=backbone,
-        dataset=dataset,
-        text=text,
-        meta=meta,
-        name=name,
-        extra_config={"adapter": meta["train"], "d_feat": meta["d_feat"]},
-    )
+    config = {
+        "kind": "st2si-adapter-head",
+        "n_items": n_items,
+        "hidden": int(meta["train"]["hidden"]),
+        "adapter": meta["train"],
+        "d_feat": meta["d_feat"],
+    }
+    return store_head(zoo, tensors, origin, config, meta)
 
 
 def load_adapter_head(zoo: Zoo, head: Artifact) -> Any:
-    from st2si_cli.heads import load_head_tensors
     from st2si_cli.train.adapter import load_adapter
 
     return load_adapter(

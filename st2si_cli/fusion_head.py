@@ -88,7 +88,14 @@ def fuse_heads(
     from st2si_cli.adapter_head import load_adapter_head
     from st2si_cli.data.prepare import load_dataset
     from st2si_cli.features import load_feature_set
-    from st2si_cli.heads import head_kind, head_text_config, load_head_tensors, load_head_weight, store_head
+    from st2si_cli.heads import (
+        HeadOrigin,
+        head_kind,
+        head_text_config,
+        load_head_tensors,
+        load_head_weight,
+        store_head,
+    )
     from st2si_cli.metrics import metrics_from_ranks, rank_of_target
     from st2si_cli.model.samples import TEST, VALID
 
@@ -146,19 +153,9 @@ def fuse_heads(
         "timings": {"training_seconds": round(time.time() - t0, 2)},
     }
     backbone = zoo.get(ilp.meta["backbone"], kind="backbone")
-    return store_head(
-        zoo,
-        tensors,
-        kind="st2si-fusion-head",
-        n_items=ds.n_items,
-        hidden=int(fusion.ilp_weight.shape[1]),
-        domain=ilp.domain or dataset.name,
-        backbone=backbone,
-        dataset=dataset,
-        text=head_text_config(ilp),
-        meta=meta,
-        name=name,
-    )
+    origin = HeadOrigin(ilp.domain or dataset.name, backbone, dataset, head_text_config(ilp), name)
+    config = {"kind": "st2si-fusion-head", "n_items": ds.n_items, "hidden": int(fusion.ilp_weight.shape[1])}
+    return store_head(zoo, tensors, origin, config, meta)
 
 
 def load_fusion_head(zoo: Zoo, head: Artifact) -> Fusion:

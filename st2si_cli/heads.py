@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from st2si_cli import __version__
@@ -15,71 +16,49 @@ def head_name(domain: str, backbone_name: str | None) -> str:
     return f"{domain}/{backbone_name or 'backbone'}"
 
 
-def save_head(
-    zoo: Zoo,
-    weight: Any,
-    *,
-    domain: str,
-    backbone: Artifact,
-    dataset: Artifact,
-    text: TextConfig,
-    meta: dict[str, Any],
-    name: str | None = None,
-) -> Artifact:
+@dataclass
+class HeadOrigin:
+    """What a head is for and was trained from: recorded in its config and checked on every use."""
+
+    domain: str
+    backbone: Artifact
+    dataset: Artifact
+    text: TextConfig
+    name: str | None = None  # the head's name in the zoo (default DOMAIN/BACKBONE)
+
+
+def save_head(zoo: Zoo, weight: Any, origin: HeadOrigin, meta: dict[str, Any]) -> Artifact:
     """Store an ILP `weight` [N, d] as safetensors with a self-describing config."""
     import torch
 
-    return store_head(
-        zoo,
-        {"weight": weight.detach().to(torch.float32)},
-        kind="st2si-ilp-head",
-        n_items=int(weight.shape[0]),
-        hidden=int(weight.shape[1]),
-        domain=domain,
-        backbone=backbone,
-        dataset=dataset,
-        text=text,
-        meta=meta,
-        name=name,
-    )
+    config = {"kind": "st2si-ilp-head", "n_items": int(weight.shape[0]), "hidden": int(weight.shape[1])}
+    return store_head(zoo, {"weight": weight.detach().to(torch.float32)}, origin, config, meta)
 
 
 def store_head(
-    zoo: Zoo,
-    tensors: dict[str, Any],
-    *,
-    kind: str,
-    n_items: int,
-    hidden: int,
-    domain: str,
-    backbone: Artifact,
-    dataset: Artifact,
-    text: TextConfig,
-    meta: dict[str, Any],
-    name: str | None = None,
-    extra_config: dict[str, Any] | None = None,
+    zoo: Zoo, tensors: dict[str, Any], origin: HeadOrigin, config: dict[str, Any], meta: dict[str, Any]
 ) -> Artifact:
-    """Store any head's tensors (safetensors, no pickle) with config.json and the zoo record."""
+    """Store any head's tensors (safetensors, no pickle) with config.json and the zoo record.
+
+    `config` holds the head's own fields (kind, n_items, hidden, ...); the origin's are added here.
+    """
     import torch
     from safetensors.torch import save
 
     config = {
-        "kind": kind,
-        "domain": domain,
-        "n_items": n_items,
-        "hidden": hidden,
-        "text": text.to_dict(),
-        "backbone": backbone.id,
-        "dataset": dataset.id,
-        "catalog_hash": dataset.meta.get("catalog_hash"),
-        **(extra_config or {}),
+        "domain": origin.domain,
+        "text": origin.text.to_dict(),
+        "backbone": origin.backbone.id,
+        "dataset": origin.dataset.id,
+        "catalog_hash": origin.dataset.meta.get("catalog_hash"),
+        **config,
     }
     blob = save({k: v.detach().contiguous() for k, v in tensors.items()})
     full_meta = {
         **meta,
         **config,
-        "inputs": {"backbone": backbone.id, "dataset": dataset.id, **meta.get("inputs", {})},
-        "backbone_name": backbone.name,
+        "inputs": {"backbone": origin.backbone.id, "dataset": origin.dataset.id, **meta.get("inputs", {})},
+        "backbone_name": origin.backbone.name,
         "versions": {"st2si": __version__, "torch": torch.__version__},
     }
     files = {"head.safetensors": blob, "config.json": json.dumps(config, indent=2, sort_keys=True).encode()}
@@ -87,8 +66,8 @@ def store_head(
         "head",
         files,
         full_meta,
-        name=name or head_name(domain, backbone.name),
-        domain=domain,
+        name=origin.name or head_name(origin.domain, origin.backbone.name),
+        domain=origin.domain,
         identity={"meta": full_meta},
     )
 

@@ -152,7 +152,7 @@ class HeadsInput:
 
 def _store_heads(run: RunSetup, corpus: Corpus, state: RunState, h: HeadsInput) -> dict[str, Artifact]:
     """One head per domain: its slice of the union ILP, on the tuned backbone."""
-    from st2si_cli.heads import save_head
+    from st2si_cli.heads import HeadOrigin, save_head
 
     heads: dict[str, Artifact] = {}
     for k, (art, domain) in enumerate(zip(run.datasets, corpus.domains)):
@@ -175,13 +175,7 @@ def _store_heads(run: RunSetup, corpus: Corpus, state: RunState, h: HeadsInput) 
             "inputs": {"source_backbone": run.backbone.id},
         }
         heads[domain] = save_head(
-            run.zoo,
-            h.ilp[off : off + n],
-            domain=domain,
-            backbone=h.backbone,
-            dataset=art,
-            text=run.text,
-            meta=meta,
+            run.zoo, h.ilp[off : off + n], HeadOrigin(domain, h.backbone, art, run.text), meta
         )
     return heads
 
