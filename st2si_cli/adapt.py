@@ -151,7 +151,7 @@ def train_ilp(
         steps_per_epoch,
         train_head,
     )
-    from st2si_cli.train.sweep import ILP_GRID, ILP_SWEEP_BASE, grid_points, sweep, sweep_record
+    from st2si_cli.train.sweep import ILP_GRID, ILP_SWEEP_BASE, train_maybe_swept
 
     reporter = reporter or Reporter()
     head_cfg = head_cfg or HeadConfig()
@@ -162,25 +162,9 @@ def train_ilp(
         reporter.training_start(steps_per_epoch(fs, cfg), cfg.max_epochs)
         return train_head(fs, n_items, cfg, on_epoch=reporter.epoch, on_step=reporter.training_step)
 
-    sweep_meta = None
-    if sweep_trials is not None:
-        base = replace(head_cfg, **ILP_SWEEP_BASE)
-        points = grid_points(ILP_GRID, sweep_trials or None, seed=head_cfg.seed)
-
-        def on_trial(k: int, trial: Any) -> None:
-            reporter.message(
-                f"trial {k + 1}/{len(points)} {trial.settings}: valid NDCG@10 {trial.valid_ndcg10:.4f} "
-                f"(best epoch {trial.best_epoch}, {trial.seconds:.0f}s)"
-            )
-
-        head_cfg, result, trials = sweep(base, points, train, on_trial=on_trial)
-        sweep_meta = sweep_record(
-            trials, {k: getattr(head_cfg, k) for k in ILP_GRID}, ILP_GRID, ILP_SWEEP_BASE
-        )
-        seconds = sum(t.seconds for t in trials)
-    else:
-        result = train(head_cfg)
-        seconds = result.seconds
+    head_cfg, result, seconds, sweep_meta = train_maybe_swept(
+        head_cfg, train, ILP_GRID, ILP_SWEEP_BASE, sweep_trials, reporter.message
+    )
     valid = evaluate_split(result.weight, fs, VALID, ties=head_cfg.ties)
     test = evaluate_split(result.weight, fs, TEST, ties=head_cfg.ties)
     align = alignment_accuracy(result.weight, fs)

@@ -23,11 +23,9 @@ def train_adapter_head(
     With `sweep_trials` (0: the whole grid), points of `ADAPTER_GRID` are tried and the best on
     validation is kept; the sweep is recorded in the meta.
     """
-    from dataclasses import replace
-
     from st2si_cli.model.samples import TEST, VALID
     from st2si_cli.train.adapter import AdapterConfig, evaluate_adapter, load_adapter, train_adapter
-    from st2si_cli.train.sweep import ADAPTER_GRID, ADAPTER_SWEEP_BASE, grid_points, sweep, sweep_record
+    from st2si_cli.train.sweep import ADAPTER_GRID, ADAPTER_SWEEP_BASE, train_maybe_swept
 
     cfg = cfg or AdapterConfig()
     on_epoch = reporter.epoch if reporter else None
@@ -35,25 +33,9 @@ def train_adapter_head(
     def train(c: Any) -> Any:
         return train_adapter(fs, ds.sequences, ds.n_items, c, on_epoch=on_epoch)
 
-    sweep_meta = None
-    if sweep_trials is not None:
-        points = grid_points(ADAPTER_GRID, sweep_trials or None, seed=cfg.seed)
-
-        def on_trial(k: int, trial: Any) -> None:
-            if reporter:
-                reporter.message(
-                    f"trial {k + 1}/{len(points)} {trial.settings}: valid NDCG@10 "
-                    f"{trial.valid_ndcg10:.4f} (best epoch {trial.best_epoch}, {trial.seconds:.0f}s)"
-                )
-
-        cfg, result, trials = sweep(replace(cfg, **ADAPTER_SWEEP_BASE), points, train, on_trial=on_trial)
-        sweep_meta = sweep_record(
-            trials, {k: getattr(cfg, k) for k in ADAPTER_GRID}, ADAPTER_GRID, ADAPTER_SWEEP_BASE
-        )
-        seconds = sum(t.seconds for t in trials)
-    else:
-        result = train(cfg)
-        seconds = result.seconds
+    cfg, result, seconds, sweep_meta = train_maybe_swept(
+        cfg, train, ADAPTER_GRID, ADAPTER_SWEEP_BASE, sweep_trials, reporter.message if reporter else None
+    )
     model = load_adapter(result.state_dict, cfg.to_dict(), fs.feats.shape[1], ds.n_items)
     metrics = {
         split: evaluate_adapter(model, fs, ds.sequences, role, ties=cfg.ties)

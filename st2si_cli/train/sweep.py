@@ -95,3 +95,30 @@ def sweep_record(
         "chosen": dict(chosen),
         "trials": [asdict(t) for t in trials],
     }
+
+
+def train_maybe_swept(
+    cfg: Any,
+    train: Callable[[Any], Any],
+    grid: Mapping[str, Sequence[Any]],
+    fixed: Mapping[str, Any],
+    trials: int | None,
+    message: Callable[[str], None] | None = None,
+) -> tuple[Any, Any, float, dict[str, Any] | None]:
+    """(config, result, training seconds, sweep record or None): `train(cfg)` once when `trials` is None,
+    else a sweep of that many grid points (0: all) around `cfg` with the `fixed` settings applied."""
+    if trials is None:
+        result = train(cfg)
+        return cfg, result, result.seconds, None
+    points = grid_points(grid, trials or None, seed=cfg.seed)
+
+    def on_trial(k: int, trial: Trial) -> None:
+        if message:
+            message(
+                f"trial {k + 1}/{len(points)} {trial.settings}: valid NDCG@10 {trial.valid_ndcg10:.4f} "
+                f"(best epoch {trial.best_epoch}, {trial.seconds:.0f}s)"
+            )
+
+    best_cfg, result, done = sweep(replace(cfg, **fixed), points, train, on_trial=on_trial)
+    record = sweep_record(done, {k: getattr(best_cfg, k) for k in grid}, grid, fixed)
+    return best_cfg, result, sum(t.seconds for t in done), record
