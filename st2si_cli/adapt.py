@@ -74,9 +74,6 @@ def get_features(
     return art, fs, bb_art
 
 
-HEAD_KINDS = ("ilp", "ilp-text", "adapter")
-
-
 def adapt(
     zoo: Zoo,
     domain: str,
@@ -87,24 +84,24 @@ def adapt(
     feature_opts: FeatureOptions | None = None,
     name: str | None = None,
     reporter: Reporter | None = None,
-    kind: str = "ilp",
     sweep_trials: int | None = None,
-    adapter_cfg: Any = None,
 ) -> Artifact:
     """Train a new head for `domain` on a frozen backbone; store and return it.
 
-    kind "ilp" is the paper's item linear projection (random init); "ilp-text" starts each ILP row
-    from its item's alignment feature; "adapter" is a sequence adapter (SASRec over the LM's query
-    features and item text features, plus ID embeddings). `sweep_trials`: train that many points of the
-    kind's sweep grid (0: all of them) and keep the best on validation; None: no sweep.
+    The head's kind follows from `head_cfg`: a `HeadConfig` gives the paper's item linear projection
+    ("ilp"; with `init="text"` each row starts from its item's alignment feature: "ilp-text"), an
+    `AdapterConfig` a sequence adapter (SASRec over the LM's query features and item text features,
+    plus ID embeddings). `sweep_trials`: train that many points of the kind's sweep grid (0: all of
+    them) and keep the best on validation; None: no sweep.
     """
     from st2si_cli.data.prepare import load_dataset
     from st2si_cli.heads import HeadOrigin, save_head
+    from st2si_cli.train.adapter import AdapterConfig
 
-    if kind not in HEAD_KINDS:
-        raise St2siError(f"head kind must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
     reporter = reporter or Reporter()
     text = text or TextConfig()
+    if isinstance(head_cfg, AdapterConfig) and text.positions != "all":
+        raise St2siError("the sequence adapter reads every position of a history: positions must be 'all'")
     feature_opts = feature_opts or FeatureOptions()
     dataset_art = zoo.get(domain, kind="dataset")
     ds = load_dataset(zoo, dataset_art.id)
@@ -118,15 +115,13 @@ def adapt(
         "inputs": {"features": feat_art.id},
         "protocol": {"ties": "pessimistic", "mask_history": False, "ranking": "full"},
     }
-    if kind == "adapter":
+    if isinstance(head_cfg, AdapterConfig):
         from st2si_cli.adapter_head import save_adapter_head, train_adapter_head
 
-        tensors, meta = train_adapter_head(fs, ds, adapter_cfg, reporter, sweep_trials=sweep_trials)
+        tensors, meta = train_adapter_head(fs, ds, head_cfg, reporter, sweep_trials=sweep_trials)
         meta["timings"] = {**timings, **meta.get("timings", {})}
         return save_adapter_head(zoo, tensors, origin, ds.n_items, {**common, **meta})
-    weight, meta = train_ilp(
-        fs, ds.n_items, head_cfg, kind=kind, sweep_trials=sweep_trials, reporter=reporter
-    )
+    weight, meta = train_ilp(fs, ds.n_items, head_cfg, sweep_trials=sweep_trials, reporter=reporter)
     meta["timings"] = {**timings, **meta["timings"]}
     return save_head(zoo, weight, origin, {**common, **meta})
 
@@ -136,12 +131,10 @@ def train_ilp(
     n_items: int,
     head_cfg: Any,
     *,
-    kind: str = "ilp",
     sweep_trials: int | None = None,
     reporter: Reporter | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """(weight, head meta) of an ILP trained on a feature set, optionally chosen by a validation sweep."""
-    from dataclasses import replace
 
     from st2si_cli.model.samples import TEST, VALID
     from st2si_cli.train.head import (
@@ -155,8 +148,6 @@ def train_ilp(
 
     reporter = reporter or Reporter()
     head_cfg = head_cfg or HeadConfig()
-    if kind == "ilp-text":
-        head_cfg = replace(head_cfg, init="text")
 
     def train(cfg: Any) -> Any:
         reporter.training_start(steps_per_epoch(fs, cfg), cfg.max_epochs)
@@ -170,7 +161,7 @@ def train_ilp(
     align = alignment_accuracy(result.weight, fs)
     meta = {
         "method": "ilp",
-        "head": kind,
+        "head": "ilp-text" if head_cfg.init == "text" else "ilp",
         "train": head_cfg.to_dict(),
         "metrics": {"valid": valid, "test": test, "alignment": align},
         "best_epoch": result.best_epoch,

@@ -202,9 +202,8 @@ def test_swept_text_initialised_head_round_trips_through_eval_and_recommend(zoo,
         zoo,
         "short",
         backbone="tiny-opt",
-        kind="ilp-text",
         sweep_trials=2,
-        head_cfg=HeadConfig(batch_size=64, max_epochs=2),
+        head_cfg=HeadConfig(batch_size=64, max_epochs=2, init="text"),
         name="short/swept",
     )
     assert head.meta["head"] == "ilp-text" and head.meta["train"]["init"] == "text"
@@ -234,9 +233,8 @@ def test_adapter_head_round_trips_through_eval_and_recommend(zoo, one_thread):
         zoo,
         "short",
         backbone="tiny-opt",
-        kind="adapter",
         name="short/adapter",
-        adapter_cfg=AdapterConfig(hidden=16, max_epochs=3, patience=3, max_len=8),
+        head_cfg=AdapterConfig(hidden=16, max_epochs=3, patience=3, max_len=8),
     )
     assert head.meta["head"] == "adapter"
     for split in ("valid", "test"):
@@ -305,10 +303,9 @@ def test_adapter_sweep_records_its_trials_and_keeps_the_best_on_validation(zoo, 
         zoo,
         "short",
         backbone="tiny-opt",
-        kind="adapter",
         sweep_trials=2,
         name="short/adapter-swept",
-        adapter_cfg=AdapterConfig(max_epochs=2, patience=2, max_len=8),
+        head_cfg=AdapterConfig(max_epochs=2, patience=2, max_len=8),
     )
     trials = head.meta["sweep"]["trials"]
     assert len(trials) == 2
@@ -333,9 +330,8 @@ def test_fusion_of_ilp_and_adapter_chooses_its_weight_on_validation(zoo, one_thr
         zoo,
         "short",
         backbone="tiny-opt",
-        kind="adapter",
         name="short/adapter-for-fusion",
-        adapter_cfg=AdapterConfig(hidden=16, max_epochs=3, patience=3, max_len=8),
+        head_cfg=AdapterConfig(hidden=16, max_epochs=3, patience=3, max_len=8),
     )
     fused = fuse_heads(zoo, ilp, ad, name="short/fusion")
     trials = fused.meta["sweep"]["trials"]
@@ -352,3 +348,13 @@ def test_fusion_of_ilp_and_adapter_chooses_its_weight_on_validation(zoo, one_thr
     assert len(out["items"]) == 3 and not {"1", "2"} & {i["id"] for i in out["items"]}
     with pytest.raises(Exception, match="ILP head and an adapter"):
         fuse_heads(zoo, ad, ilp)
+
+
+def test_adapter_on_newest_window_features_is_a_clear_error(zoo):
+    from st2si_cli.errors import St2siError
+    from st2si_cli.train.adapter import AdapterConfig
+
+    with pytest.raises(St2siError, match="every position"):
+        adapt(
+            zoo, "short", backbone="tiny-opt", text=TextConfig(positions="newest"), head_cfg=AdapterConfig()
+        )

@@ -153,15 +153,18 @@ def adapt_cmd(
         "dropout": dropout,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    head_cfg = HeadConfig(
-        seed=seed,
-        multi_query=not no_multi_query,
-        alignment=not no_alignment,
-        schedule=schedule.value,
-        warmup=warmup,
-        **given,
-    )
-    adapter_cfg = AdapterConfig(seed=seed, **given, **({"hidden": hidden} if hidden else {}))
+    if head_kind is HeadKind.adapter:
+        head_cfg = AdapterConfig(seed=seed, **given, **({"hidden": hidden} if hidden else {}))
+    else:
+        head_cfg = HeadConfig(
+            seed=seed,
+            multi_query=not no_multi_query,
+            alignment=not no_alignment,
+            schedule=schedule.value,
+            warmup=warmup,
+            init="text" if head_kind is HeadKind.ilp_text else "random",
+            **given,
+        )
     reporter = RichReporter()
     zoo = open_zoo()
     try:
@@ -176,9 +179,7 @@ def adapt_cmd(
             ),
             name=name,
             reporter=reporter,
-            kind=head_kind.value,
             sweep_trials=sweep_trials if sweep else None,
-            adapter_cfg=adapter_cfg if head_kind is HeadKind.adapter else None,
         )
     finally:
         reporter.close()

@@ -68,7 +68,7 @@ class Positions(StrEnum):
 
 
 class HeadKind(StrEnum):
-    """`st2si_cli.adapt.HEAD_KINDS`."""
+    """Heads `adapt` trains: ILP (random or text init) or sequence adapter."""
 
     ilp = "ilp"
     ilp_text = "ilp-text"
