@@ -333,7 +333,7 @@ def test_fusion_of_ilp_and_adapter_chooses_its_weight_on_validation(zoo, one_thr
         name="short/adapter-for-fusion",
         head_cfg=AdapterConfig(hidden=16, max_epochs=3, patience=3, max_len=8),
     )
-    fused = fuse_heads(zoo, ilp, ad, name="short/fusion")
+    fused = fuse_heads(zoo, ilp, [ad], name="short/fusion")
     trials = fused.meta["sweep"]["trials"]
     assert fused.meta["metrics"]["valid"]["NDCG@10"] == pytest.approx(max(t["valid_ndcg10"] for t in trials))
     # the end points of the grid are the two heads themselves
@@ -346,8 +346,28 @@ def test_fusion_of_ilp_and_adapter_chooses_its_weight_on_validation(zoo, one_thr
     reqs = parse_requests(['{"user": "a", "history": ["1", "2", {"title": "red lamp"}]}'], "<test>", ds.items)
     [out] = recommend(zoo, "short", reqs, k=3, head_ref="short/fusion", exclude_history=True)
     assert len(out["items"]) == 3 and not {"1", "2"} & {i["id"] for i in out["items"]}
-    with pytest.raises(Exception, match="ILP head and an adapter"):
-        fuse_heads(zoo, ad, ilp)
+    with pytest.raises(Exception, match="ILP head first"):
+        fuse_heads(zoo, ad, [ilp])
+    with pytest.raises(Exception, match="adapter heads with the ILP"):
+        fuse_heads(zoo, ilp, [ilp])
+
+    # An ensemble: a second adapter from another seed is averaged with the first before the mix.
+    ad2 = adapt(
+        zoo,
+        "short",
+        backbone="tiny-opt",
+        name="short/adapter-seed1",
+        head_cfg=AdapterConfig(hidden=16, max_epochs=3, patience=3, max_len=8, seed=1),
+    )
+    ens = fuse_heads(zoo, ilp, [ad, ad2], name="short/fusion-ensemble")
+    assert ens.meta["inputs"]["adapter_heads"] == [ad.id, ad2.id]
+    assert ens.meta["metrics"]["valid"]["NDCG@10"] == pytest.approx(
+        max(t["valid_ndcg10"] for t in ens.meta["sweep"]["trials"])
+    )
+    result = evaluate(zoo, "short", head_ref="short/fusion-ensemble", split="test")
+    assert result["metrics"]["NDCG@10"] == pytest.approx(ens.meta["metrics"]["test"]["NDCG@10"])
+    [out] = recommend(zoo, "short", reqs, k=3, head_ref="short/fusion-ensemble", exclude_history=True)
+    assert len(out["items"]) == 3
 
 
 def test_adapter_on_newest_window_features_is_a_clear_error(zoo):

@@ -265,20 +265,25 @@ def eval_cmd(
 def fuse_cmd(
     domain: str = typer.Option(..., "--domain", help="Dataset name in the zoo."),
     ilp: str = typer.Option(..., "--ilp", help="ILP head (name or ID)."),
-    adapter: str = typer.Option(..., "--adapter", help="Adapter head of the same features (name or ID)."),
+    adapter: list[str] = typer.Option(
+        ...,
+        "--adapter",
+        help="Adapter head of the same features (name or ID); repeat it to average several (an ensemble).",
+    ),
     name: str | None = typer.Option(None, "--name", help="Name of the new head (default DOMAIN/BACKBONE)."),
     json_out: bool = json_option("Print the head's record as JSON."),
 ) -> None:
-    """Fuse an ILP head and an adapter head: log-probabilities mixed with a weight chosen on validation."""
+    """Fuse an ILP head and adapter heads: log-probabilities mixed with a weight chosen on validation."""
     from st2si_cli.fusion_head import fuse_heads
     from st2si_cli.heads import check_compatible
 
     zoo = open_zoo()
     dataset = zoo.get(domain, kind="dataset")
-    parts = [zoo.get(ref, kind="head") for ref in (ilp, adapter)]
-    for part in parts:
+    ilp_head = zoo.get(ilp, kind="head")
+    adapters = [zoo.get(ref, kind="head") for ref in adapter]
+    for part in (ilp_head, *adapters):
         check_compatible(part, dataset=dataset)
-    head = fuse_heads(zoo, *parts, name=name)
+    head = fuse_heads(zoo, ilp_head, adapters, name=name)
     m = head.meta["metrics"]
     if json_out:
         print_json(
