@@ -305,7 +305,10 @@ def main() -> int:
     if sas is not None:
         rows.append({"model": "SASRec (cold items: no positive update)", "cold": metrics_from_ranks(sas, KS)})
     else:
-        sasrec_note = f"not run: python bench/quality.py --zoo {args.zoo} --domain {cold_domain} --models sasrec --threads 1"
+        sasrec_note = (
+            f"not run: python bench/quality.py --zoo {args.zoo} --domain {cold_domain} --models sasrec "
+            "--threads 1 --tag coldsplit --summary bench/.work/quality-summary-coldsplit.json"
+        )
 
     headers = ["model", "cold NDCG@10", "cold Recall@10", "warm NDCG@10 before", "after"]
     table = [

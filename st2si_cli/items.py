@@ -275,6 +275,8 @@ def _extend(
         new = {"weight": set_rows(tensors["weight"], rows, n_items)}
     else:
         raise ValueError(f"heads of kind {kind!r} cannot place items from text")
+    if not text and prev.get("placement"):  # nothing placed now: keep how the earlier items were placed
+        info = prev["placement"]
     config = json.loads(zoo.file(head, "config.json").read_text("utf-8"))
     config = {k: v for k, v in config.items() if k not in ORIGIN_KEYS}
     config["n_items"] = n_items

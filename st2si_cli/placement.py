@@ -22,6 +22,7 @@ from torch import Tensor
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # strengths, relative to the mean eigenvalue of X^T X
 HOLDOUT = 0.1  # fraction of the known items that chooses the strength
+MAX_FIT = 50_000  # known items the regression is fitted on at most (a seeded sample beyond), bounding memory
 FUSION_ILP = "ilp.weight"
 FUSION_ADAPTER = "adapter."
 
@@ -54,6 +55,10 @@ def fit_ridge(x: Tensor, y: Tensor, grid: tuple[float, ...] = RIDGE_GRID, seed: 
     """Ridge regression from features x [n, d] to rows y [n, h]; strength by held-out MSE."""
     if x.shape[0] < 2:
         raise ValueError("ridge placement needs at least 2 known items")
+    n_known = x.shape[0]
+    if n_known > MAX_FIT:
+        pick = torch.randperm(n_known, generator=torch.Generator().manual_seed(seed))[:MAX_FIT]
+        x, y = x[pick], y[pick]
     x, y = x.double(), y.double()
     x_mean, x_std = x.mean(0), x.std(0).clamp_min(1e-6)
     xs = (x - x_mean) / x_std
@@ -73,7 +78,13 @@ def fit_ridge(x: Tensor, y: Tensor, grid: tuple[float, ...] = RIDGE_GRID, seed: 
     else:
         best = 1.0
     [coef] = _ridge_solve(xs, yc, [best])
-    info = {"method": "ridge", "strength": best, "known_items": int(x.shape[0]), "trials": trials}
+    info = {
+        "method": "ridge",
+        "strength": best,
+        "known_items": n_known,
+        "fitted_on": int(x.shape[0]),
+        "trials": trials,
+    }
     return RidgeMap(x_mean, x_std, coef, y_mean, info)
 
 

@@ -163,6 +163,7 @@ def test_retitle_repoints_heads_and_recommend_shows_the_new_title(zoo, tmp_path,
     n1 = next(i for i, it in enumerate(ds.items) if it["id"] == "n1")
     keep = [i for i in range(len(ds.items)) if i != n1]
     assert torch.equal(w_now[keep], w_was[keep])  # trained rows (item 3's too) stay; n1 is placed anew
+    assert not torch.equal(w_now[n1], w_was[n1]) and now.meta["catalog"]["placement"]["method"] == "ridge"
     out = recommend(zoo, "toy", histories(zoo, ds), k=len(ds.items), dtype="fp32")
     titles = {it["id"]: it["title"] for it in out[0]["items"]}
     assert titles["n1"] == titles["3"] == "a brand new name"
@@ -185,6 +186,8 @@ def test_items_cli_adds_and_zoo_info_shows_versions(zoo, tmp_path):
     assert json.loads(r.stdout)["catalog"]["text_items"] == 2
     r = run_cli(zoo, "items", "rm", "c1", "--domain", "toy")
     assert r.returncode == 0, r.stderr
+    r = run_cli(zoo, "items", "update", "c1", "--domain", "toy", "--unretire", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["retired"] == 0, r.stderr
     r = run_cli(zoo, "items", "rm", "nope", "--domain", "toy")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "nope" in r.stderr
 
