@@ -90,6 +90,21 @@ def warm_part(ds: Any, fs: Any, cold: set[int]) -> tuple[Any, Any]:
     return Dataset(items, [ds.users[u] for u in warm_users], seqs, report=ds.report), warm_fs
 
 
+def in_grown_catalog(ds: Any, fs: Any, grown: Any) -> tuple[Any, list[list[int]]]:
+    """The cold split's FeatureSet and sequences with item IDs of the grown catalog (warm items, then the
+    cold ones as `items add` appended them)."""
+    import torch
+
+    from st2si_cli.model.samples import ALIGN
+
+    gid = {item["id"]: i for i, item in enumerate(grown.items)}
+    to_grown = torch.tensor([gid[item["id"]] for item in ds.items])
+    align = fs.roles == ALIGN
+    owner = torch.where(align, to_grown[fs.targets], fs.owner)
+    grown_fs = type(fs)(fs.feats, to_grown[fs.targets], fs.roles, owner, fs.sample)
+    return grown_fs, [[gid[ds.items[i]["id"]] for i in seq] for seq in ds.sequences]
+
+
 def store_cache(zoo: Any, fs: Any, like: Any, dataset_art: Any) -> Any:
     """Store `fs` as the feature cache of `dataset_art` under the key `compute_features` would use."""
     import torch
@@ -120,11 +135,13 @@ def store_cache(zoo: Any, fs: Any, like: Any, dataset_art: Any) -> Any:
 
 
 def head_configs(names: list[str], max_epochs: int) -> dict[str, Any]:
+    from st2si_cli.train.adapter import AdapterConfig
     from st2si_cli.train.head import HeadConfig
 
     known = {
         "ilp": HeadConfig(max_epochs=max_epochs),
         "ilp-text": HeadConfig(init="text", max_epochs=max_epochs),
+        "adapter": AdapterConfig(max_epochs=max_epochs),
     }
     bad = [n for n in names if n not in known]
     if bad:
@@ -175,7 +192,7 @@ def main() -> int:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--users", type=int, default=None, help="a slice: only the first N users (smoke runs)")
-    ap.add_argument("--heads", default="ilp,ilp-text", help="head kinds to train: ilp, ilp-text")
+    ap.add_argument("--heads", default="ilp,ilp-text", help="head kinds to train: ilp, ilp-text, adapter")
     ap.add_argument("--max-epochs", type=int, default=100)
     ap.add_argument("--placement", default="auto", help="auto (each head's own map), ridge or text")
     ap.add_argument(
@@ -197,7 +214,6 @@ def main() -> int:
     from st2si_cli.model.samples import TEST
     from st2si_cli.model.text import TextConfig
     from st2si_cli.ranking import user_ranks
-    from st2si_cli.scoring import rank_rows
     from st2si_cli.zoo.store import Zoo
 
     t0 = time.time()
@@ -265,29 +281,22 @@ def main() -> int:
         change = add_items(zoo, warm_domain, path, ItemsOptions(placement=args.placement))
         add_seconds = time.time() - t_add
     grown = load_dataset(zoo, change.dataset.id)
-    gid = {item["id"]: i for i, item in enumerate(grown.items)}
+    grown_fs, grown_seqs = in_grown_catalog(split, fs, grown)
     cold_users = [u for u, seq in enumerate(split.sequences) if seq[-1] in cold]
-    test_rows = fs.rows(TEST)
-    row_of = {int(fs.owner[r]): int(r) for r in test_rows}
-    feats = fs.feats[[row_of[u] for u in cold_users]]
-    targets = torch.tensor([gid[split.items[split.sequences[u][-1]]["id"]] for u in cold_users])
+    warm_users = [u for u, seq in enumerate(split.sequences) if seq[-1] not in cold]
 
     rows: list[dict[str, Any]] = []
     grown_heads = {old.id: new for old, new in change.heads}
-    from st2si_cli.heads import load_head_weight
-
     for kind, head in heads.items():
         new = grown_heads[head.id]
-        ranks = rank_rows(load_head_weight(zoo, new), feats, targets)
+        ranks = user_ranks(zoo, new, grown_fs, grown_seqs, TEST)  # every user of the cold split
         warm_before = user_ranks(zoo, head, warm_fs, warm.sequences, TEST)
-        grown_fs = get_features(zoo, bb.id, change.dataset, text, opts, ds=grown)[1]
-        warm_after = user_ranks(zoo, new, grown_fs, grown.sequences, TEST)
         rows.append(
             {
                 "model": f"st2si {kind} + items add ({new.meta['catalog']['placement']['method']})",
-                "cold": metrics_from_ranks(ranks, KS),
+                "cold": metrics_from_ranks(ranks[cold_users], KS),
                 "warm_before": metrics_from_ranks(warm_before, KS),
-                "warm_after": metrics_from_ranks(warm_after, KS),
+                "warm_after": metrics_from_ranks(ranks[warm_users], KS),
                 "head": new.id,
                 "placement": new.meta["catalog"]["placement"],
             }
