@@ -231,3 +231,16 @@ def test_ridge_recovers_a_linear_map():
     x_new = torch.randn(10, 8, generator=gen)
     assert torch.allclose(ridge(x_new), x_new @ true + 0.5, atol=1e-2)
     assert ridge.info["strength"] == min(t["strength"] for t in ridge.info["trials"])
+
+
+def test_a_head_without_alignment_rows_is_left_on_the_old_version(zoo, tmp_path, one_thread):
+    head = adapt(
+        zoo,
+        "toy",
+        backbone="tiny-opt",
+        head_cfg=HeadConfig(max_epochs=1, alignment=False),
+        feature_opts=FeatureOptions(dtype="fp32", alignment=False),
+    )
+    change = add_items(zoo, "toy", item_file(tmp_path))
+    assert not change.heads and [(h.id, "alignment" in why) for h, why in change.skipped] == [(head.id, True)]
+    assert load_dataset(zoo, "toy").n_items == load_dataset(zoo, head.meta["dataset"]).n_items + 3
