@@ -106,6 +106,7 @@ def recommend(
 
     from st2si_cli.adapter_head import adapter_history_scores, load_adapter_head
     from st2si_cli.backbones import load_backbone
+    from st2si_cli.data.catalog import exclude_retired, retired_items
     from st2si_cli.data.prepare import load_dataset
     from st2si_cli.features import query_features
     from st2si_cli.fusion_head import load_fusion_head
@@ -166,6 +167,7 @@ def recommend(
             if on_progress:
                 on_progress(len(batch))
         exclude = [[i for i in r.catalog_ids if i is not None] for r in good] if exclude_history else None
+        exclude = exclude_retired(exclude, retired_items(zoo, dataset_art), len(good))  # never a retired item
         if sequence_scores is None:
             hidden = torch.stack([f[-1] for f in feats]) if feats else torch.empty(0, backbone.hidden_size)
             scores, idx = top_k(weight, hidden, k, exclude=exclude)

@@ -16,6 +16,7 @@ import typer
 from st2si_cli import __version__
 from st2si_cli.cli import (
     adapt_cmd,
+    items_cmd,
     prepare_cmd,
     pretrain_cmd,
     pull_cmd,
@@ -78,6 +79,7 @@ zoo_app.command("rm")(zoo_cmd.rm_cmd)
 zoo_app.command("verify")(zoo_cmd.verify_cmd)
 zoo_app.command("pull")(pull_cmd.pull_cmd)
 app.add_typer(zoo_app, name="zoo")
+app.add_typer(items_cmd.app, name="items")
 
 
 def _click_exception_type() -> type[Exception]:

@@ -16,6 +16,7 @@ import typer
 
 from st2si_cli.cli.options import open_zoo, state
 from st2si_cli.cli.output import err, human_size, make_progress, out, print_json
+from st2si_cli.data.catalog import catalog_lines, catalog_summary
 from st2si_cli.errors import St2siError
 
 if TYPE_CHECKING:  # the store pulls in sqlite-utils: imported only when a command runs
@@ -186,6 +187,7 @@ def _info_dict(zoo: Zoo, art: Artifact) -> dict[str, Any]:
         ],
         "inputs": _inputs(zoo, art),
         "dependents": [_brief(d) for d in zoo.dependents(art)],
+        "catalog": catalog_summary(zoo, art),
     }
 
 
@@ -218,6 +220,8 @@ def info_cmd(
     if summary:
         head.add_row("summary", Text(summary))
     out.print(head)
+    for line in catalog_lines(info["catalog"]):
+        out.print(line, markup=False)
 
     files = Table(title="Files", title_justify="left", box=None, pad_edge=False)
     files.add_column("FILE", overflow="fold")

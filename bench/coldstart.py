@@ -1,0 +1,361 @@
+"""Cold-start benchmark: items a head never trained on, placed from their text by `st2si items add`.
+
+    python bench/coldstart.py --zoo ZOO --domain amazon-scientific --backbone smollm2-135m --compute-features
+
+1. Cold items: those whose first interaction falls in the test split (`--cold test-only`: items that only
+   ever appear as a user's last item), or a seeded random fraction of the catalog (`--cold random`, default
+   10%) with all their training interactions removed: the domain's sequences lose every non-test
+   occurrence of a cold item, so a cold item appears only as a test target. This cold split is stored as
+   its own domain, `<domain>-cold<fraction>`, so `bench/quality.py --domain <that>` trains SASRec on
+   exactly the same data (it then sees cold items only as test targets: their embeddings never get a
+   positive update, i.e. SASRec scores them near their initial value).
+2. Warm training data: the cold split without the users whose test target is cold and without the cold
+   items, stored as domain `<domain>-cold<fraction>-warm`; its feature cache is cut from the cold split's
+   (the same samples, so no second forward pass). The heads (`--heads`, default the paper ILP and the
+   text-initialised ILP) are trained there with `adapt`.
+3. `items add` puts the cold items into the warm catalog: each head gets their rows from their text.
+4. Ranking, full catalog, pessimistic ties: the test users whose target is cold (cold-target users), by
+   each grown head, by popularity (cold items have no training interactions, so they rank last), and by
+   SASRec where its run on the cold split exists (`bench/.work/<cold domain>/SASRec`); the other
+   (warm-target) users by each head before and after the catalog grew.
+
+Writes `results/<date>-<machine>-coldstart-<domain>.json`. The zoo gets the two domains above, their
+feature caches and heads; the source domain is only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH_DIR, RESULTS_DIR, format_table, log, provenance, result_path, write_json  # noqa: E402
+
+KS = (10,)
+
+
+def cold_items(ds: Any, how: str, fraction: float, seed: int) -> list[int]:
+    """Item IDs held out: only-in-test items, or a seeded random fraction of the catalog."""
+    if how == "test-only":
+        seen = {i for seq in ds.sequences for i in seq[:-1]}
+        return sorted({seq[-1] for seq in ds.sequences} - seen)
+    rng = random.Random(seed)
+    return sorted(rng.sample(range(ds.n_items), max(1, round(fraction * ds.n_items))))
+
+
+def cold_split(ds: Any, cold: set[int]) -> Any:
+    """The dataset with every non-test occurrence of a cold item removed (users left with < 3 items dropped)."""
+    from st2si_cli.data.dataset import Dataset
+
+    users, seqs = [], []
+    for u, seq in zip(ds.users, ds.sequences):
+        kept = [i for i in seq[:-1] if i not in cold] + [seq[-1]]
+        if len(kept) >= 3:
+            users.append(u)
+            seqs.append(kept)
+    return Dataset(ds.items, users, seqs, report={**ds.report, "cold_split": len(cold)})
+
+
+def warm_part(ds: Any, fs: Any, cold: set[int]) -> tuple[Any, Any]:
+    """(dataset, FeatureSet) without the cold items and the users whose test target is cold; the rows are
+    the cold split's own (same samples), renumbered."""
+    import torch
+
+    from st2si_cli.data.dataset import Dataset
+    from st2si_cli.model.samples import ALIGN
+
+    warm_items = [i for i in range(ds.n_items) if i not in cold]
+    imap = torch.full((ds.n_items,), -1, dtype=torch.long)
+    imap[warm_items] = torch.arange(len(warm_items))
+    warm_users = [u for u, seq in enumerate(ds.sequences) if seq[-1] not in cold]
+    umap = torch.full((ds.n_users,), -1, dtype=torch.long)
+    umap[warm_users] = torch.arange(len(warm_users))
+    align = fs.roles == ALIGN
+    item_of = imap[fs.targets]  # every row's target in the warm catalog (-1: cold)
+    user_of = torch.full_like(fs.owner, -1)
+    user_of[~align] = umap[fs.owner[~align]]
+    keep = (item_of >= 0) & (align | (user_of >= 0))
+    rows = torch.nonzero(keep).flatten()
+    owner = torch.where(align[rows], item_of[rows], user_of[rows])  # an ALIGN row's owner is its item
+    _, sample = torch.unique(fs.sample[rows], return_inverse=True)
+    warm_fs = type(fs)(fs.feats[rows], imap[fs.targets[rows]], fs.roles[rows], owner, sample)
+    items = [ds.items[i] for i in warm_items]
+    seqs = [[int(imap[i]) for i in ds.sequences[u]] for u in warm_users]
+    return Dataset(items, [ds.users[u] for u in warm_users], seqs, report=ds.report), warm_fs
+
+
+def in_grown_catalog(ds: Any, fs: Any, grown: Any) -> tuple[Any, list[list[int]]]:
+    """The cold split's FeatureSet and sequences with item IDs of the grown catalog (warm items, then the
+    cold ones as `items add` appended them)."""
+    import torch
+
+    from st2si_cli.model.samples import ALIGN
+
+    gid = {item["id"]: i for i, item in enumerate(grown.items)}
+    to_grown = torch.tensor([gid[item["id"]] for item in ds.items])
+    align = fs.roles == ALIGN
+    owner = torch.where(align, to_grown[fs.targets], fs.owner)
+    grown_fs = type(fs)(fs.feats, to_grown[fs.targets], fs.roles, owner, fs.sample)
+    return grown_fs, [[gid[ds.items[i]["id"]] for i in seq] for seq in ds.sequences]
+
+
+def store_cache(zoo: Any, fs: Any, like: Any, dataset_art: Any) -> Any:
+    """Store `fs` as the feature cache of `dataset_art` under the key `compute_features` would use."""
+    import torch
+    from safetensors.torch import save
+
+    from st2si_cli.features import cache_key, cache_name
+    from st2si_cli.model.text import TextConfig
+
+    meta = dict(like.meta)
+    key = cache_key(
+        meta["inputs"]["backbone"], dataset_art.id, TextConfig.from_dict(meta["text"]), meta["dtype"], True
+    )
+    if zoo.find(cache_name(key), kind="features") is not None:
+        return zoo.find(cache_name(key), kind="features")
+    t = fs.tensors()
+    t["feats"] = t["feats"].to(getattr(torch, meta["dtype"]))
+    meta.update(
+        key=key,
+        inputs={"backbone": meta["inputs"]["backbone"], "dataset": dataset_art.id, "features": like.id},
+        positions=int(fs.targets.numel()),
+        samples=int(fs.sample.max()) + 1,
+        cut_from=like.id,
+    )
+    blob = save({k: v.contiguous() for k, v in t.items()})
+    return zoo.put(
+        "features", {"features.safetensors": blob}, meta, name=cache_name(key), identity={"key": key}
+    )
+
+
+def head_configs(names: list[str], max_epochs: int) -> dict[str, Any]:
+    from st2si_cli.train.adapter import AdapterConfig
+    from st2si_cli.train.head import HeadConfig
+
+    known = {
+        "ilp": HeadConfig(max_epochs=max_epochs),
+        "ilp-text": HeadConfig(init="text", max_epochs=max_epochs),
+        "adapter": AdapterConfig(max_epochs=max_epochs),
+    }
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise SystemExit(f"unknown head kind {bad[0]!r}: choose from {', '.join(known)}")
+    return {n: known[n] for n in names}
+
+
+def popularity_ranks(ds: Any, rows_users: list[int], targets: Any) -> Any:
+    import torch
+
+    from st2si_cli.metrics import rank_of_target
+
+    counts = torch.zeros(ds.n_items)
+    for seq in ds.sequences:
+        for i in seq[:-1]:
+            counts[i] += 1
+    return rank_of_target(counts.expand(len(rows_users), -1), targets, ties="pessimistic")
+
+
+def sasrec_ranks(ds: Any, folder: Path, users: list[int]) -> Any | None:
+    """SASRec's ranks of the given users' test targets, from its run on the cold split (None if absent)."""
+    import numpy as np
+    import torch
+
+    from st2si_cli.metrics import rank_of_target
+
+    if not (folder / "test_scores.npy").exists():
+        return None
+    from quality import check_split
+
+    check_split(ds, folder, "SASRec")
+    order = {int(u): r for r, u in enumerate(np.load(folder / "test_users.npy"))}
+    scores = np.load(folder / "test_scores.npy", mmap_mode="r")
+    block = torch.from_numpy(np.array(scores[[order[u] for u in users]]))
+    targets = torch.tensor([ds.sequences[u][-1] for u in users])
+    return rank_of_target(block, targets, ties="pessimistic")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--zoo", required=True, help="zoo folder holding the domain's dataset and the backbone")
+    ap.add_argument("--domain", required=True)
+    ap.add_argument("--backbone", default="smollm2-135m")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--cold", choices=("random", "test-only"), default="random")
+    ap.add_argument(
+        "--fraction", type=float, default=0.1, help="--cold random: share of the catalog held out"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--users", type=int, default=None, help="a slice: only the first N users (smoke runs)")
+    ap.add_argument("--heads", default="ilp,ilp-text", help="head kinds to train: ilp, ilp-text, adapter")
+    ap.add_argument("--max-epochs", type=int, default=100)
+    ap.add_argument("--placement", default="auto", help="auto (each head's own map), ridge or text")
+    ap.add_argument(
+        "--compute-features", action="store_true", help="allow a forward pass over the cold split"
+    )
+    ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--tag", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from st2si_cli.adapt import FeatureOptions, adapt, get_features
+    from st2si_cli.backbones import ensure_backbone, resolve_dtype
+    from st2si_cli.data.dataset import Dataset
+    from st2si_cli.data.prepare import load_dataset, store_dataset
+    from st2si_cli.features import cache_key, cache_name, dtype_name
+    from st2si_cli.items import ItemsOptions, add_items
+    from st2si_cli.metrics import metrics_from_ranks
+    from st2si_cli.model.samples import TEST
+    from st2si_cli.model.text import TextConfig
+    from st2si_cli.ranking import user_ranks
+    from st2si_cli.zoo.store import Zoo
+
+    t0 = time.time()
+    prov = provenance()
+    zoo = Zoo(args.zoo)
+    src_art = zoo.get(args.domain, kind="dataset")
+    ds = load_dataset(zoo, src_art.id)
+    base = args.domain
+    if args.users:
+        used = sorted({i for seq in ds.sequences[: args.users] for i in seq})
+        remap = {i: k for k, i in enumerate(used)}
+        ds = Dataset(
+            [ds.items[i] for i in used],
+            ds.users[: args.users],
+            [[remap[i] for i in seq] for seq in ds.sequences[: args.users]],
+            report=ds.report,
+        )
+        base = f"{args.domain}-first{args.users}"
+    cold = set(cold_items(ds, args.cold, args.fraction, args.seed))
+    tag = "test-only" if args.cold == "test-only" else f"{args.fraction:g}-seed{args.seed}"
+    cold_domain = f"{base}-cold{tag}"
+    split = cold_split(ds, cold)
+    split_art = store_dataset(
+        zoo, split, domain=cold_domain, fmt="coldstart", source=f"{args.domain} ({src_art.id[:12]})"
+    )
+    log(f"{cold_domain}: {len(cold)} cold items of {split.n_items}, {split.n_users} users")
+
+    text = TextConfig()
+    opts = FeatureOptions(dtype=args.dtype, alignment=True)
+    bb = ensure_backbone(zoo, args.backbone)
+    key = cache_key(bb.id, split_art.id, text, dtype_name(resolve_dtype(args.dtype)), True)
+    if zoo.find(cache_name(key), kind="features") is None and not args.compute_features:
+        raise SystemExit(f"no feature cache for {cold_domain}: add --compute-features (one forward pass)")
+    feat_art, fs, _ = get_features(zoo, bb.id, split_art, text, opts, ds=split)
+
+    warm, warm_fs = warm_part(split, fs, cold)
+    warm_domain = f"{cold_domain}-warm"
+    warm_art = store_dataset(zoo, warm, domain=warm_domain, fmt="coldstart", source=cold_domain)
+    store_cache(zoo, warm_fs, feat_art, warm_art)
+    heads = {}
+    for kind, cfg in head_configs(args.heads.split(","), args.max_epochs).items():
+        log(f"training {kind} on {warm_domain} ({warm.n_items} items, {warm.n_users} users)")
+        heads[kind] = adapt(
+            zoo,
+            warm_domain,
+            backbone=bb.id,
+            text=text,
+            head_cfg=cfg,
+            feature_opts=opts,
+            name=f"{warm_domain}/{kind}",
+        )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cold-items.jsonl"
+        path.write_text(
+            "".join(
+                json.dumps(
+                    {"item": split.items[i]["id"], **{k: v for k, v in split.items[i].items() if k != "id"}}
+                )
+                + "\n"
+                for i in sorted(cold)
+            )
+        )
+        t_add = time.time()
+        change = add_items(zoo, warm_domain, path, ItemsOptions(placement=args.placement))
+        add_seconds = time.time() - t_add
+    grown = load_dataset(zoo, change.dataset.id)
+    grown_fs, grown_seqs = in_grown_catalog(split, fs, grown)
+    cold_users = [u for u, seq in enumerate(split.sequences) if seq[-1] in cold]
+    warm_users = [u for u, seq in enumerate(split.sequences) if seq[-1] not in cold]
+
+    rows: list[dict[str, Any]] = []
+    grown_heads = {old.id: new for old, new in change.heads}
+    for kind, head in heads.items():
+        new = grown_heads[head.id]
+        ranks = user_ranks(zoo, new, grown_fs, grown_seqs, TEST)  # every user of the cold split
+        warm_before = user_ranks(zoo, head, warm_fs, warm.sequences, TEST)
+        rows.append(
+            {
+                "model": f"st2si {kind} + items add ({new.meta['catalog']['placement']['method']})",
+                "cold": metrics_from_ranks(ranks[cold_users], KS),
+                "warm_before": metrics_from_ranks(warm_before, KS),
+                "warm_after": metrics_from_ranks(ranks[warm_users], KS),
+                "head": new.id,
+                "placement": new.meta["catalog"]["placement"],
+            }
+        )
+    split_targets = torch.tensor([split.sequences[u][-1] for u in cold_users])
+    rows.append(
+        {
+            "model": "popularity",
+            "cold": metrics_from_ranks(popularity_ranks(split, cold_users, split_targets), KS),
+        }
+    )
+    sas_dir = BENCH_DIR / ".work" / cold_domain / "SASRec"
+    sas = sasrec_ranks(split, sas_dir, cold_users)
+    sasrec_note = None
+    if sas is not None:
+        rows.append({"model": "SASRec (cold items: no positive update)", "cold": metrics_from_ranks(sas, KS)})
+    else:
+        sasrec_note = (
+            f"not run: python bench/quality.py --zoo {args.zoo} --domain {cold_domain} --models sasrec "
+            "--threads 1 --tag coldsplit --summary bench/.work/quality-summary-coldsplit.json"
+        )
+
+    headers = ["model", "cold NDCG@10", "cold Recall@10", "warm NDCG@10 before", "after"]
+    table = [
+        [
+            r["model"],
+            f"{r['cold']['NDCG@10']:.4f}",
+            f"{r['cold']['Recall@10']:.4f}",
+            f"{r['warm_before']['NDCG@10']:.4f}" if "warm_before" in r else "",
+            f"{r['warm_after']['NDCG@10']:.4f}" if "warm_after" in r else "",
+        ]
+        for r in rows
+    ]
+    print(format_table(headers, table))
+    if sasrec_note:
+        print(f"SASRec {sasrec_note}")
+    result = {
+        "provenance": prov,
+        "domain": args.domain,
+        "cold_domain": cold_domain,
+        "warm_domain": warm_domain,
+        "backbone": bb.name,
+        "cold": {
+            "how": args.cold,
+            "fraction": args.fraction,
+            "seed": args.seed,
+            "items": len(cold),
+            "users": len(cold_users),
+        },
+        "warm_users": warm.n_users,
+        "rows": rows,
+        "sasrec": sasrec_note or str(sas_dir),
+        "items_add_seconds": round(add_seconds, 2),
+        "seconds": round(time.time() - t0, 1),
+    }
+    out = write_json(result_path(Path(args.out), "coldstart", args.tag or base), result)
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""Rows for items a head never trained on, from their text: the maps from an item's alignment feature
+(the backbone's hidden state at the query after its own text, as in `features.py`) to a head row.
+
+- `ridge`: for the paper's ILP, a ridge regression from alignment features to the trained rows of
+  the known items (features standardised per dimension; the strength chosen on a held-out tenth of
+  the known items), then applied to the new items' features. Seconds, even for large catalogs.
+- `text`: the text-initialised ILP's own map (`train.head.text_init`): centre on the known items'
+  mean feature, scale to the initial row norm.
+- the sequence adapter needs no map: it scores items through their text features, so a new item's
+  feature is appended to `item_text`, and its ID embedding is the unknown ID's (zero).
+
+Every function here returns new tensors whose existing rows are copies of the old ones, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # strengths, relative to the mean eigenvalue of X^T X
+HOLDOUT = 0.1  # fraction of the known items that chooses the strength
+MAX_FIT = 50_000  # known items the regression is fitted on at most (a seeded sample beyond), bounding memory
+FUSION_ILP = "ilp.weight"
+FUSION_ADAPTER = "adapter."
+
+
+@dataclass
+class RidgeMap:
+    """rows = ((x - x_mean) / x_std) @ coef + y_mean, fitted on known items."""
+
+    x_mean: Tensor
+    x_std: Tensor
+    coef: Tensor  # [d, h]
+    y_mean: Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        xs = (x.double() - self.x_mean) / self.x_std
+        return (xs @ self.coef + self.y_mean).float()
+
+
+def _ridge_solve(x: Tensor, y: Tensor, rel: list[float]) -> list[Tensor]:
+    """Coefficients of centred x [n, d] -> centred y [n, h] for each relative strength (one eigh)."""
+    gram = x.T @ x
+    evals, evecs = torch.linalg.eigh(gram)
+    proj = evecs.T @ (x.T @ y)
+    scale = float(evals.clamp_min(0).mean()) or 1.0
+    return [evecs @ (proj / (evals.clamp_min(0) + r * scale)[:, None]) for r in rel]
+
+
+def fit_ridge(x: Tensor, y: Tensor, grid: tuple[float, ...] = RIDGE_GRID, seed: int = 0) -> RidgeMap:
+    """Ridge regression from features x [n, d] to rows y [n, h]; strength by held-out MSE."""
+    if x.shape[0] < 2:
+        raise ValueError("ridge placement needs at least 2 known items")
+    n_known = x.shape[0]
+    if n_known > MAX_FIT:
+        pick = torch.randperm(n_known, generator=torch.Generator().manual_seed(seed))[:MAX_FIT]
+        x, y = x[pick], y[pick]
+    x, y = x.double(), y.double()
+    x_mean, x_std = x.mean(0), x.std(0).clamp_min(1e-6)
+    xs = (x - x_mean) / x_std
+    y_mean = y.mean(0)
+    yc = y - y_mean
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    n_hold = max(1, int(HOLDOUT * x.shape[0]))
+    hold, fit = perm[:n_hold], perm[n_hold:]
+    trials = []
+    if fit.numel() >= 2:
+        mu = yc[fit].mean(0)
+        xm = xs[fit].mean(0)
+        for r, coef in zip(grid, _ridge_solve(xs[fit] - xm, yc[fit] - mu, list(grid))):
+            pred = (xs[hold] - xm) @ coef + mu
+            trials.append({"strength": r, "holdout_mse": float(((pred - yc[hold]) ** 2).mean())})
+        best = min(trials, key=lambda t: t["holdout_mse"])["strength"]
+    else:
+        best = 1.0
+    [coef] = _ridge_solve(xs, yc, [best])
+    info = {
+        "method": "ridge",
+        "strength": best,
+        "known_items": n_known,
+        "fitted_on": int(x.shape[0]),
+        "trials": trials,
+    }
+    return RidgeMap(x_mean, x_std, coef, y_mean, info)
+
+
+def text_rows(x_new: Tensor, x_known: Tensor) -> Tensor:
+    """The text-initialised ILP's map: centre on the known items' mean, scale to the initial row norm."""
+    d = x_new.shape[1]
+    row_norm = (1.0 / d**0.5) * (d / 3) ** 0.5  # as `train_head` computes it for init "text"
+    feats = x_new.float() - x_known.float().mean(0, keepdim=True)
+    return feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-8) * row_norm
+
+
+def set_rows(weight: Tensor, rows: dict[int, Tensor], n_items: int) -> Tensor:
+    """`weight` grown to `n_items` rows, with `rows` (item -> row) written; other rows copied as they were."""
+    out = torch.zeros(n_items, weight.shape[1], dtype=weight.dtype)
+    out[: weight.shape[0]] = weight
+    for i, row in rows.items():
+        out[i] = row.to(weight.dtype)
+    return out
+
+
+def extend_adapter(tensors: dict[str, Tensor], text: dict[int, Tensor], n_items: int) -> dict[str, Tensor]:
+    """Adapter tensors for a catalog of `n_items`: item text features set for `text` (item -> feature),
+    new items' ID embeddings zero (the unknown ID's), the unknown/pad ID moved to the end."""
+    out = dict(tensors)
+    if tensors["item_text"].numel():
+        out["item_text"] = set_rows(tensors["item_text"], text, n_items)
+    if "item_emb.weight" in tensors:
+        emb = tensors["item_emb.weight"]
+        n_old = emb.shape[0] - 1
+        grown = torch.zeros(n_items + 1, emb.shape[1], dtype=emb.dtype)
+        grown[:n_old] = emb[:n_old]
+        grown[n_items] = emb[n_old]
+        out["item_emb.weight"] = grown
+    return out
+
+
+def extend_fusion(
+    tensors: dict[str, Tensor], ilp_rows: dict[int, Tensor], text: dict[int, Tensor], n_items: int
+) -> dict[str, Tensor]:
+    """A fusion head's tensors with both parts extended."""
+    adapter = {k[len(FUSION_ADAPTER) :]: v for k, v in tensors.items() if k.startswith(FUSION_ADAPTER)}
+    out = {FUSION_ILP: set_rows(tensors[FUSION_ILP], ilp_rows, n_items)}
+    out.update({FUSION_ADAPTER + k: v for k, v in extend_adapter(adapter, text, n_items).items()})
+    return out
