@@ -24,7 +24,6 @@ RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # strengths, relative to the 
 HOLDOUT = 0.1  # fraction of the known items that chooses the strength
 MAX_FIT = 50_000  # known items the regression is fitted on at most (a seeded sample beyond), bounding memory
 FUSION_ILP = "ilp.weight"
-FUSION_ADAPTER = "adapter."
 
 
 @dataclass
@@ -124,8 +123,10 @@ def extend_adapter(tensors: dict[str, Tensor], text: dict[int, Tensor], n_items:
 def extend_fusion(
     tensors: dict[str, Tensor], ilp_rows: dict[int, Tensor], text: dict[int, Tensor], n_items: int
 ) -> dict[str, Tensor]:
-    """A fusion head's tensors with both parts extended."""
-    adapter = {k[len(FUSION_ADAPTER) :]: v for k, v in tensors.items() if k.startswith(FUSION_ADAPTER)}
+    """A fusion head's tensors with every part extended (the ILP and each adapter of an ensemble)."""
     out = {FUSION_ILP: set_rows(tensors[FUSION_ILP], ilp_rows, n_items)}
-    out.update({FUSION_ADAPTER + k: v for k, v in extend_adapter(adapter, text, n_items).items()})
+    prefixes = sorted({k.split(".", 1)[0] + "." for k in tensors if k != FUSION_ILP})
+    for prefix in prefixes:  # "adapter." for the first adapter, "adapter1." ... for an ensemble's others
+        adapter = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        out.update({prefix + k: v for k, v in extend_adapter(adapter, text, n_items).items()})
     return out

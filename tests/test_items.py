@@ -110,7 +110,7 @@ def test_eval_on_the_grown_catalog_uses_the_carried_cache(zoo, tmp_path, one_thr
 def test_adapter_and_fusion_heads_are_extended(zoo, tmp_path, one_thread):
     ilp = ilp_head(zoo, init="text")
     ad = adapter_head(zoo)
-    fused = fuse_heads(zoo, ilp, ad)
+    fused = fuse_heads(zoo, ilp, [ad])
     change = add_items(zoo, "toy", item_file(tmp_path))
     new = {was.id: now for was, now in change.heads}
     assert set(new) == {ilp.id, ad.id, fused.id} and not change.skipped
