@@ -183,6 +183,8 @@ class Recommender:
             "backbone_id": self.choice.backbone_id,
         }
         self._model: Any = None
+        self._loader: Any = None
+        self._load_error: BaseException | None = None
 
     def parse(
         self, lines: Iterable[tuple[int, str | None]], source: str, skip_bad: bool = False
@@ -191,12 +193,42 @@ class Recommender:
             lines, source, self.catalog, skip_bad=skip_bad, index=self.index, titles=self.titles
         )
 
-    def _load(self) -> Any:
-        if self._model is None:
+    def preload(self) -> None:
+        """Start loading the backbone and head weights in a thread, so that the load overlaps the wait
+        for input; `answer` waits for it (and raises what it raised)."""
+        import threading
+
+        if self._model is None and self._loader is None:
+            self._loader = threading.Thread(target=self._load_now, name="st2si-load", daemon=True)
+            self._loader.start()
+
+    def _load_now(self) -> None:
+        try:
             from st2si_cli.recommend_model import RecommendModel
 
-            self._model = RecommendModel(self.zoo, self.head, self.opts)
+            if self._loader is None:
+                self._model = RecommendModel(self.zoo, self.head, self.opts)
+                return
+            with Zoo(self.zoo.root) as zoo:  # a SQLite connection serves only the thread that opened it
+                self._model = RecommendModel(zoo, self.head, self.opts)
+        except BaseException as e:  # handed to the thread that needs the model
+            self._load_error = e
+
+    def _load(self) -> Any:
+        if self._loader is not None:
+            self._loader.join()
+            self._loader = None
+        elif self._model is None and self._load_error is None:
+            self._load_now()
+        if self._load_error is not None:
+            raise self._load_error
         return self._model
+
+    def close(self) -> None:
+        """Wait for a load still running (its thread must not outlive the call)."""
+        if self._loader is not None:
+            self._loader.join()
+            self._loader = None
 
     def answer(self, requests: list[Request | BadLine]) -> list[dict[str, Any]]:
         """One output object per request (errors for BadLines), in input order."""
@@ -210,6 +242,8 @@ class Recommender:
                 continue
             recs = []
             for s, i in zip(scores[g].tolist(), idx[g].tolist()):
+                if s == float("-inf"):  # excluded: fewer than k items were left
+                    break
                 item = self.catalog[i]
                 recs.append({"id": item["id"], "title": item.get("title"), "score": round(s, 4)})
             row = {"user": r.user, "items": recs, **self.provenance}

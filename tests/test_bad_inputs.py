@@ -4,9 +4,11 @@ built once for the module, which must be byte-identical afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import shlex
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -35,11 +37,15 @@ ROWS = _rows()
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file under the zoo root, index.db included, byte for byte."""
+    """sha256 of every file under the zoo root, byte for byte. The index's write-ahead log is folded
+    into index.db first: SQLite moves pages from one to the other whenever a connection closes, which
+    changes no content; the shared-memory file is SQLite's scratch space and left out."""
+    with contextlib.closing(sqlite3.connect(root / "index.db")) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name not in ("index.db-shm", "index.db-wal")
     }
 
 

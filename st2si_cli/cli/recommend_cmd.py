@@ -92,21 +92,25 @@ def recommend_cmd(
                 rec.parse(batch, source)
     if head is None:
         err.print(rec.choice.describe(), markup=False, soft_wrap=True)
-    with open(source, "rb") if stream is None else nullcontext(stream) as f:
-        batches = line_batches(f, batch_lines)
-        kept = None
-        if part is not None:
-            if regular:
-                with open(source, "rb") as g:
-                    total = count_nonblank(line_batches(g, 4096))
-            else:  # a stream must be read whole to be split into contiguous parts
-                batches = list(batches)
-                total = count_nonblank(batches)
-            kept = Shard(part[0], part[1], total)
-        for batch in batches:
-            lines = kept.keep(batch) if kept else batch
-            for row in rec.answer(rec.parse(lines, source, skip_bad=skip_bad)):
-                print_jsonl(row)
+    rec.preload()  # the model loads while the first lines are on their way
+    try:
+        with open(source, "rb") if stream is None else nullcontext(stream) as f:
+            batches = line_batches(f, batch_lines)
+            kept = None
+            if part is not None:
+                if regular:
+                    with open(source, "rb") as g:
+                        total = count_nonblank(line_batches(g, 4096))
+                else:  # a stream must be read whole to be split into contiguous parts
+                    batches = list(batches)
+                    total = count_nonblank(batches)
+                kept = Shard(part[0], part[1], total)
+            for batch in batches:
+                lines = kept.keep(batch) if kept else batch
+                for row in rec.answer(rec.parse(lines, source, skip_bad=skip_bad)):
+                    print_jsonl(row)
+    finally:
+        rec.close()
 
 
 recommend_cmd.__doc__ = HELP
