@@ -256,3 +256,12 @@ def test_zoo_may_come_after_the_command(base_zoo, capsys, tmp_path):
     ]
     assert run(["zoo", "path", "--json", "--zoo", str(base_zoo.root)]) == 0
     assert json.loads(capsys.readouterr().out)["root"] == str(base_zoo.root)
+
+
+def test_shell_completion_completes_commands():
+    env = cli_env({"_ST2SI_COMPLETE": "complete_bash", "COMP_WORDS": "st2si rec", "COMP_CWORD": "1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "st2si_cli"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["recommend"]
