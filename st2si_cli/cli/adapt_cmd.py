@@ -149,6 +149,14 @@ def adapt_cmd(
     from st2si_cli.train.adapter import AdapterConfig
     from st2si_cli.train.head import HeadConfig
 
+    if head_kind is HeadKind.adapter and positions is Positions.newest:
+        raise typer.BadParameter(
+            "the sequence adapter reads every position: use all", param_hint="'--positions'"
+        )
+    if hidden is not None and head_kind is not HeadKind.adapter:
+        raise typer.BadParameter(
+            "sets the adapter's width: use it with --head adapter", param_hint="'--hidden'"
+        )
     zoo = open_zoo()
     check_attributes(zoo, [domain], attribute_list(attributes))
     text = TextConfig(
