@@ -265,3 +265,22 @@ def test_shell_completion_completes_commands():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["recommend"]
+
+
+def test_the_model_loads_once_per_call_whatever_the_batches(cli, monkeypatch):
+    from st2si_cli import recommend_model
+
+    loads = []
+    real_init = recommend_model.RecommendModel.__init__
+
+    def counted(self, *args, **kwargs):
+        loads.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(recommend_model.RecommendModel, "__init__", counted)
+    text = lines_of(*[[str(i)] for i in range(7)])
+    status, out, err = cli(
+        "recommend", "--domain", "toy", "--user-history", "-", "--batch-lines", 2, stdin=text
+    )
+    assert status == 0, err
+    assert len(out.splitlines()) == 7 and len(loads) == 1
