@@ -236,8 +236,8 @@ def test_cli_under_the_deepspeed_launcher(zoo):
         launcher=launcher,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    start = r.stdout.index("\n{\n") + 1  # the launcher logs its own lines on stdout too
-    out = json.loads(r.stdout[start : r.stdout.index("\n}\n", start) + 2])
+    # the launcher logs its own lines on stdout too; ours is the one metrics line per domain
+    [out] = [json.loads(x) for x in r.stdout.splitlines() if x.startswith('{"head": ')]
     assert out["backbone"] == "launcher" and out["world_size"] == 2 and out["flags"]["deepspeed"] == "zero3"
     assert zoo.get("launcher", kind="backbone").id == out["backbone_id"]
     ev = run_cli(zoo, "eval", "--domain", "toy", "--head", "toy/launcher", "--json")

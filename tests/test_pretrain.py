@@ -337,7 +337,7 @@ def test_cli_run_survives_sigkill_and_resumes(zoo):
     r = run_cli(zoo, *args, "--resume", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["backbone"] == "cli" and out["heads"]["toy"]["name"] == "toy/cli" and out["world_size"] == 1
+    assert out["backbone"] == "cli" and out["head"] == "toy/cli" and out["world_size"] == 1
     ls = run_cli(zoo, "zoo", "ls", "--kind", "run", "--json", env=ONE_THREAD)
     runs = {row["name"]: row for row in json.loads(ls.stdout)}
     assert "run/cli" in runs

@@ -69,7 +69,7 @@ def test_smollm2_end_to_end_on_real_data(tmp_path):
     assert r.returncode == 0, r.stderr
     head = json.loads(r.stdout)
     assert head["timings"]["features_cached"]["tokens_computed"] > 0
-    test = head["metrics"]["test"]
+    test = head["metrics"]
     assert test["n_users"] == N_USERS and 0.0 <= test["NDCG@10"] <= 1.0
 
     r = run_cli(zoo, "eval", "--domain", "sci-slice", "--json", timeout=TIMEOUT)

@@ -15,6 +15,8 @@ from st2si_cli.cli.options import (
     attribute_list,
     attributes_option,
     backbone_option,
+    check_attributes,
+    check_positive,
     check_protocol,
     device_option,
     dtype_option,
@@ -26,7 +28,7 @@ from st2si_cli.cli.options import (
     open_zoo,
     query_token_option,
 )
-from st2si_cli.cli.output import err, metrics_table, out, print_json
+from st2si_cli.cli.output import err, metrics_table, out, print_jsonl
 from st2si_cli.cli.reporting import RichReporter
 
 
@@ -53,6 +55,7 @@ def adapt_cmd(
     lr: float | None = typer.Option(
         None,
         "--lr",
+        callback=check_positive,
         help="AdamW learning rate (default: ILP 3e-4, the authors'; 1e-4 suits a pretrained backbone; adapter 1e-3).",
     ),
     batch_size: int | None = typer.Option(
@@ -73,7 +76,9 @@ def adapt_cmd(
         min=1,
         help="Epochs without a better valid NDCG@10 before stopping (ILP 5, adapter 10).",
     ),
-    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0)."),
+    weight_decay: float | None = typer.Option(
+        None, "--weight-decay", min=0.0, help="AdamW weight decay (default 0)."
+    ),
     schedule: Schedule = typer.Option(
         Schedule.constant, "--schedule", help="constant or cosine (to 0 at --epochs)."
     ),
@@ -93,9 +98,11 @@ def adapt_cmd(
         "Item attributes in order, comma-separated (e.g. title,brand,category)."
     ),
     max_items: int = typer.Option(
-        50, "--max-items", help="Items per history window (the newest at inference)."
+        50, "--max-items", min=1, help="Items per history window (the newest at inference)."
     ),
-    max_tokens: int = typer.Option(1024, "--max-tokens", help="Token budget of a window, newest first."),
+    max_tokens: int = typer.Option(
+        1024, "--max-tokens", min=16, help="Token budget of a window, newest first."
+    ),
     stride: int | None = typer.Option(
         None,
         "--stride",
@@ -123,16 +130,35 @@ def adapt_cmd(
     ),
     dtype: Dtype = dtype_option("Backbone dtype: auto (bf16 where native) or a fixed one."),
     device: str = device_option(),
-    batch_tokens: int = typer.Option(16384, "--batch-tokens", help="Padded tokens per forward batch."),
+    batch_tokens: int = typer.Option(
+        16384, "--batch-tokens", min=64, help="Padded tokens per forward batch."
+    ),
     name: str | None = typer.Option(None, "--name", help="Name of the new head (default DOMAIN/BACKBONE)."),
     json_out: bool = json_option("Print the head's record as JSON."),
 ) -> None:
-    """Train a new ILP head for a domain on a frozen backbone (features cached in the zoo)."""
+    """Train a new head for a domain on a frozen backbone (features cached in the zoo).
+
+    \b
+    Examples:
+      st2si adapt --domain ml-100k --backbone smollm2-135m
+      st2si adapt --domain ml-100k --head adapter --epochs 50 --json
+    """
     from st2si_cli.adapt import FeatureOptions, adapt
+    from st2si_cli.head_choice import metrics_record
     from st2si_cli.model.text import TextConfig
     from st2si_cli.train.adapter import AdapterConfig
     from st2si_cli.train.head import HeadConfig
 
+    if head_kind is HeadKind.adapter and positions is Positions.newest:
+        raise typer.BadParameter(
+            "the sequence adapter reads every position: use all", param_hint="'--positions'"
+        )
+    if hidden is not None and head_kind is not HeadKind.adapter:
+        raise typer.BadParameter(
+            "sets the adapter's width: use it with --head adapter", param_hint="'--hidden'"
+        )
+    zoo = open_zoo()
+    check_attributes(zoo, [domain], attribute_list(attributes))
     text = TextConfig(
         attributes=attribute_list(attributes),
         max_items=max_items,
@@ -166,7 +192,6 @@ def adapt_cmd(
             **given,
         )
     reporter = RichReporter()
-    zoo = open_zoo()
     try:
         head = adapt(
             zoo,
@@ -185,13 +210,11 @@ def adapt_cmd(
         reporter.close()
     m = head.meta["metrics"]
     if json_out:
-        print_json(
+        print_jsonl(
             {
-                "head": head.name,
-                "id": head.id,
-                "domain": domain,
+                **metrics_record(head),
                 "kind": head.meta.get("head", "ilp"),
-                "metrics": m,
+                "valid": m["valid"],
                 "best_epoch": head.meta["best_epoch"],
                 "train": head.meta.get("train"),
                 "sweep": head.meta.get("sweep"),
@@ -232,15 +255,28 @@ def eval_cmd(
     device: str = device_option(),
     json_out: bool = json_option(),
 ) -> None:
-    """Evaluate a head: NDCG@10, Recall@10, MRR, MRR@10 and text->ID accuracy (Acc@1, Acc@5)."""
-    from st2si_cli.adapt import FeatureOptions, evaluate
+    """Evaluate a head: NDCG@10, Recall@10, MRR, MRR@10 and text->ID accuracy (Acc@1, Acc@5).
 
+    Without --head, the domain's newest head (named on stderr).
+
+    \b
+    Examples:
+      st2si eval --domain ml-100k
+      st2si eval --domain ml-100k --head ml-100k/smollm2-135m --split valid --protocol candidates-20 --json
+    """
+    from st2si_cli.adapt import FeatureOptions, evaluate
+    from st2si_cli.head_choice import choose_head, metrics_record
+
+    zoo = open_zoo()
+    choice = choose_head(zoo, domain, head)
+    if head is None:
+        err.print(choice.describe(), markup=False, soft_wrap=True)
     reporter = RichReporter(quiet=json_out)
     try:
         result = evaluate(
-            open_zoo(),
+            zoo,
             domain,
-            head_ref=head,
+            head_ref=choice.head.id,
             split=split.value,
             protocol=protocol,
             ties=ties.value,
@@ -252,7 +288,8 @@ def eval_cmd(
     finally:
         reporter.close()
     if json_out:
-        print_json(result)
+        record = metrics_record(choice.head, split.value, result["protocol"], result["metrics"])
+        print_jsonl({**record, "backbone": result["backbone"], "seconds": result["seconds"]})
         return
     out.print(
         metrics_table(
@@ -273,8 +310,14 @@ def fuse_cmd(
     name: str | None = typer.Option(None, "--name", help="Name of the new head (default DOMAIN/BACKBONE)."),
     json_out: bool = json_option("Print the head's record as JSON."),
 ) -> None:
-    """Fuse an ILP head and adapter heads: log-probabilities mixed with a weight chosen on validation."""
+    """Fuse an ILP head and adapter heads: log-probabilities mixed with a weight chosen on validation.
+
+    \b
+    Example:
+      st2si fuse --domain ml-100k --ilp ml-100k/smollm2-135m --adapter ml-100k/adapter
+    """
     from st2si_cli.fusion_head import fuse_heads
+    from st2si_cli.head_choice import metrics_record
     from st2si_cli.heads import check_compatible
 
     zoo = open_zoo()
@@ -286,13 +329,11 @@ def fuse_cmd(
     head = fuse_heads(zoo, ilp_head, adapters, name=name)
     m = head.meta["metrics"]
     if json_out:
-        print_json(
+        print_jsonl(
             {
-                "head": head.name,
-                "id": head.id,
-                "domain": domain,
+                **metrics_record(head),
                 "kind": "fusion",
-                "metrics": m,
+                "valid": m["valid"],
                 "sweep": head.meta["sweep"],
                 "timings": head.meta["timings"],
             }

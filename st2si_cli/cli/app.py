@@ -28,13 +28,37 @@ from st2si_cli.cli.options import state
 from st2si_cli.cli.output import debug_enabled, err
 from st2si_cli.errors import St2siError
 
+HELP = """Turn a decoder-only language model into a sequential recommender (ST2SI).
+
+\b
+Example, end to end:
+  st2si prepare --source movielens-100k --domain ml-100k
+  st2si adapt --domain ml-100k --backbone smollm2-135m
+  st2si eval --domain ml-100k --json
+  echo '{"user": "a", "history": ["1", "50"]}' | st2si recommend --domain ml-100k --user-history -
+
+\b
+Stdout carries only results (tables, JSON); messages, prompts and progress go to stderr.
+Usage errors exit 2; other errors print one line "Error: ..." and exit non-zero.
+--zoo may come before or after the command.
+
+\b
+Environment variables:
+  ST2SI_HOME         the zoo folder when --zoo is not given
+  ST2SI_DEBUG=1      show tracebacks instead of one-line errors
+  ST2SI_NO_PROGRESS  no progress bars (they are drawn only when stderr is a terminal)
+"""
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="st2si",
-    help="Turn a decoder-only language model into a sequential recommender (ST2SI).",
+    help=HELP,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings=CONTEXT,
 )
 
 
@@ -59,10 +83,21 @@ def root(
     state.zoo_path = zoo
 
 
+def _example(*lines: str) -> str:
+    """An epilog that Click prints as written (the \\b keeps its lines from being rewrapped)."""
+    return "\b\nExample" + ("s" if len(lines) > 1 else "") + ":\n" + "\n".join(f"  {x}" for x in lines)
+
+
 app.command("adapt")(adapt_cmd.adapt_cmd)
 app.command("eval")(adapt_cmd.eval_cmd)
 app.command("fuse")(adapt_cmd.fuse_cmd)
-app.command("prepare")(prepare_cmd.prepare)
+app.command(
+    "prepare",
+    epilog=_example(
+        "st2si prepare --source movielens-100k --domain ml-100k",
+        "st2si prepare data/shop/ --domain shop --json   # items.csv + interactions.csv",
+    ),
+)(prepare_cmd.prepare)
 app.command("pretrain")(pretrain_cmd.pretrain_cmd)
 app.command("quickstart")(quickstart_cmd.quickstart_cmd)
 app.command("recommend")(recommend_cmd.recommend_cmd)
@@ -71,13 +106,27 @@ zoo_app = typer.Typer(
     help="Look at and tidy the local zoo of artifacts (datasets, catalogs, backbones, heads, features, runs).",
     no_args_is_help=True,
     rich_markup_mode=None,
+    context_settings=CONTEXT,
+    epilog=_example("st2si zoo ls --domain ml-100k", "st2si zoo info ml-100k/smollm2-135m --json"),
 )
-zoo_app.command("path")(zoo_cmd.path_cmd)
-zoo_app.command("ls")(zoo_cmd.ls_cmd)
-zoo_app.command("info")(zoo_cmd.info_cmd)
-zoo_app.command("rm")(zoo_cmd.rm_cmd)
-zoo_app.command("verify")(zoo_cmd.verify_cmd)
-zoo_app.command("pull")(pull_cmd.pull_cmd)
+zoo_app.command("path", epilog=_example("st2si zoo path", "st2si --zoo /data/zoo zoo path --json"))(
+    zoo_cmd.path_cmd
+)
+zoo_app.command(
+    "ls",
+    epilog=_example("st2si zoo ls --kind head", "st2si zoo ls --domain ml-100k   # and its default head"),
+)(zoo_cmd.ls_cmd)
+zoo_app.command("info", epilog=_example("st2si zoo info ml-100k", "st2si zoo info 3f2a9c --json"))(
+    zoo_cmd.info_cmd
+)
+zoo_app.command(
+    "rm", epilog=_example("st2si zoo rm ml-100k/old-head --dry-run", "st2si zoo rm 3f2a9c --yes")
+)(zoo_cmd.rm_cmd)
+zoo_app.command("verify", epilog=_example("st2si zoo verify", "st2si zoo verify --json"))(zoo_cmd.verify_cmd)
+zoo_app.command(
+    "pull",
+    epilog=_example("st2si zoo pull smollm2-135m", "st2si zoo pull ./my-hf-model --name mine --json"),
+)(pull_cmd.pull_cmd)
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(items_cmd.app, name="items")
 
@@ -88,26 +137,50 @@ def _click_exception_type() -> type[Exception]:
     return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
-def main() -> None:
+def hoist_zoo(argv: list[str]) -> list[str]:
+    """Move `--zoo PATH` / `--zoo=PATH` given after the command to the front, where the root option
+    reads it (`st2si recommend ... --zoo Z` = `st2si --zoo Z recommend ...`). Stops at `--`."""
+    out: list[str] = []
+    front: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out += argv[i:]
+            break
+        if a == "--zoo" and i + 1 < len(argv):
+            front += argv[i : i + 2]
+            i += 2
+            continue
+        if a.startswith("--zoo="):
+            front.append(a)
+        else:
+            out.append(a)
+        i += 1
+    return front + out
+
+
+def run(argv: list[str]) -> int:
+    """Run the command line `argv` (without the program name); the exit status. Errors print one line."""
     try:
         # Without standalone mode, Click hands back the code of a `typer.Exit`/`ctx.exit()` (--help is 0).
-        exit_code = app(standalone_mode=False)
+        exit_code = app(args=hoist_zoo(argv), prog_name="st2si", standalone_mode=False)
     except St2siError as e:
         if debug_enabled():
             raise
         err.print(f"Error: {e}", markup=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+        return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
         err.print("Aborted.", markup=False)
-        sys.exit(130)
+        return 130
     except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except SystemExit:
-        raise
+        return e.exit_code
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
     except Exception as e:  # a click usage error or a bug
         if isinstance(e, _click_exception_type()):
             e.show()
-            sys.exit(e.exit_code)
+            return e.exit_code
         if debug_enabled():
             raise
         err.print(
@@ -115,6 +188,11 @@ def main() -> None:
             markup=False,
             soft_wrap=True,
         )
-        sys.exit(1)
-    if isinstance(exit_code, int) and exit_code:
-        sys.exit(exit_code)
+        return 1
+    return exit_code if isinstance(exit_code, int) else 0
+
+
+def main() -> None:
+    code = run(sys.argv[1:])
+    if code:
+        sys.exit(code)

@@ -28,6 +28,8 @@ state = State()
 def open_zoo():
     from st2si_cli.zoo.store import Zoo
 
+    if state.zoo_path is not None and state.zoo_path.exists() and not state.zoo_path.is_dir():
+        raise typer.BadParameter(f"{state.zoo_path} is not a folder", param_hint="'--zoo'")
     return Zoo(state.zoo_path)
 
 
@@ -106,6 +108,42 @@ def check_protocol(value: str) -> str:
     raise typer.BadParameter(f"{value!r} is not full or candidates-N (N >= 2)")
 
 
+def check_device(value: str) -> str:
+    """cpu, cuda, cuda:N or mps (torch device strings), checked before any work."""
+    prefix, colon, n = value.partition(":")
+    if value in ("cpu", "cuda", "mps") or (prefix == "cuda" and colon and n.isdigit()):
+        return value
+    raise typer.BadParameter(f"{value!r} is not cpu, cuda, cuda:N or mps")
+
+
+def check_device_or_auto(value: str) -> str:
+    return value if value == "auto" else check_device(value)
+
+
+def check_positive(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value} is not above 0")
+    return value
+
+
+def check_attributes(zoo: Any, domains: list[str], attributes: tuple[str, ...]) -> None:
+    """Refuse (usage error) attributes that no item of the domains' catalogs has, before any work."""
+    from st2si_cli.data.prepare import load_dataset
+
+    if not attributes:
+        raise typer.BadParameter("no attribute given", param_hint="'--attributes'")
+    for domain in domains:
+        fields: set[str] = set()
+        for item in load_dataset(zoo, domain).items:
+            fields.update(k for k, v in item.items() if k != "id" and v not in (None, ""))
+        unknown = [a for a in attributes if a not in fields]
+        if unknown:
+            raise typer.BadParameter(
+                f"{', '.join(unknown)} not in the catalog of {domain} (it has: {', '.join(sorted(fields))})",
+                param_hint="'--attributes'",
+            )
+
+
 # ---- options that several commands declare -------------------------------------------------------------
 def backbone_option(help: str) -> Any:
     return typer.Option(DEFAULT_BACKBONE, "--backbone", help=help)
@@ -120,7 +158,8 @@ def dtype_option(help: str | None = None) -> Any:
 
 
 def device_option(default: str = "cpu", help: str | None = None) -> Any:
-    return typer.Option(default, "--device", help=help)
+    check = check_device_or_auto if default == "auto" else check_device
+    return typer.Option(default, "--device", callback=check, help=help or "cpu, cuda, cuda:N or mps.")
 
 
 def query_token_option(help: str = "dot: the tokenizer's '.'; new: an added [Q] token.") -> Any:

@@ -11,6 +11,8 @@ from st2si_cli.cli.options import (
     attribute_list,
     attributes_option,
     backbone_option,
+    check_attributes,
+    check_positive,
     device_option,
     json_option,
     no_alignment_option,
@@ -19,8 +21,16 @@ from st2si_cli.cli.options import (
     open_zoo,
     query_token_option,
 )
-from st2si_cli.cli.output import err, metrics_table, out, print_json
+from st2si_cli.cli.output import err, metrics_table, out, print_jsonl
 from st2si_cli.cli.reporting import RichReporter
+
+
+def check_deepspeed(value: str | None) -> str | None:
+    from pathlib import Path
+
+    if value is None or value in ("zero0", "zero1", "zero2", "zero3") or Path(value).is_file():
+        return value
+    raise typer.BadParameter(f"{value!r} is not zero0..zero3 or an existing JSON file")
 
 
 def pretrain_cmd(
@@ -37,14 +47,19 @@ def pretrain_cmd(
     patience: int = typer.Option(
         5, "--patience", min=1, help="Epochs without a better valid NDCG@10 before stopping."
     ),
-    lr: float = typer.Option(5e-5, "--lr", help="AdamW learning rate (backbone and ILP)."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    lr: float = typer.Option(
+        5e-5, "--lr", callback=check_positive, help="AdamW learning rate (backbone and ILP)."
+    ),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0),
     warmup_steps: int = typer.Option(
-        100, "--warmup-steps", help="Linear warm-up steps, then cosine (clipped to a tenth of the run)."
+        100,
+        "--warmup-steps",
+        min=0,
+        help="Linear warm-up steps, then cosine (clipped to a tenth of the run).",
     ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Samples per micro-batch per process."),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off)."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", min=0.0, help="Gradient clipping (0: off)."),
     sampling: Sampling = typer.Option(
         Sampling.all,
         "--sampling",
@@ -56,8 +71,10 @@ def pretrain_cmd(
         "dot: the tokenizer's '.'; new: an added [Q] token (saved with the backbone)."
     ),
     attributes: str = attributes_option("Item attributes in order, comma-separated."),
-    max_items: int = typer.Option(50, "--max-items", help="Newest history items kept per user."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", help="Token budget of a history, newest first."),
+    max_items: int = typer.Option(50, "--max-items", min=1, help="Newest history items kept per user."),
+    max_tokens: int = typer.Option(
+        1024, "--max-tokens", min=16, help="Token budget of a history, newest first."
+    ),
     no_clean: bool = no_clean_option(),
     seed: int = typer.Option(0, "--seed"),
     device: str = device_option(
@@ -67,7 +84,10 @@ def pretrain_cmd(
         Precision.auto, "--precision", help="auto: bf16, else fp16, on GPU; fp32 on CPU."
     ),
     deepspeed: str | None = typer.Option(
-        None, "--deepspeed", help="zero0, zero1, zero2, zero3 or a DeepSpeed JSON config."
+        None,
+        "--deepspeed",
+        callback=check_deepspeed,
+        help="zero0, zero1, zero2, zero3 or a DeepSpeed JSON config.",
     ),
     save_every: int = typer.Option(
         0, "--save-every", min=0, help="Also checkpoint every N optimizer steps (0: epoch ends only)."
@@ -77,15 +97,21 @@ def pretrain_cmd(
         False, "--restart", help="Discard an interrupted run's checkpoint and start over."
     ),
     eval_batch_tokens: int = typer.Option(
-        16384, "--eval-batch-tokens", help="Padded tokens per validation batch."
+        16384, "--eval-batch-tokens", min=64, help="Padded tokens per validation batch."
     ),
     json_out: bool = json_option("Print the run's record as JSON."),
 ) -> None:
     """Full tuning with multi-query input and ID alignment: a new backbone, a head per domain, a run record.
 
+    \b
+    Examples:
+      st2si pretrain --domain ml-100k --backbone smollm2-135m --epochs 10 --json
+      torchrun --nproc_per_node 2 -m st2si_cli pretrain --domain A --domain B
+
     One process: `st2si pretrain --domain A`. Several: `torchrun --nproc_per_node 2 -m st2si_cli pretrain ...`
     (torch DDP) or `deepspeed --num_gpus 8 --no_local_rank -m st2si_cli pretrain ... --deepspeed zero2`.
     """
+    from st2si_cli.head_choice import metrics_record
     from st2si_cli.model.text import TextConfig
     from st2si_cli.train.config import PretrainConfig
     from st2si_cli.train.distributed import launch_env
@@ -93,6 +119,8 @@ def pretrain_cmd(
 
     if resume and restart:
         raise typer.BadParameter("--resume and --restart exclude each other", param_hint="'--restart'")
+    zoo = open_zoo()
+    check_attributes(zoo, list(domain), attribute_list(attributes))
     text = TextConfig(
         attributes=attribute_list(attributes),
         max_items=max_items,
@@ -121,7 +149,7 @@ def pretrain_cmd(
     reporter = RichReporter(quiet=json_out or not main_rank)
     try:
         result = pretrain(
-            open_zoo(),
+            zoo,
             domain,
             backbone=backbone,
             text=text,
@@ -138,21 +166,21 @@ def pretrain_cmd(
     if result.run is None:  # ranks other than 0 print nothing
         return
     meta = result.run.meta
-    if json_out:
-        print_json(
-            {
-                "run": result.run.name,
-                "run_id": result.run.id,
-                "backbone": result.backbone.name,
-                "backbone_id": result.backbone.id,
-                "heads": {d: {"name": h.name, "id": h.id} for d, h in result.heads.items()},
-                "metrics": meta["metrics"],
-                "best_epoch": meta["best_epoch"],
-                "flags": meta["flags"],
-                "world_size": meta["world_size"],
-                "timings": meta["timings"],
-            }
-        )
+    if json_out:  # one line per domain's head, in the shape of adapt and eval
+        for head in result.heads.values():
+            print_jsonl(
+                {
+                    **metrics_record(head),
+                    "valid": (head.meta.get("metrics") or {}).get("valid"),
+                    "backbone": result.backbone.name,
+                    "run": result.run.name,
+                    "run_id": result.run.id,
+                    "best_epoch": meta["best_epoch"],
+                    "flags": meta["flags"],
+                    "world_size": meta["world_size"],
+                    "timings": meta["timings"],
+                }
+            )
         return
     rows = {
         "valid": meta["metrics"]["valid"],

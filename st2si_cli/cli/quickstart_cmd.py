@@ -16,11 +16,18 @@ QUICKSTART_MAX_ITEMS = 20  # newest items per history: keeps the feature pass to
 def quickstart_cmd(
     backbone: str = backbone_option("Backbone (built offline if known)."),
     domain: str = typer.Option("ml-100k", "--domain", help="Name of the dataset in the zoo."),
-    max_items: int = typer.Option(QUICKSTART_MAX_ITEMS, "--max-items", help="Newest history items per user."),
-    users: int = typer.Option(3, "--users", help="Sample users to show recommendations for."),
-    k: int = typer.Option(5, "-k", help="Recommendations per sample user."),
+    max_items: int = typer.Option(
+        QUICKSTART_MAX_ITEMS, "--max-items", min=1, help="Newest history items per user."
+    ),
+    users: int = typer.Option(3, "--users", min=0, help="Sample users to show recommendations for."),
+    k: int = typer.Option(5, "-k", min=1, help="Recommendations per sample user."),
 ) -> None:
-    """Prepare MovieLens-100k, build the SmolLM2 backbone, adapt a head, evaluate, recommend."""
+    """Prepare MovieLens-100k, build the SmolLM2 backbone, adapt a head, evaluate, recommend.
+
+    \b
+    Example:
+      st2si quickstart --users 5
+    """
     from rich.table import Table
 
     from st2si_cli.adapt import adapt

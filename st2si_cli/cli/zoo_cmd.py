@@ -18,6 +18,7 @@ from st2si_cli.cli.options import open_zoo, state
 from st2si_cli.cli.output import err, human_size, make_progress, out, print_json
 from st2si_cli.data.catalog import catalog_lines, catalog_summary
 from st2si_cli.errors import St2siError
+from st2si_cli.head_choice import default_head
 
 if TYPE_CHECKING:  # the store pulls in sqlite-utils: imported only when a command runs
     from st2si_cli.zoo.store import Artifact, RemovalPlan, VerifyReport, Zoo
@@ -146,6 +147,8 @@ def ls_cmd(
         f"{len(arts)} artifact(s), {human_size(total)} (shared blobs counted once per artifact).",
         markup=False,
     )
+    if domain and kind in (None, "head") and (choice := default_head(zoo, domain)):  # eval's and recommend's
+        err.print(f"Default head: {choice.head.name or choice.head.short_id}, {choice.reason}.", markup=False)
 
 
 def _inputs(zoo: Zoo, art: Artifact) -> list[dict[str, Any]]:

@@ -178,19 +178,30 @@ def iter_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def iter_csv(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row) of a CSV file with a header; keys are the lower-cased column names."""
-    reader = csv.reader(text for _, text in iter_lines(path))
+    """(line number, row) of a CSV file with a header; keys are the lower-cased column names.
+
+    Strict: a quoted field that never closes is an error at the line where it opened, not a row that
+    silently swallows the rest of the file."""
+    reader = csv.reader((text for _, text in iter_lines(path)), strict=True)
+    start = 1  # the line the row being read starts on
     try:
         header = [h.strip().lower() for h in next(reader)]
         if len(set(header)) != len(header):
             raise InputError(path, f"repeated column name in the header {header}", 1)
+        start = reader.line_num + 1
         for row in reader:
             if not row or not any(c.strip() for c in row):
+                start = reader.line_num + 1
                 continue
             if len(row) != len(header):
                 raise InputError(path, f"{len(row)} fields, the header has {len(header)}", reader.line_num)
             yield reader.line_num, dict(zip(header, row, strict=True))
+            start = reader.line_num + 1
     except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise InputError(
+                path, "malformed CSV: a quoted field opens here and never closes", start
+            ) from None
         raise InputError(path, f"malformed CSV: {e}", reader.line_num) from None
 
 
