@@ -169,7 +169,10 @@ def test_rm_without_yes_on_non_tty_stdin_refuses(populated) -> None:
 
 def test_rm_yes_removes_the_artifact_and_its_unshared_blobs(populated) -> None:
     root, ids = populated
-    proc = run_cli(root, "zoo", "rm", "smol", "--yes", "--json")
+    before = snapshot(root)
+    assert_one_error_line(run_cli(root, "zoo", "rm", "smol", "--yes"), "input of head ml-head", "--force")
+    assert snapshot(root) == before, "an artifact others depend on stays without --force"
+    proc = run_cli(root, "zoo", "rm", "smol", "--yes", "--force", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["removed"] and result["bytes_freed"] == len(b"{}") + len(b"weights")
@@ -206,10 +209,10 @@ def run_on_a_terminal(root: Path, args: list[str], typed: bytes) -> tuple[int, s
 def test_rm_asks_for_confirmation_on_a_terminal(populated) -> None:
     root, ids = populated
     before = snapshot(root)
-    code, output = run_on_a_terminal(root, ["zoo", "rm", "smol"], b"n\n")
+    code, output = run_on_a_terminal(root, ["zoo", "rm", "smol", "--force"], b"n\n")
     assert code == 1 and "[y/N]" in output and "Nothing removed." in output
     assert snapshot(root) == before
-    code, output = run_on_a_terminal(root, ["zoo", "rm", "smol"], b"y\n")
+    code, output = run_on_a_terminal(root, ["zoo", "rm", "smol", "--force"], b"y\n")
     assert code == 0 and "Removed backbone smol" in output
     with Zoo(root) as zoo:
         assert zoo.find(ids["backbone"]) is None

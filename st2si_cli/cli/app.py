@@ -22,6 +22,7 @@ from st2si_cli.cli import (
     quickstart_cmd,
     recommend_cmd,
     zoo_cmd,
+    zoo_tidy_cmd,
 )
 from st2si_cli.cli.options import state
 from st2si_cli.cli.output import debug_enabled, err
@@ -74,8 +75,9 @@ zoo_app = typer.Typer(
 zoo_app.command("path")(zoo_cmd.path_cmd)
 zoo_app.command("ls")(zoo_cmd.ls_cmd)
 zoo_app.command("info")(zoo_cmd.info_cmd)
-zoo_app.command("rm")(zoo_cmd.rm_cmd)
-zoo_app.command("verify")(zoo_cmd.verify_cmd)
+zoo_app.command("rm")(zoo_tidy_cmd.rm_cmd)
+zoo_app.command("verify")(zoo_tidy_cmd.verify_cmd)
+zoo_app.command("prune")(zoo_tidy_cmd.prune_cmd)
 zoo_app.command("pull")(pull_cmd.pull_cmd)
 app.add_typer(zoo_app, name="zoo")
 
