@@ -249,6 +249,8 @@ def prune_cmd(
 
     zoo = open_zoo()
     plan = plan_prune(zoo)
+    if plan.remove:
+        _confirm_or_refuse("prune", dry_run, yes)
     result = _prune_dict(plan)
     if not as_json:
         verb = "Would remove" if dry_run else "Will remove"
@@ -261,7 +263,6 @@ def prune_cmd(
         if as_json:
             print_json({**result, "dry_run": dry_run, "bytes_freed": 0})
         return
-    _confirm_or_refuse("prune", dry_run, yes)
     if not yes and not typer.confirm("Remove them?", default=False, err=True):
         err.print("Nothing removed.", markup=False)
         raise typer.Exit(1)
