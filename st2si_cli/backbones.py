@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from st2si_cli import __version__
+from st2si_cli import __version__, hf
 from st2si_cli.errors import St2siError, ZooError
 from st2si_cli.zoo.index import load_index, wheel_path
 from st2si_cli.zoo.locks import tmp_prefix
@@ -88,7 +88,7 @@ def load_backbone(
     art = zoo.get(ref, kind="backbone")
     folder = zoo.view(art)
     torch_dtype = resolve_dtype(dtype, device)
-    refuse_custom_code(folder)
+    hf.refuse_custom_code(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         model = AutoModel.from_pretrained(
@@ -195,34 +195,12 @@ def build_from_gguf(zoo: Zoo, gguf: Path, name: str, extra: dict[str, Any] | Non
         return _store_folder(zoo, out, name, meta)
 
 
-CODE_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
-
-
-def refuse_custom_code(folder: Path) -> None:
-    """st2si never runs code that comes with a model: a folder whose config asks for it is refused."""
-    import json
-
-    for fname in CODE_FILES:
-        path = Path(folder) / fname
-        if not path.is_file():
-            continue
-        try:
-            config = json.loads(path.read_text("utf-8"))
-        except (OSError, ValueError) as e:
-            raise St2siError(f"{path}: not readable JSON ({e})") from None
-        if isinstance(config, dict) and config.get("auto_map"):
-            raise St2siError(
-                f"{path}: asks for custom modelling code (auto_map); st2si never runs code shipped with "
-                "a model, so it only takes architectures that transformers implements itself"
-            )
-
-
 def import_folder(zoo: Zoo, folder: Path, name: str) -> Artifact:
     """Import a local Hugging Face folder (re-saved as safetensors so loading never unpickles)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    refuse_custom_code(folder)
+    hf.refuse_custom_code(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
     with tempfile.TemporaryDirectory(dir=zoo.root / "tmp", prefix=tmp_prefix("import")) as tmp:
@@ -353,6 +331,8 @@ def pull(zoo: Zoo, ref: str, name: str | None = None) -> Artifact:
         if path.is_dir() and (path / "config.json").exists():
             return import_folder(zoo, path.resolve(), name or path.name)
         raise St2siError(f"{path}: not a .gguf file or a Hugging Face model folder (no config.json)")
+    if ref.startswith((".", "/", "~")) or ref.endswith(".gguf"):
+        raise St2siError(f"{path}: no such file or folder")
     if ref in known and known[ref]["source"] == "hub":
         return download_from_hub(zoo, known[ref]["repo"], name or ref)
     if "/" in ref and not ref.startswith((".", "/")):

@@ -422,3 +422,10 @@ def test_an_identical_adapt_rerun_reuses_its_head(tmp_path: Path) -> None:
         feature_opts=FeatureOptions(dtype="fp32"),
     )
     assert other.id != runs[0].id and len(zoo.ls(kind="head")) == 2, "other settings: another head"
+
+
+def test_pull_of_a_missing_path_says_so(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    assert_one_error_line(
+        run_cli(tmp_path / "zoo", "zoo", "pull", missing), f"{missing}: no such file or folder"
+    )
