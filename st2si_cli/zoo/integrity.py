@@ -34,10 +34,22 @@ def stat_key(st: os.stat_result) -> tuple[int, int, int]:
 
 def record_stat(db: sqlite_utils.Database, sha: str, path: Path) -> None:
     """Remember the blob file's stat as known good (call right after its hash was found right)."""
-    size, mtime_ns, inode = stat_key(path.stat())
+    record_stats(db, [(sha, path)])
+
+
+def record_stats(db: sqlite_utils.Database, blobs: list[tuple[str, Path]]) -> None:
+    """`record_stat` for many blobs in one transaction (blob files gone meanwhile are skipped)."""
+    keys = []
+    for sha, path in blobs:
+        try:
+            keys.append((sha, path, stat_key(path.stat())))
+        except FileNotFoundError:
+            continue
     with write_txn(db):
-        db.execute("UPDATE blobs SET mtime_ns = ?, inode = ? WHERE sha256 = ?", [mtime_ns, inode, sha])
-    _checked[str(path)] = (size, mtime_ns, inode)
+        for sha, _, (_, mtime_ns, inode) in keys:
+            db.execute("UPDATE blobs SET mtime_ns = ?, inode = ? WHERE sha256 = ?", [mtime_ns, inode, sha])
+    for _, path, key in keys:
+        _checked[str(path)] = key
 
 
 def check_blob(db: sqlite_utils.Database, sha: str, path: Path, describe: Callable[[], str]) -> Path:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from st2si_cli.errors import ZooError
 from st2si_cli.zoo.artifact import Artifact, RemovalPlan, VerifyReport, sha256_file
-from st2si_cli.zoo.integrity import record_stat
+from st2si_cli.zoo.integrity import record_stats
 from st2si_cli.zoo.locks import is_locked, owner_pid, pid_alive
 from st2si_cli.zoo.schema import write_txn
 from st2si_cli.zoo.views import broken_views
@@ -98,11 +98,7 @@ def verify(zoo: Zoo, progress: Callable[[int], Any] | None = None) -> VerifyRepo
             mismatched.append(sha)
         else:
             good.append((sha, path))
-    for sha, path in good:  # the fast path of the check on load trusts these stats from now on
-        try:
-            record_stat(zoo.db, sha, path)
-        except FileNotFoundError:
-            pass  # removed meanwhile
+    record_stats(zoo.db, good)  # the fast path of the check on load trusts these stats from now on
     orphans = [p.name for p in zoo.iter_blob_files() if p.name not in known]
     files: dict[str, dict[str, str]] = {}
     for art_id, fname, sha in zoo.db.execute("SELECT artifact, name, blob FROM files"):
