@@ -348,7 +348,8 @@ class Zoo:
         try:
             sha = art.files[fname]
         except KeyError:
-            raise ZooError(f"artifact {art.name or art.short_id} has no file {fname!r}") from None
+            gone = " (it was removed from the zoo)" if self._by_id(art.id) is None else ""
+            raise ZooError(f"{art.kind} {art.name or art.short_id} has no file {fname!r}{gone}") from None
         return self._checked(art, fname, sha)
 
     def read_json(self, art: Artifact, fname: str) -> Any:
