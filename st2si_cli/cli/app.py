@@ -23,6 +23,7 @@ from st2si_cli.cli import (
     quickstart_cmd,
     recommend_cmd,
     zoo_cmd,
+    zoo_tidy_cmd,
 )
 from st2si_cli.cli.options import state
 from st2si_cli.cli.output import debug_enabled, err
@@ -121,8 +122,13 @@ zoo_app.command("info", epilog=_example("st2si zoo info ml-100k", "st2si zoo inf
 )
 zoo_app.command(
     "rm", epilog=_example("st2si zoo rm ml-100k/old-head --dry-run", "st2si zoo rm 3f2a9c --yes")
-)(zoo_cmd.rm_cmd)
-zoo_app.command("verify", epilog=_example("st2si zoo verify", "st2si zoo verify --json"))(zoo_cmd.verify_cmd)
+)(zoo_tidy_cmd.rm_cmd)
+zoo_app.command("verify", epilog=_example("st2si zoo verify", "st2si zoo verify --json"))(
+    zoo_tidy_cmd.verify_cmd
+)
+zoo_app.command("prune", epilog=_example("st2si zoo prune --dry-run", "st2si zoo prune --yes"))(
+    zoo_tidy_cmd.prune_cmd
+)
 zoo_app.command(
     "pull",
     epilog=_example("st2si zoo pull smollm2-135m", "st2si zoo pull ./my-hf-model --name mine --json"),

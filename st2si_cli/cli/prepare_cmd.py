@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from st2si_cli.cli.options import open_zoo
-from st2si_cli.cli.output import out, print_json
+from st2si_cli.cli.output import err, out, print_json
 
 FORMAT_HELP = (
     "Input format: amazon-raw, recformer, json-lists, recbole, recbole-unisrec, generic (default: detect)."
@@ -52,6 +52,23 @@ def _print_table(name: str, art_id: str, fmt: str, stats: dict[str, Any], report
         out.print(line, markup=False, soft_wrap=True)
 
 
+def _report_replaced(zoo: Any, old: Any, art: Any) -> None:
+    """After --replace moved the domain to new data: say so, and name the heads that no longer match."""
+    from st2si_cli.data.prepare import stale_heads
+
+    if old is None or old.id == art.id:
+        return
+    err.print(f"Replaced dataset {art.name}: {old.short_id} -> {art.short_id}.", markup=False, soft_wrap=True)
+    stale = stale_heads(zoo, art)
+    if stale:
+        names = ", ".join(f"{h.name or h.short_id} ({h.short_id})" for h in stale)
+        err.print(
+            f"{len(stale)} head(s) of {art.name} were trained on other data and no longer match it: {names}",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
 def prepare(
     source: Path | None = typer.Argument(
         None,
@@ -85,6 +102,11 @@ def prepare(
         min=3,
         help="Drop users with fewer interactions (leave-one-out needs 3).",
     ),
+    replace: bool = typer.Option(
+        False,
+        "--replace",
+        help="The domain already holds other data: point it at this data (its heads then no longer match).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
 ) -> None:
     """Turn raw data into a dataset artifact (catalog + user sequences) and print its statistics and hash."""
@@ -103,11 +125,19 @@ def prepare(
     if not domain:
         raise typer.BadParameter("a dataset needs a name: pass --domain NAME", param_hint="--domain")
 
+    opened: dict[str, Any] = {}
+
+    def zoo_before_put():  # called only after the input parsed: bad input leaves the zoo untouched
+        opened["zoo"] = zoo = open_zoo()
+        opened["old"] = zoo.find(domain, kind="dataset")
+        return zoo
+
     art, ds = prepare_dataset(
         src,
         format=format,
         domain=domain,
-        zoo=open_zoo,  # called only after the input parsed: bad input leaves the zoo untouched
+        zoo=zoo_before_put,
+        replace=replace,
         k_core=k_core,
         strict=strict,
         min_user_interactions=min_user_interactions,
@@ -115,6 +145,7 @@ def prepare(
         interactions_file=interactions,
         extra_meta={"source_name": source_name} if source_name else None,
     )
+    _report_replaced(opened["zoo"], opened["old"], art)
     fmt = ds.report["format"]
     stats = ds.stats()
     if as_json:

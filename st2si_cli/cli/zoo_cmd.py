@@ -7,7 +7,6 @@ groups these commands, and `pull` from `pull_cmd`, under `st2si zoo`.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -15,15 +14,16 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from st2si_cli.cli.options import open_zoo, state
-from st2si_cli.cli.output import err, human_size, make_progress, out, print_json
+from st2si_cli.cli.output import err, human_size, out, print_json
 from st2si_cli.data.catalog import catalog_lines, catalog_summary
 from st2si_cli.errors import St2siError
 from st2si_cli.head_choice import default_head
 
 if TYPE_CHECKING:  # the store pulls in sqlite-utils: imported only when a command runs
-    from st2si_cli.zoo.store import Artifact, RemovalPlan, VerifyReport, Zoo
+    from st2si_cli.zoo.store import Artifact, Zoo
 
 JSON_HELP = "Print JSON on stdout instead of a table."
+KIND_HELP = "The kind of the named artifact, where kinds share a name (names are per kind)."
 # Metrics shown in `ls`, in this order, when an artifact records them (matched case-insensitively).
 HEADLINE_METRICS = ("ndcg@10", "recall@10", "hr@10", "mrr@10")
 
@@ -198,11 +198,13 @@ def info_cmd(
     ref: str = typer.Argument(
         ..., metavar="NAME|ID", help="A name, a full ID or a unique ID prefix (6+ characters)."
     ),
+    kind: str | None = typer.Option(None, "--kind", help=KIND_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Everything about one artifact: files, meta (config, inputs, versions, metrics), names, dependents."""
+    _require_kind(kind)
     zoo = open_zoo()
-    art = zoo.get(ref)
+    art = zoo.get(ref, kind)
     info = _info_dict(zoo, art)
     if as_json:
         print_json(info)
@@ -257,147 +259,3 @@ def info_cmd(
         out.print()
         out.print("Meta", style="bold")
         out.print(json.dumps(meta, indent=2, ensure_ascii=False, default=str), markup=False, soft_wrap=True)
-
-
-def _plan_dict(zoo: Zoo, plan: RemovalPlan) -> dict[str, Any]:
-    art = plan.artifact
-    return {
-        **_brief(art),
-        "names": plan.names,
-        "size": art.size,
-        "files": len(art.files),
-        "blobs_freed": [{"sha256": sha, "size": size} for sha, size in plan.blobs],
-        "blobs_kept": len(set(art.files.values())) - len(plan.blobs),
-        "bytes_freed": plan.bytes_freed,
-        "dependents": [_brief(d) for d in plan.dependents],
-    }
-
-
-def _print_plan(plan: RemovalPlan, dry_run: bool) -> None:
-    art = plan.artifact
-    verb = "Would remove" if dry_run else "Will remove"
-    kept = len(set(art.files.values())) - len(plan.blobs)
-    out.print(f"{verb} {_label(art)}: {len(art.files)} file(s)", markup=False, soft_wrap=True)
-    out.print(f"  names dropped: {', '.join(plan.names) or '(none)'}", markup=False, soft_wrap=True)
-    freed = f"  frees {human_size(plan.bytes_freed)} in {len(plan.blobs)} blob(s)"
-    if kept:
-        freed += f"; {kept} blob(s) shared with other artifacts are kept"
-    out.print(freed, markup=False, soft_wrap=True)
-
-
-def _warn_dependents(plan: RemovalPlan) -> None:
-    if not plan.dependents:
-        return
-    err.print(
-        f"Warning: {len(plan.dependents)} artifact(s) list {_label(plan.artifact)} as an input and would be "
-        "left with a dangling input:",
-        markup=False,
-        soft_wrap=True,
-    )
-    for d in plan.dependents:
-        err.print(f"  {_label(d)}", markup=False, soft_wrap=True)
-
-
-def rm_cmd(
-    ref: str = typer.Argument(
-        ..., metavar="NAME|ID", help="A name, a full ID or a unique ID prefix (6+ characters)."
-    ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be removed and change nothing."),
-    yes: bool = typer.Option(
-        False, "--yes", "-y", help="Do not ask for confirmation (required when stdin is not a terminal)."
-    ),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-) -> None:
-    """Remove an artifact, its names and the blobs no other artifact uses (planned first, then done)."""
-    zoo = open_zoo()
-    plan = zoo.plan_rm(ref)
-    interactive = sys.stdin is not None and sys.stdin.isatty()
-    if not (dry_run or yes or interactive):
-        raise St2siError(
-            f"refusing to remove {_label(plan.artifact)} without --yes: stdin is not a terminal "
-            "(see the plan with --dry-run)"
-        )
-    result = _plan_dict(zoo, plan)
-    if not as_json:
-        _print_plan(plan, dry_run)
-    _warn_dependents(plan)
-    if dry_run:
-        if as_json:
-            print_json({**result, "dry_run": True, "removed": False})
-        return
-    if not yes and not typer.confirm(f"Remove {_label(plan.artifact)}?", default=False, err=True):
-        err.print("Nothing removed.", markup=False)
-        raise typer.Exit(1)
-    freed = zoo.execute_rm(plan)
-    freed_set = set(freed)
-    bytes_freed = sum(size for sha, size in plan.blobs if sha in freed_set)
-    if as_json:
-        print_json({**result, "bytes_freed": bytes_freed, "dry_run": False, "removed": True})
-    else:
-        out.print(
-            f"Removed {_label(plan.artifact)}: freed {human_size(bytes_freed)}.", markup=False, soft_wrap=True
-        )
-
-
-def _verify_dict(zoo: Zoo, report: VerifyReport) -> dict[str, Any]:
-    def users(sha: str) -> list[dict[str, Any]]:
-        return [_brief(zoo.get(a)) for a in sorted(set(zoo.artifacts_using_blob(sha)))]
-
-    def blob(sha: str) -> dict[str, Any]:
-        return {"sha256": sha, "path": str(zoo.blob_path(sha)), "artifacts": users(sha)}
-
-    return {
-        "root": str(zoo.root),
-        "checked": report.checked,
-        "ok": report.ok,
-        "mismatched": [blob(sha) for sha in report.mismatched],
-        "missing": [blob(sha) for sha in report.missing],
-        "orphans": [{"sha256": name, "path": str(zoo.blob_path(name))} for name in report.orphans],
-    }
-
-
-def _run_verify(zoo: Zoo) -> VerifyReport:
-    total = zoo.blobs_total_size()
-    with make_progress() as progress:
-        task = progress.add_task("Verifying blobs", total=total, rate="")
-
-        def advance(n: int) -> None:
-            speed = progress.tasks[task].speed
-            progress.update(task, advance=n, rate=f"{human_size(speed)}/s" if speed else "")
-
-        return zoo.verify(progress=advance)
-
-
-def verify_cmd(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
-    """Re-hash every blob; report changed and missing blobs (exit 1) and orphan files (a warning)."""
-    zoo = open_zoo()
-    report = _run_verify(zoo)
-    result = _verify_dict(zoo, report)
-    if as_json:
-        print_json(result)
-    else:
-        for problem, key in (("MISMATCH", "mismatched"), ("MISSING", "missing")):
-            for b in result[key]:
-                used_by = (
-                    ", ".join(f"{a['kind']} {a['name'] or a['id'][:12]}" for a in b["artifacts"])
-                    or "no artifact"
-                )
-                out.print(f"{problem}  {b['sha256']}  used by {used_by}", markup=False, soft_wrap=True)
-        status = "OK" if report.ok else "FAILED"
-        out.print(
-            f"{status}: checked {report.checked} blob(s) ({human_size(zoo.blobs_total_size())}): "
-            f"{len(report.mismatched)} mismatched, {len(report.missing)} missing.",
-            markup=False,
-            soft_wrap=True,
-        )
-    if report.orphans:
-        err.print(
-            f"Warning: {len(report.orphans)} orphan file(s) under {zoo.root / 'blobs'} that no artifact uses "
-            "(left by an interrupted put or rm):",
-            markup=False,
-            soft_wrap=True,
-        )
-        for name in report.orphans:
-            err.print(f"  {zoo.blob_path(name)}", markup=False, soft_wrap=True)
-    if not report.ok:
-        raise typer.Exit(1)

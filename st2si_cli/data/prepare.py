@@ -138,18 +138,40 @@ def store_dataset(
     fmt: str,
     source: str | Path | None,
     extra_meta: Mapping[str, Any] | None = None,
+    replace: bool = False,
 ) -> Artifact:
-    """Put the dataset into the zoo (kind "dataset", name = domain). Its ID is the dataset hash."""
+    """Put the dataset into the zoo (kind "dataset", name = domain). Its ID is the dataset hash.
+
+    A domain that already holds other data is refused unless `replace` (then the name moves to the
+    new data; `stale_heads` names the heads trained on other data)."""
+    from st2si_cli.zoo.store import NameTakenError
+
     meta = dataset_meta(ds, fmt, source)
     if extra_meta:
         meta.update(extra_meta)
-    return zoo.put(
-        "dataset",
-        {CATALOG_FILE: ds.catalog_bytes(), SEQUENCES_FILE: ds.sequences_bytes()},
-        meta,
-        name=domain,
-        domain=domain,
-    )
+    try:
+        return zoo.put(
+            "dataset",
+            {CATALOG_FILE: ds.catalog_bytes(), SEQUENCES_FILE: ds.sequences_bytes()},
+            meta,
+            name=domain,
+            domain=domain,
+            replace_name=replace,
+        )
+    except NameTakenError:
+        old = zoo.get(domain, kind="dataset")
+        users = old.meta.get("stats", {}).get("users", "?")
+        raise St2siError(
+            f"dataset {domain!r} already holds other data ({old.short_id}, {users} users, from "
+            f"{old.meta.get('source')}): pass --replace to point {domain!r} at the new data, or choose "
+            "another --domain"
+        ) from None
+
+
+def stale_heads(zoo: Zoo, dataset: Artifact) -> list[Artifact]:
+    """Heads of the dataset's domain trained on another catalog than the dataset's."""
+    want = dataset.meta.get("catalog_hash")
+    return [h for h in zoo.ls(kind="head", domain=dataset.domain) if h.meta.get("catalog_hash") != want]
 
 
 def prepare_dataset(
@@ -164,11 +186,12 @@ def prepare_dataset(
     item_file: str | Path | None = None,
     interactions_file: str | Path | None = None,
     extra_meta: Mapping[str, Any] | None = None,
+    replace: bool = False,
 ) -> tuple[Artifact, Dataset]:
     """Parse `source` (or `interactions_file` + `item_file`) and store it as the dataset `domain`.
 
     `zoo` may be a function that opens it: it is called only once the whole input has parsed, so bad
-    input never creates or touches a zoo.
+    input never creates or touches a zoo. `replace`: see `store_dataset`.
     """
     if not domain:
         raise St2siError("a dataset needs a domain name")
@@ -183,7 +206,9 @@ def prepare_dataset(
     )
     label = source if source is not None else interactions_file
     store = zoo if isinstance(zoo, Zoo) else zoo()
-    return store_dataset(store, ds, domain=domain, fmt=fmt, source=label, extra_meta=extra_meta), ds
+    return store_dataset(
+        store, ds, domain=domain, fmt=fmt, source=label, extra_meta=extra_meta, replace=replace
+    ), ds
 
 
 def load_dataset(zoo: Zoo, domain_or_ref: str) -> Dataset:

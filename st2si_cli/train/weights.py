@@ -19,8 +19,10 @@ def load_trainable(zoo: Zoo, art: Artifact, query: str) -> tuple[nn.Module, Any]
 
     quiet_transformers()
     folder = zoo.view(art)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    model = AutoModel.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=False
+    )
     if query == "new":
         add_query_token(model, tokenizer)
     return model, tokenizer
@@ -41,9 +43,9 @@ def store_backbone(
     from st2si_cli.backbones import add_query_token, save_backbone_folder
 
     folder = zoo.view(art)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
     if query == "new":
-        add_query_token(model, AutoTokenizer.from_pretrained(folder))
+        add_query_token(model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
     model.base_model.load_state_dict(backbone_state, strict=True)
     model.tie_weights()
     return save_backbone_folder(model, tokenizer, zoo, name, meta)

@@ -85,10 +85,11 @@ class VerifyReport:
     mismatched: list[str]  # blob sha256s whose bytes no longer hash to their name
     missing: list[str]  # blobs in the index with no file
     orphans: list[str]  # files under blobs/ that no artifact references
+    broken_views: list[str] = field(default_factory=list)  # folders under views/ that need rebuilding
 
     @property
     def ok(self) -> bool:
-        return not (self.mismatched or self.missing)
+        return not (self.mismatched or self.missing or self.broken_views)
 
 
 def input_ids(meta: Mapping[str, Any]) -> set[str]:

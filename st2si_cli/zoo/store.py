@@ -18,17 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-from sqlite_utils.migrations import Migrations
-
 from st2si_cli.errors import ZooError
+from st2si_cli.zoo import maintenance
 from st2si_cli.zoo.artifact import (
     CHUNK,
     Artifact,
@@ -38,24 +35,27 @@ from st2si_cli.zoo.artifact import (
     input_ids,
     sha256_file,
 )
+from st2si_cli.zoo.integrity import check_blob, stat_key
+from st2si_cli.zoo.locks import FileLock, tmp_prefix
+from st2si_cli.zoo.schema import connect, migrations, write_txn
+from st2si_cli.zoo.views import build_view
 
 KINDS = ("dataset", "catalog", "backbone", "head", "features", "run")
 ENV_HOME = "ST2SI_HOME"
+__all__ = [
+    "KINDS",
+    "Artifact",
+    "RemovalPlan",
+    "VerifyReport",
+    "Zoo",
+    "input_ids",
+    "migrations",
+    "resolve_root",
+]
 
-migrations = Migrations("st2si.zoo")
 
-
-@migrations()
-def m001_initial(db: sqlite_utils.Database) -> None:
-    db["artifacts"].create(
-        {"id": str, "kind": str, "domain": str, "created": float, "size": int, "meta": str},
-        pk="id",
-    )
-    db["files"].create({"artifact": str, "name": str, "blob": str}, pk=("artifact", "name"))
-    db["blobs"].create({"sha256": str, "size": int}, pk="sha256")
-    db["names"].create({"name": str, "artifact": str, "kind": str, "updated": float}, pk="name")
-    db["artifacts"].create_index(["kind", "domain"])
-    db["files"].create_index(["blob"])
+class NameTakenError(ZooError):
+    """A name of this kind already points at another artifact, and moving it was not asked for."""
 
 
 def default_root() -> Path:
@@ -80,12 +80,13 @@ class Zoo:
 
     def __init__(self, root: str | Path | None = None):
         self.root = resolve_root(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ZooError(f"{self.root}: the zoo must be a folder, and this is a file")
         self.root.mkdir(parents=True, exist_ok=True)
         for sub in ("blobs", "views", "tmp"):
             (self.root / sub).mkdir(exist_ok=True)
-        self.db = sqlite_utils.Database(self.root / "index.db")
-        self.db.execute("PRAGMA journal_mode=WAL")
-        migrations.apply(self.db)
+        self.db = connect(self.root)
+        self._written: set[str] = set()  # blobs this process wrote (and so hashed) since the last put
 
     def close(self) -> None:
         self.db.close()
@@ -96,39 +97,49 @@ class Zoo:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ---- locks -----------------------------------------------------------------------------------
+    def gc_lock(self, *, shared: bool) -> FileLock:
+        """Shared while blobs are written and indexed (put), exclusive while unindexed ones are
+        deleted (rm, prune): a blob written for a put that has not committed yet is never deleted."""
+        return FileLock(self.root / "gc.lock", shared=shared)
+
+    def claim(self, key: str) -> FileLock:
+        """The lock of the shared work `key` (its staging folder tmp/KEY): hold it while computing."""
+        return FileLock(self.root / "tmp" / f"{key}.lock")
+
     # ---- blobs -----------------------------------------------------------------------------------
     def blob_path(self, sha: str) -> Path:
         return self.root / "blobs" / sha[:2] / sha
+
+    def _place(self, tmp: str | Path, sha: str) -> None:
+        final = self.blob_path(sha)
+        final.parent.mkdir(exist_ok=True)
+        if final.exists():
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, final)
+            self._written.add(sha)
 
     def _store_blob(self, source: Path | bytes, move: bool = False) -> tuple[str, int]:
         """Copy (or move) a file or bytes into blobs/, atomically. Returns (sha256, size)."""
         tmp_dir = self.root / "tmp"
         if isinstance(source, (bytes, bytearray)):
             sha = hashlib.sha256(source).hexdigest()
-            size = len(source)
-            final = self.blob_path(sha)
-            if not final.exists():
-                final.parent.mkdir(exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="blob-")
+            if not self.blob_path(sha).exists():
+                fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=tmp_prefix("blob"))
                 with os.fdopen(fd, "wb") as f:
                     f.write(source)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, final)
-            return sha, size
+                self._place(tmp, sha)
+            return sha, len(source)
         source = Path(source)
         size = source.stat().st_size
-        same_fs_tmp = source.resolve().is_relative_to(tmp_dir.resolve())
-        if move and same_fs_tmp:
+        if move and source.resolve().is_relative_to(tmp_dir.resolve()):
             sha = sha256_file(source)
-            final = self.blob_path(sha)
-            final.parent.mkdir(exist_ok=True)
-            if final.exists():
-                source.unlink()
-            else:
-                os.replace(source, final)
+            self._place(source, sha)
             return sha, size
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="blob-")
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=tmp_prefix("blob"))
         h = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
             while chunk := src.read(CHUNK):
@@ -137,19 +148,18 @@ class Zoo:
             out.flush()
             os.fsync(out.fileno())
         sha = h.hexdigest()
-        final = self.blob_path(sha)
-        final.parent.mkdir(exist_ok=True)
-        if final.exists():
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, final)
+        self._place(tmp, sha)
         return sha, size
 
     def staging_dir(self, key: str) -> Path:
-        """A folder under tmp/ for work in progress that a later run may resume."""
+        """A folder under tmp/ for work in progress that a later run may resume (hold `claim(key)`)."""
         path = self.root / "tmp" / key
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def private_dir(self, kind: str) -> Path:
+        """A new folder under tmp/ that only this process uses (`KIND-PID-random`)."""
+        return Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix=tmp_prefix(kind)))
 
     # ---- artifacts -------------------------------------------------------------------------------
     def put(
@@ -162,63 +172,98 @@ class Zoo:
         domain: str | None = None,
         identity: Mapping[str, Any] | None = None,
         move: bool = False,
+        replace_name: bool = True,
     ) -> Artifact:
-        """Store files and register an artifact (and its name) in one transaction."""
+        """Store files and register an artifact (and its name) in one transaction.
+
+        With replace_name=False a name that already points at another artifact of this kind is not
+        moved: NameTakenError, and nothing is registered.
+        """
         if kind not in KINDS:
             raise ValueError(f"unknown artifact kind {kind!r}")
-        stored = {fname: self._store_blob(src, move=move) for fname, src in files.items()}
-        manifest = {fname: sha for fname, (sha, _) in sorted(stored.items())}
-        art_id = hashlib.sha256(
-            canonical_json({"kind": kind, "files": manifest, "identity": identity}).encode()
-        ).hexdigest()
-        size = sum(s for _, s in stored.values())
-        now = time.time()
-        # db.atomic(), not `with db.conn`: sqlite-utils commits each write made outside an open
-        # transaction, so only an explicit BEGIN makes these rows land together or not at all.
-        with self.db.atomic():
-            self.db["blobs"].insert_all(
-                [{"sha256": sha, "size": s} for sha, s in stored.values()], pk="sha256", ignore=True
-            )
-            existing = self.db["artifacts"].count_where("id = ?", [art_id])
-            if not existing:
-                self.db["artifacts"].insert(
-                    {
-                        "id": art_id,
-                        "kind": kind,
-                        "domain": domain,
-                        "created": now,
-                        "size": size,
-                        "meta": canonical_json(dict(meta)),
-                    }
-                )
-                self.db["files"].insert_all(
-                    [{"artifact": art_id, "name": fname, "blob": sha} for fname, sha in manifest.items()]
-                )
-            if name:
-                self.db["names"].upsert(
-                    {"name": name, "artifact": art_id, "kind": kind, "updated": now}, pk="name"
-                )
+        if name and not replace_name and all(isinstance(v, (bytes, bytearray)) for v in files.values()):
+            manifest = {f: hashlib.sha256(v).hexdigest() for f, v in sorted(files.items())}  # type: ignore[arg-type]
+            self._name(name, kind, self.artifact_id(kind, manifest, identity), replace=False, check_only=True)
+        with self.gc_lock(shared=True):
+            self._written = set()
+            stored = {fname: self._store_blob(src, move=move) for fname, src in files.items()}
+            manifest = {fname: sha for fname, (sha, _) in sorted(stored.items())}
+            art_id = self.artifact_id(kind, manifest, identity)
+            blob_rows = []
+            for sha, size in set(stored.values()):
+                row = {"sha256": sha, "size": size, "mtime_ns": None, "inode": None}
+                if sha in self._written:  # hashed as written: its stat is known good
+                    _, row["mtime_ns"], row["inode"] = stat_key(self.blob_path(sha).stat())
+                blob_rows.append(row)
+            with write_txn(self.db):
+                self._register(kind, art_id, manifest, meta, domain, blob_rows)
+                if name:
+                    self._name(name, kind, art_id, replace_name)
         return self.get(art_id)
 
+    @staticmethod
+    def artifact_id(kind: str, manifest: Mapping[str, str], identity: Mapping[str, Any] | None) -> str:
+        """sha256 of the kind, the {file name: blob sha256} manifest and the identity dict."""
+        spec = {"kind": kind, "files": dict(sorted(manifest.items())), "identity": identity}
+        return hashlib.sha256(canonical_json(spec).encode()).hexdigest()
+
+    def _register(
+        self,
+        kind: str,
+        art_id: str,
+        manifest: Mapping[str, str],
+        meta: Mapping[str, Any],
+        domain: str | None,
+        blob_rows: list[dict[str, Any]],
+    ) -> None:
+        self.db["blobs"].insert_all(blob_rows, pk="sha256", ignore=True)
+        if self.db.execute("SELECT 1 FROM artifacts WHERE id = ?", [art_id]).fetchone():
+            return
+        size = sum(next(r["size"] for r in blob_rows if r["sha256"] == sha) for sha in manifest.values())
+        self.db["artifacts"].insert(
+            {
+                "id": art_id,
+                "kind": kind,
+                "domain": domain,
+                "created": time.time(),
+                "size": size,
+                "meta": canonical_json(dict(meta)),
+            }
+        )
+        self.db["files"].insert_all(
+            [{"artifact": art_id, "name": fname, "blob": sha} for fname, sha in manifest.items()]
+        )
+
+    def _name(
+        self, name: str, kind: str, art_id: str, replace: bool = True, check_only: bool = False
+    ) -> None:
+        if not replace:
+            sql = "SELECT artifact FROM names WHERE kind = ? AND name = ?"
+            row = self.db.execute(sql, [kind, name]).fetchone()
+            if row is not None and row[0] != art_id:
+                raise NameTakenError(f"{kind} {name!r} already holds another artifact ({row[0][:12]})")
+        if check_only:
+            return
+        self.db["names"].upsert(
+            {"name": name, "artifact": art_id, "kind": kind, "updated": time.time()}, pk=("kind", "name")
+        )
+
     def update_meta(self, art: Artifact, **changes: Any) -> Artifact:
-        meta = dict(art.meta)
-        meta.update(changes)
-        with self.db.atomic():
+        with write_txn(self.db):
+            row = self.db.execute("SELECT meta FROM artifacts WHERE id = ?", [art.id]).fetchone()
+            if row is None:
+                raise ZooError(f"{art.kind} {art.name or art.short_id} was removed from the zoo")
+            meta = {**json.loads(row[0]), **changes}
             self.db["artifacts"].update(art.id, {"meta": canonical_json(meta)})
         return self.get(art.id)
 
     def set_name(self, name: str, art: Artifact) -> None:
-        with self.db.atomic():
-            self.db["names"].upsert(
-                {"name": name, "artifact": art.id, "kind": art.kind, "updated": time.time()}, pk="name"
-            )
+        with write_txn(self.db):
+            self._name(name, art.kind, art.id)
 
     def _row_to_artifact(self, row: Mapping[str, Any]) -> Artifact:
         files = {r["name"]: r["blob"] for r in self.db["files"].rows_where("artifact = ?", [row["id"]])}
-        names = [
-            r["name"]
-            for r in self.db["names"].rows_where("artifact = ?", [row["id"]], order_by="updated desc")
-        ]
+        names = self.names_of(row["id"])
         return Artifact(
             id=row["id"],
             kind=row["kind"],
@@ -230,28 +275,41 @@ class Zoo:
             files=files,
         )
 
+    def _by_id(self, art_id: str) -> Artifact | None:
+        row = next(self.db["artifacts"].rows_where("id = ?", [art_id]), None)
+        return self._row_to_artifact(row) if row is not None else None
+
     def get(self, ref: str, kind: str | None = None) -> Artifact:
         """Find an artifact by name, full ID or unique ID prefix (>= 6 characters)."""
         art = self.find(ref, kind)
         if art is None:
             what = f"{kind} " if kind else ""
-            raise ZooError(f"no {what}artifact named {ref!r} in the zoo at {self.root}")
+            others = sorted({k for (k,) in self.db.execute("SELECT kind FROM names WHERE name = ?", [ref])})
+            hint = f" (there is a {' and a '.join(others)} with that name)" if kind and others else ""
+            raise ZooError(f"no {what}artifact named {ref!r} in the zoo at {self.root}{hint}")
         return art
 
     def find(self, ref: str, kind: str | None = None) -> Artifact | None:
-        row = next(self.db["names"].rows_where("name = ?", [ref]), None)
-        if row is not None:
-            art = self._row_to_artifact(self.db["artifacts"].get(row["artifact"]))
-            if kind is None or art.kind == kind:
+        """Names are per kind: without `kind`, a name that several kinds use is ambiguous."""
+        sql, args = "SELECT kind, artifact FROM names WHERE name = ?", [ref]
+        if kind:
+            sql, args = sql + " AND kind = ?", [ref, kind]
+        rows = self.db.execute(sql + " ORDER BY kind", args).fetchall()
+        if len(rows) > 1:
+            kinds = " and a ".join(k for k, _ in rows)
+            raise ZooError(f"{ref!r} names a {kinds}: say which with --kind")
+        if rows:
+            art = self._by_id(rows[0][1])
+            if art is not None:
                 return art
         if len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref):
-            rows = list(self.db["artifacts"].rows_where("id LIKE ?", [ref + "%"]))
+            id_rows = list(self.db["artifacts"].rows_where("id LIKE ?", [ref + "%"]))
             if kind:
-                rows = [r for r in rows if r["kind"] == kind]
-            if len(rows) == 1:
-                return self._row_to_artifact(rows[0])
-            if len(rows) > 1:
-                raise ZooError(f"ID prefix {ref!r} is ambiguous ({len(rows)} artifacts)")
+                id_rows = [r for r in id_rows if r["kind"] == kind]
+            if len(id_rows) == 1:
+                return self._row_to_artifact(id_rows[0])
+            if len(id_rows) > 1:
+                raise ZooError(f"ID prefix {ref!r} is ambiguous ({len(id_rows)} artifacts)")
         return None
 
     def ls(self, kind: str | None = None, domain: str | None = None) -> list[Artifact]:
@@ -265,9 +323,10 @@ class Zoo:
         rows = self.db["artifacts"].rows_where(" AND ".join(where) or None, args, order_by="created desc, id")
         return [self._row_to_artifact(r) for r in rows]
 
-    def names_of(self, art: Artifact) -> list[str]:
+    def names_of(self, art: Artifact | str) -> list[str]:
         """Every name that points at the artifact, most recently set first."""
-        rows = self.db["names"].rows_where("artifact = ?", [art.id], order_by="updated desc, name")
+        art_id = art if isinstance(art, str) else art.id
+        rows = self.db["names"].rows_where("artifact = ?", [art_id], order_by="updated desc, name")
         return [r["name"] for r in rows]
 
     def dependents(self, art: Artifact) -> list[Artifact]:
@@ -278,69 +337,39 @@ class Zoo:
         arts = self.ls(kind=kind, domain=domain)
         return arts[0] if arts else None
 
+    def _checked(self, art: Artifact, fname: str, sha: str) -> Path:
+        def describe() -> str:
+            return f"{art.kind} {art.name or art.short_id} ({art.short_id}, file {fname})"
+
+        return check_blob(self.db, sha, self.blob_path(sha), describe)
+
     def file(self, art: Artifact, fname: str) -> Path:
+        """The blob of one of the artifact's files, checked against its sha256 (see `integrity`)."""
         try:
-            return self.blob_path(art.files[fname])
+            sha = art.files[fname]
         except KeyError:
-            raise ZooError(f"artifact {art.name or art.short_id} has no file {fname!r}") from None
+            gone = " (it was removed from the zoo)" if self._by_id(art.id) is None else ""
+            raise ZooError(f"{art.kind} {art.name or art.short_id} has no file {fname!r}{gone}") from None
+        return self._checked(art, fname, sha)
 
     def read_json(self, art: Artifact, fname: str) -> Any:
         return json.loads(self.file(art, fname).read_text("utf-8"))
 
     def view(self, art: Artifact) -> Path:
-        """A folder whose entries link to the artifact's blobs (for `from_pretrained` and friends)."""
-        target = self.root / "views" / art.id
-        if target.is_dir():
-            return target
-        tmp = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="view-"))
+        """A folder whose entries link (relatively) to the artifact's checked blobs (for `from_pretrained`)."""
         for fname, sha in art.files.items():
-            dest = tmp / fname
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(self.blob_path(sha), dest)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process made it first
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
+            self._checked(art, fname, sha)
+        return build_view(self.root, art.id, art.files)
 
-    # ---- removal ---------------------------------------------------------------------------------
-    def plan_rm(self, ref: str) -> RemovalPlan:
-        art = self.get(ref)
-        names = self.names_of(art)
-        blobs = []
-        for sha in sorted(set(art.files.values())):
-            users = self.db.execute(
-                "SELECT COUNT(DISTINCT artifact) FROM files WHERE blob = ? AND artifact != ?", [sha, art.id]
-            ).fetchone()[0]
-            if users == 0:
-                row = self.db["blobs"].get(sha)
-                blobs.append((sha, row["size"]))
-        return RemovalPlan(artifact=art, names=names, blobs=blobs, dependents=self.dependents(art))
+    # ---- removal, verification, pruning (st2si_cli.zoo.maintenance) ---------------------------
+    def plan_rm(self, ref: str, kind: str | None = None) -> RemovalPlan:
+        return maintenance.plan_rm(self, self.get(ref, kind))
 
-    def execute_rm(self, plan: RemovalPlan) -> list[str]:
-        """Remove the planned artifact. Returns the blobs whose files were deleted.
+    def execute_rm(self, plan: RemovalPlan, *, force: bool = False) -> list[str]:
+        """Remove the planned artifact; refused while others depend on it, unless `force`.
+        Returns the blobs whose files were deleted."""
+        return maintenance.execute_rm(self, plan, force=force)
 
-        A blob is deleted only if no artifact uses it once this one is gone, checked again inside the
-        transaction: an artifact put since the plan was made may have started sharing one.
-        """
-        art = plan.artifact
-        freed: list[str] = []
-        with self.db.atomic():
-            self.db.execute("DELETE FROM names WHERE artifact = ?", [art.id])
-            self.db.execute("DELETE FROM files WHERE artifact = ?", [art.id])
-            self.db.execute("DELETE FROM artifacts WHERE id = ?", [art.id])
-            for sha, _ in plan.blobs:
-                if self.db.execute("SELECT 1 FROM files WHERE blob = ? LIMIT 1", [sha]).fetchone():
-                    continue
-                self.db.execute("DELETE FROM blobs WHERE sha256 = ?", [sha])
-                freed.append(sha)
-        # Files go after the index commit: a crash leaves orphans (reported by verify), never dangling rows.
-        shutil.rmtree(self.root / "views" / art.id, ignore_errors=True)
-        for sha in freed:
-            self.blob_path(sha).unlink(missing_ok=True)
-        return freed
-
-    # ---- verification ----------------------------------------------------------------------------
     def iter_blob_files(self) -> Iterator[Path]:
         for sub in sorted((self.root / "blobs").iterdir()):
             if sub.is_dir():
@@ -351,21 +380,9 @@ class Zoo:
         return self.db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0]
 
     def verify(self, progress: Callable[[int], Any] | None = None) -> VerifyReport:
-        """Re-hash every indexed blob. `progress(n_bytes)` is called as bytes are read (and with a
-        missing blob's indexed size), so the calls add up to about `blobs_total_size()`."""
-        rows = list(self.db["blobs"].rows_where(order_by="sha256"))
-        known = {r["sha256"] for r in rows}
-        mismatched, missing = [], []
-        for row in rows:
-            path = self.blob_path(row["sha256"])
-            if not path.is_file():
-                missing.append(row["sha256"])
-                if progress is not None:
-                    progress(row["size"])
-            elif sha256_file(path, on_chunk=progress) != row["sha256"]:
-                mismatched.append(row["sha256"])
-        orphans = [p.name for p in self.iter_blob_files() if p.name not in known]
-        return VerifyReport(checked=len(rows), mismatched=mismatched, missing=missing, orphans=orphans)
+        """Re-hash every indexed blob, check the views. `progress(n_bytes)` is called as bytes are read
+        (and with a missing blob's indexed size), so the calls add up to about `blobs_total_size()`."""
+        return maintenance.verify(self, progress)
 
     def artifacts_using_blob(self, sha: str) -> list[str]:
         """IDs of the artifacts that list this blob, each once."""
