@@ -190,4 +190,12 @@ class TopST2SI(FrozenBelowST2SI):
         return None, linear_cross_entropy(h, self.ilp.weight, targets)
 
 
-__all__ = ["FrozenBelowST2SI", "TopST2SI", "decoder_stack", "freeze_below", "n_layers", "run_from", "states_entering"]
+__all__ = [
+    "FrozenBelowST2SI",
+    "TopST2SI",
+    "decoder_stack",
+    "freeze_below",
+    "n_layers",
+    "run_from",
+    "states_entering",
+]

@@ -119,7 +119,9 @@ def open_or_build(
         art = zoo.get(cache_name(key), kind="features")
     index = _load_index(zoo, art)
     if index[:, 2].tolist() != lengths:
-        raise St2siError(f"the activation cache {art.short_id} does not match these samples: rerun to rebuild it")
+        raise St2siError(
+            f"the activation cache {art.short_id} does not match these samples: rerun to rebuild it"
+        )
     files = [zoo.file(art, f"shard-{n:05d}.safetensors") for n in range(art.meta["shards"])]
     return art, ActivationCache(files, index)
 
@@ -173,7 +175,9 @@ def _build(
     seconds = time.time() - t0
     computed = int(dist.all_sum(info, [computed])[0])
     if info.is_main:
-        _store(zoo, stage, (samples, shards, lengths), plan, {"seconds": seconds, "tokens_computed": computed})
+        _store(
+            zoo, stage, (samples, shards, lengths), plan, {"seconds": seconds, "tokens_computed": computed}
+        )
     dist.barrier(info)
 
 

@@ -17,7 +17,9 @@ from st2si_cli.train.config import PretrainConfig, RunSetup
 from st2si_cli.train.corpus import Corpus
 
 
-def module_features(module: ST2SI, samples: Sequence[Sample], precision: str) -> Callable[[list[int]], Tensor]:
+def module_features(
+    module: ST2SI, samples: Sequence[Sample], precision: str
+) -> Callable[[list[int]], Tensor]:
     """`features_of(indices)`: the samples' query features [P, d] from the module's whole forward."""
 
     def features_of(ids: list[int]) -> Tensor:

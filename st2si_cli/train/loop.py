@@ -78,7 +78,12 @@ def new_totals() -> dict[str, Any]:
 
 
 def train_epochs(
-    engine: dist.Engine, run: RunSetup, corpus: Corpus, state: RunState, totals: dict[str, Any], data: TrainData
+    engine: dist.Engine,
+    run: RunSetup,
+    corpus: Corpus,
+    state: RunState,
+    totals: dict[str, Any],
+    data: TrainData,
 ) -> None:
     """Epochs from `state` on until early stopping or the last epoch; a checkpoint after each."""
     steps = steps_per_epoch(corpus, run.cfg, run.info.world_size)
@@ -93,7 +98,9 @@ def train_epochs(
         samples = data.samples(epoch)
         order = epoch_order(len(samples), run.cfg.seed, epoch)
         for k in range(state.step, steps):
-            loss = _global_step(engine, run, (samples, data.batch), order[k * per_step : (k + 1) * per_step], totals)
+            loss = _global_step(
+                engine, run, (samples, data.batch), order[k * per_step : (k + 1) * per_step], totals
+            )
             state.step = k + 1
             state.global_step += 1
             run.reporter.training_step(1)
@@ -114,7 +121,12 @@ def train_epochs(
                 )
         state.seconds["train"] += time.time() - mark
         _end_epoch(
-            engine, run, state, totals, time.time() - e0, lambda: validate(engine, run, data.valid, data.valid_features)
+            engine,
+            run,
+            state,
+            totals,
+            time.time() - e0,
+            lambda: validate(engine, run, data.valid, data.valid_features),
         )
 
 

@@ -18,14 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from st2si_cli.errors import St2siError
 from st2si_cli.model.layers import FrozenBelowST2SI, TopST2SI, n_layers
 from st2si_cli.model.samples import Sample, collate
 from st2si_cli.train import distributed as dist
-from st2si_cli.train.activations import ActivationCache, CachePlan, open_or_build
+from st2si_cli.train.activations import ActivationCache, CachePlan, cache_name, open_or_build
 from st2si_cli.train.config import RunSetup
 from st2si_cli.train.corpus import Corpus, epoch_samples
 from st2si_cli.train.loop import TrainData, full_data
@@ -49,10 +48,8 @@ def check_tune_layers(run: RunSetup) -> int:
         return 0
     total = backbone_layers(run)
     if k > total:
-        raise St2siError(f"--tune-layers {k}: {run.backbone.name or run.backbone.short_id} has {total} layers")
-    if run.deepspeed is not None and k < total:
         raise St2siError(
-            "--tune-layers with --deepspeed is not supported yet: run it in one process or under torchrun (DDP)"
+            f"--tune-layers {k}: {run.backbone.name or run.backbone.short_id} has {total} layers"
         )
     return 0 if k == total else k
 
@@ -70,7 +67,9 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
     train = epoch_samples(corpus, cfg, 1)  # sampling "all": the same samples every epoch
     samples = train + data.valid
     module.eval()
-    art, cache = open_or_build(run.zoo, model, samples, _plan(run, first), info)
+    plan = _plan(run, first)
+    reused = run.zoo.find(cache_name(plan.key()), kind="features") is not None
+    art, cache = open_or_build(run.zoo, model, samples, plan, info)
     run.activations = {
         "artifact": art.id,
         "layer": first,
@@ -78,6 +77,7 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
         "tokens": art.meta["tokens"],
         "seconds": art.meta["timings"]["seconds"],
         "dtype": art.meta["dtype"],
+        "reused": reused,
     }
     batches = CachedBatches(cache, corpus.pad_id, info.device)
     return module, TrainData(
