@@ -260,41 +260,23 @@ def test_cli_tune_layers_prints_the_cache_and_reuses_it(zoo):
 
 @pytest.mark.slow
 def test_two_torchrun_processes_match_one_process_on_the_combined_batch(zoo, tmp_path):
-    """--tune-layers under torchrun (2 ranks x batch 4, gloo DDP) == 1 process x batch 8."""
+    """--tune-layers under torchrun (2 ranks x batch 4, gloo DDP; the ranks share the cache pass)
+    == 1 process x batch 8, which finds the cache the 2 ranks built."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    common = (
-        "--domain",
-        "toy",
-        "--backbone",
-        "tiny-llama4",
-        "--tune-layers",
-        "2",
-        "--epochs",
-        "2",
-        "--lr",
-        "1e-3",
-    )
+    common = ["--domain", "toy", "--backbone", "tiny-llama4", "--tune-layers", "3", "--epochs", "2"]
+    common += ["--lr", "1e-3", "--device", "cpu"]
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(dist.free_port()), "-m", "st2si_cli"]
+    cmd += ["--zoo", str(zoo.root), "pretrain", *common, "--batch-size", "4", "--out", "two-b4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ST2SI_NO_PROGRESS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
     one = run_cli(
         zoo, "pretrain", *common, "--batch-size", "8", "--out", "one-b8", env={"OMP_NUM_THREADS": "1"}
     )
     assert one.returncode == 0, one.stderr
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(dist.free_port()), "-m", "st2si_cli"]
-    cmd += [
-        "--zoo",
-        str(zoo.root),
-        "pretrain",
-        *common,
-        "--batch-size",
-        "4",
-        "--out",
-        "two-b4",
-        "--device",
-        "cpu",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ST2SI_NO_PROGRESS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
     a, b = weights_of(zoo, zoo.get("one-b8")), weights_of(zoo, zoo.get("two-b4"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-5)
-    assert zoo.get("run/two-b4").meta["world_size"] == 2
+    two = zoo.get("run/two-b4").meta
+    assert two["world_size"] == 2 and not two["timings"]["activation_cache"]["reused"]
+    assert zoo.get("run/one-b8").meta["timings"]["activation_cache"]["reused"]
