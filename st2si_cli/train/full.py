@@ -64,10 +64,6 @@ def pretrain(
     text = text or TextConfig()
     cfg = cfg or PretrainConfig()
     check_config(cfg, domains)
-    if cfg.tune_layers and deepspeed is not None:  # before any process group or DeepSpeed import
-        raise St2siError(
-            "--tune-layers with --deepspeed is not supported yet: run it in one process or under torchrun (DDP)"
-        )
     with dist.processes(device, use_deepspeed=deepspeed is not None) as info:
         t_start = time.time()
         run = _setup(zoo, list(domains), backbone, text, cfg, info)
