@@ -21,7 +21,7 @@ from st2si_cli.errors import St2siError
 from st2si_cli.model.layers import FrozenBelowST2SI, n_layers, run_from, states_entering
 from st2si_cli.model.text import TextConfig
 from st2si_cli.train import distributed as dist
-from st2si_cli.train.activations import CachePlan, cache_name, open_or_build
+from st2si_cli.train.activations import CachePlan, cache_name, open_or_build, prefix_roots
 from st2si_cli.train.config import PretrainConfig
 from st2si_cli.train.corpus import build_corpus, epoch_samples
 from st2si_cli.train.full import pretrain
@@ -115,6 +115,8 @@ def test_top_k_on_cached_activations_equals_full_tuning_with_the_bottom_frozen(z
         if top_layer and name.endswith("weight"):
             assert not torch.equal(src[name], tuned[name]), name
     cache = top.run.meta["timings"]["activation_cache"]
+    # each training input is a prefix of the same user's validation input: stored once
+    assert cache["tokens_stored"] < cache["tokens"]
     assert cache["layer"] == last + 1 - k and cache["dtype"] == "fp32" and cache["bytes"] > 0
     assert top.run.meta["flags"]["tune-layers"] == k and frozen.run.meta["flags"]["no-activation-cache"]
 
@@ -198,6 +200,19 @@ def test_a_killed_activation_pass_resumes_to_identical_activations(zoo, tmp_path
         ref = states_entering(model, torch.tensor([samples[i].tokens]), plan.first_layer)[0]
     assert resumed.get(i).dtype == torch.bfloat16 and resumed.get(i).shape == ref.shape
     torch.testing.assert_close(resumed.get(i).float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_prefix_roots_share_rows_only_between_a_sample_and_a_longer_one_of_its_owner():
+    from st2si_cli.model.samples import Sample
+
+    samples = [
+        Sample([1, 2, 3], [2], [7], [0], owner=0),
+        Sample([1, 2, 3, 4, 5], [4], [8], [1], owner=0),
+        Sample([1, 2], [1], [9], [3], owner=1),  # a prefix of owner 0's, but another owner
+        Sample([1, 2, 3, 4], [3], [8], [1], owner=0),
+        Sample([1, 9, 3], [2], [7], [0], owner=0),
+    ]
+    assert prefix_roots(samples) == [1, 1, 2, 1, 4]
 
 
 def test_cache_reads_are_memory_mapped_slices(zoo):

@@ -1,7 +1,9 @@
 """The activation cache of top-K tuning: the hidden states entering the first tuned layer, every token
 of every sample, computed once and read back memory-mapped.
 
-    samples --plan_batches--> batches --states_entering(k)--> shard-<n>.safetensors ("hidden" [T, d])
+    samples --prefix_roots--> the ones no other sample starts with (a user's training input is a prefix
+            of their validation input) --plan_batches--> batches --states_entering(k)-->
+            shard-<n>.safetensors ("hidden" [T, d]); index: per sample (shard, first row, rows)
             --> one zoo artifact (kind "features", type "activations"): the shards + index.safetensors
 
 Like the feature cache (`features.py`): shards are written atomically into a staging folder as they
@@ -104,6 +106,23 @@ def _shards(batches: list[list[int]], lengths: Sequence[int], shard_tokens: int)
     return shards
 
 
+def prefix_roots(samples: Sequence[Sample]) -> list[int]:
+    """Per sample, the sample whose cached rows it reads: itself, or the longest sample of the same owner
+    that starts with its tokens (attention is causal, so a prefix's states are the first rows of the
+    longer sample's). A user's training input is a prefix of their validation input: cached once."""
+    by_owner: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_owner.setdefault(s.owner, []).append(i)
+    roots = list(range(len(samples)))
+    for group in by_owner.values():
+        for i in group:
+            n, tokens = len(samples[i].tokens), samples[i].tokens
+            longer = [j for j in group if len(samples[j].tokens) > n and samples[j].tokens[:n] == tokens]
+            if longer:
+                roots[i] = max(longer, key=lambda j: (len(samples[j].tokens), -j))
+    return roots
+
+
 def open_or_build(
     zoo: Zoo, backbone: torch.nn.Module, samples: Sequence[Sample], plan: CachePlan, info: dist.DistInfo
 ) -> tuple[Artifact, ActivationCache]:
@@ -139,10 +158,12 @@ def _build(
     key = plan.key()
     t0 = time.time()
     lengths = [len(s.tokens) for s in samples]
-    batches = plan_batches(lengths, plan.batch_tokens, plan.max_batch)
-    shards = _shards(batches, lengths, plan.shard_tokens)
+    parents = prefix_roots(samples)
+    roots = [i for i, r in enumerate(parents) if r == i]  # only these are computed and stored
+    batches = plan_batches([lengths[i] for i in roots], plan.batch_tokens, plan.max_batch)
+    shards = _shards([[roots[j] for j in b] for b in batches], lengths, plan.shard_tokens)
     stage = zoo.root / "tmp" / cache_name(key)
-    spec = {"key": key, "lengths": hashlib.sha256(canonical_json(lengths).encode()).hexdigest()}
+    spec = {"key": key, "samples": hashlib.sha256(canonical_json([lengths, parents]).encode()).hexdigest()}
     spec.update(batch_tokens=plan.batch_tokens, max_batch=plan.max_batch, shard_tokens=plan.shard_tokens)
     if info.is_main:
         zoo.staging_dir(stage.name)
@@ -175,22 +196,24 @@ def _build(
     seconds = time.time() - t0
     computed = int(dist.all_sum(info, [computed])[0])
     if info.is_main:
-        _store(
-            zoo, stage, (samples, shards, lengths), plan, {"seconds": seconds, "tokens_computed": computed}
-        )
+        layout = (parents, shards, lengths)
+        _store(zoo, stage, layout, plan, {"seconds": seconds, "tokens_computed": computed})
     dist.barrier(info)
 
 
 def _store(zoo: Zoo, stage: Path, layout: tuple[Any, ...], plan: CachePlan, timing: dict[str, Any]) -> None:
     """The shards and the per-sample index as one artifact; the staging folder goes."""
-    samples, shards, lengths = layout
-    index = torch.zeros(len(samples), 3, dtype=torch.long)
+    parents, shards, lengths = layout
+    index = torch.zeros(len(parents), 3, dtype=torch.long)
     for n, shard in enumerate(shards):
         start = 0
         for b in shard:
             for i in b:
                 index[i] = torch.tensor([n, start, lengths[i]])
                 start += lengths[i]
+    for i, p in enumerate(parents):
+        if p != i:  # a prefix: the first rows of its root
+            index[i] = torch.tensor([index[p, 0], index[p, 1], lengths[i]])
     write_safetensors_atomic({"index": index}, stage / "index.safetensors")
     files = {f"shard-{n:05d}.safetensors": stage / f"shard-{n:05d}.safetensors" for n in range(len(shards))}
     size = sum(p.stat().st_size for p in files.values())
@@ -203,8 +226,9 @@ def _store(zoo: Zoo, stage: Path, layout: tuple[Any, ...], plan: CachePlan, timi
         "layer": plan.first_layer,
         "dtype": plan.dtype,
         "precision": plan.precision,
-        "samples": len(samples),
+        "samples": len(parents),
         "tokens": sum(lengths),
+        "tokens_stored": sum(lengths[i] for i, p in enumerate(parents) if p == i),
         "shards": len(shards),
         "bytes": size,
         "timings": {
@@ -219,4 +243,4 @@ def _store(zoo: Zoo, stage: Path, layout: tuple[Any, ...], plan: CachePlan, timi
     shutil.rmtree(stage, ignore_errors=True)
 
 
-__all__ = ["ActivationCache", "CachePlan", "cache_name", "open_or_build"]
+__all__ = ["ActivationCache", "CachePlan", "cache_name", "open_or_build", "prefix_roots"]

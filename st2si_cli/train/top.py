@@ -75,6 +75,7 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
         "layer": first,
         "bytes": art.meta["bytes"],
         "tokens": art.meta["tokens"],
+        "tokens_stored": art.meta["tokens_stored"],
         "seconds": art.meta["timings"]["seconds"],
         "dtype": art.meta["dtype"],
         "reused": reused,
