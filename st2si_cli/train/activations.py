@@ -34,7 +34,7 @@ from st2si_cli.train import distributed as dist
 from st2si_cli.zoo.artifact import write_safetensors_atomic
 from st2si_cli.zoo.store import Artifact, Zoo, canonical_json
 
-ACTIVATION_FORMAT = 1  # bump when the layout or what is cached changes
+ACTIVATION_FORMAT = 2  # bump when the layout or what is cached changes
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
