@@ -106,9 +106,13 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"- seconds per epoch: {r['seconds_per_epoch']}; {r['epochs']} epochs, best {r['best_epoch']}; "
         f"{r['total_seconds']} s in all; peak RSS {r['child']['peak_rss_mb']} MB",
-        f"- activation cache: {cache.get('bytes', 0) / 1e6:.1f} MB {cache.get('dtype')}, "
-        f"{cache.get('tokens')} tokens, built in {cache.get('seconds')} s"
-        + (" (found in the zoo by this run)" if cache.get("reused") else ""),
+        (
+            f"- activation cache: {cache['bytes'] / 1e6:.1f} MB {cache['dtype']}, {cache['tokens']} tokens "
+            f"({cache['tokens_stored']} stored), built in {cache['seconds']} s"
+            + (" (found in the zoo by this run)" if cache["reused"] else "")
+            if cache
+            else "- no activation cache (full tuning)"
+        ),
         f"- NDCG@10 / converged SASRec: {r['ratio_to_sasrec']:.3f}" if r["ratio_to_sasrec"] else "",
     ]
     return "\n".join(lines) + "\n"
