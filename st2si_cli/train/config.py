@@ -44,9 +44,7 @@ class PretrainConfig:
     eval_batch_tokens: int = 16384  # padded tokens per validation batch; not part of the run key
     eval_max_batch: int = 64
     tune_layers: int = 0  # 0: every layer (full tuning); K: only the top K layers, the final norm and the ILP
-    activation_cache: bool = (
-        True  # top-K: cache the states entering the first tuned layer once (False: rerun)
-    )
+    activation_cache: bool = True  # top-K: cache the frozen layers' output once (False: run them each step)
     cache_dtype: str = "bf16"  # the activation cache's dtype: bf16 (half the disk) or fp32
 
     def to_dict(self) -> dict[str, Any]:
