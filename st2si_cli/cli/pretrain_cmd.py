@@ -1,4 +1,5 @@
-"""`st2si pretrain`: full tuning (backbone + ILP) on one or more domains, in one process or many."""
+"""`st2si pretrain`: full tuning (backbone + ILP), or top-K tuning on cached activations, on one or more
+domains, in one process or many."""
 
 from __future__ import annotations
 
@@ -67,6 +68,20 @@ def pretrain_cmd(
     ),
     no_multi_query: bool = no_multi_query_option("Only the last query of each history trains."),
     no_alignment: bool = no_alignment_option(),
+    tune_layers: int = typer.Option(
+        0,
+        "--tune-layers",
+        min=0,
+        help="Tune only the top K layers, the final norm and the ILP on activations cached once (0: all layers).",
+    ),
+    no_activation_cache: bool = typer.Option(
+        False,
+        "--no-activation-cache",
+        help="With --tune-layers: run the frozen layers at every step instead of caching their output.",
+    ),
+    cache_dtype: str = typer.Option(
+        "bf16", "--cache-dtype", help="dtype of the activation cache: bf16 (half the disk) or fp32."
+    ),
     query_token: QueryToken = query_token_option(
         "dot: the tokenizer's '.'; new: an added [Q] token (saved with the backbone)."
     ),
@@ -103,9 +118,13 @@ def pretrain_cmd(
 ) -> None:
     """Full tuning with multi-query input and ID alignment: a new backbone, a head per domain, a run record.
 
+    `--tune-layers K` freezes everything below the top K layers and caches their output once (in the
+    zoo), so each epoch costs the top K layers' forward and backward only.
+
     \b
     Examples:
       st2si pretrain --domain ml-100k --backbone smollm2-135m --epochs 10 --json
+      st2si pretrain --domain amazon-scientific --tune-layers 2
       torchrun --nproc_per_node 2 -m st2si_cli pretrain --domain A --domain B
 
     One process: `st2si pretrain --domain A`. Several: `torchrun --nproc_per_node 2 -m st2si_cli pretrain ...`
@@ -144,6 +163,9 @@ def pretrain_cmd(
         precision=precision.value,
         save_every=save_every,
         eval_batch_tokens=eval_batch_tokens,
+        tune_layers=tune_layers,
+        activation_cache=not no_activation_cache,
+        cache_dtype=cache_dtype,
     )
     main_rank = launch_env()[0] == 0
     reporter = RichReporter(quiet=json_out or not main_rank)
@@ -196,3 +218,11 @@ def pretrain_cmd(
         f"{t['epochs']} epochs, {t['epoch_seconds']:.1f}s each, {t['total_seconds']:.0f}s in all",
         markup=False,
     )
+    if "activation_cache" in t:
+        a = t["activation_cache"]
+        err.print(
+            f"Activation cache (states entering layer {a['layer']}): {a['bytes'] / 1e6:.1f} MB {a['dtype']}, "
+            f"{a['tokens']} tokens, "
+            + ("found in the zoo" if a["reused"] else f"built in {a['seconds']:.0f}s"),
+            markup=False,
+        )

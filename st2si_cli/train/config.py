@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 RUN_FORMAT = 1  # bump when checkpoints or the sample definition change
 SAMPLINGS = ("all", "crop")
+CACHE_DTYPES = ("bf16", "fp32")
 
 
 @dataclass
@@ -42,6 +43,9 @@ class PretrainConfig:
     save_every: int = 0  # checkpoint every N optimizer steps (0: at epoch ends only); not part of the run key
     eval_batch_tokens: int = 16384  # padded tokens per validation batch; not part of the run key
     eval_max_batch: int = 64
+    tune_layers: int = 0  # 0: every layer (full tuning); K: only the top K layers, the final norm and the ILP
+    activation_cache: bool = True  # top-K: cache the frozen layers' output once (False: run them each step)
+    cache_dtype: str = "bf16"  # the activation cache's dtype: bf16 (half the disk) or fp32
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +55,11 @@ class PretrainConfig:
         d = self.to_dict()
         for k in ("save_every", "eval_batch_tokens", "eval_max_batch"):
             d.pop(k)
+        if not self.tune_layers:  # full tuning keeps the keys it had before top-K tuning existed
+            for k in ("tune_layers", "activation_cache", "cache_dtype"):
+                d.pop(k)
+        elif not self.activation_cache:
+            d.pop("cache_dtype")
         return d
 
 
@@ -78,6 +87,7 @@ class RunSetup:
     on_step: Callable[[dict[str, Any]], None] | None = (
         None  # after every optimizer step (tests stop runs here)
     )
+    activations: dict[str, Any] | None = None  # top-K tuning: the activation cache's artifact, size and time
 
 
 def check_config(cfg: PretrainConfig, domains: Sequence[str]) -> None:
@@ -92,6 +102,15 @@ def check_config(cfg: PretrainConfig, domains: Sequence[str]) -> None:
             raise St2siError(f"{k} must be at least 1, not {getattr(cfg, k)}")
     if cfg.save_every < 0:
         raise St2siError(f"save_every must be >= 0, not {cfg.save_every}")
+    if cfg.tune_layers < 0:
+        raise St2siError(f"tune_layers must be >= 0 (0: all layers), not {cfg.tune_layers}")
+    if cfg.cache_dtype not in CACHE_DTYPES:
+        raise St2siError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, not {cfg.cache_dtype!r}")
+    if cfg.tune_layers and cfg.activation_cache and cfg.sampling == "crop":
+        raise St2siError(
+            "--sampling crop draws new inputs every epoch, so their activations cannot be cached: "
+            "add --no-activation-cache or use --sampling all"
+        )
 
 
 def run_key(
@@ -118,6 +137,8 @@ def run_key(
 
 def default_out_name(backbone: str, domains: Sequence[str], cfg: PretrainConfig, text: TextConfig) -> str:
     name = f"{backbone}-st2si-{'+'.join(domains)}"
+    if cfg.tune_layers:
+        name += f"-top{cfg.tune_layers}"
     for flag, on in (
         ("nomq", not cfg.multi_query),
         ("noalign", not cfg.alignment),

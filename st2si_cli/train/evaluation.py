@@ -17,12 +17,23 @@ from st2si_cli.train.config import PretrainConfig, RunSetup
 from st2si_cli.train.corpus import Corpus
 
 
+def module_features(
+    module: ST2SI, samples: Sequence[Sample], precision: str
+) -> Callable[[list[int]], Tensor]:
+    """`features_of(indices)`: the samples' query features [P, d] from the module's whole forward."""
+
+    def features_of(ids: list[int]) -> Tensor:
+        with dist.autocast(str(module.device), precision):
+            return module.hidden_at([samples[i] for i in ids])
+
+    return features_of
+
+
 @torch.no_grad()
 def collect_features(
-    module: ST2SI,
+    features_of: Callable[[list[int]], Tensor],
     samples: Sequence[Sample],
     cfg: PretrainConfig,
-    precision: str,
     shard: tuple[int, int] = (0, 1),
     equal_rounds: bool = False,
 ) -> dict[int, Tensor]:
@@ -40,8 +51,7 @@ def collect_features(
         if b >= len(batches) and not equal_rounds:
             break
         idx = batches[b] if b < len(batches) else batches[0]
-        with dist.autocast(str(module.device), precision):
-            h = module.hidden_at([samples[i] for i in idx]).float().cpu()  # [P, d]
+        h = features_of(idx).float().cpu()  # [P, d]
         if b >= len(batches):
             continue  # a filler forward
         start = 0
@@ -52,18 +62,25 @@ def collect_features(
     return out
 
 
-def validate(engine: dist.Engine, run: RunSetup, valid_samples: list[Sample]) -> dict[str, float]:
-    """Validation NDCG@10 (and friends) over the union catalog, work shared by the ranks."""
+def validate(
+    engine: dist.Engine,
+    run: RunSetup,
+    valid_samples: list[Sample],
+    features_of: Callable[[list[int]], Tensor] | None = None,
+) -> dict[str, float]:
+    """Validation NDCG@10 (and friends) over the union catalog, work shared by the ranks.
+
+    `features_of(indices)` gives the samples' query features (default: the module's whole forward).
+    """
     from st2si_cli.metrics import metrics_from_ranks
 
     engine.eval()
     module = engine.module
     info = run.info
     feats = collect_features(
-        module,
+        features_of or module_features(module, valid_samples, run.precision),
         valid_samples,
         run.cfg,
-        run.precision,
         shard=(info.rank, info.world_size),
         equal_rounds=engine.zero_stage == 3,
     )
@@ -92,7 +109,7 @@ def final_metrics(
 
     module.eval()
     samples = corpus.eval_samples
-    feats = collect_features(module, samples, cfg, precision)
+    feats = collect_features(module_features(module, samples, precision), samples, cfg)
     weight = module.ilp.weight.detach().float().cpu()
 
     def feature_set(keep: Callable[[int], bool], offset: int) -> FeatureSet:
@@ -122,4 +139,4 @@ def final_metrics(
     return union, per_domain
 
 
-__all__ = ["collect_features", "final_metrics", "validate"]
+__all__ = ["collect_features", "final_metrics", "module_features", "validate"]

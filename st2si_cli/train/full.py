@@ -20,6 +20,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,8 +33,9 @@ from st2si_cli.train import distributed as dist
 from st2si_cli.train.checkpoint import RunState, load_rank_state, set_rng_state
 from st2si_cli.train.config import PretrainConfig, RunSetup, check_config, run_key
 from st2si_cli.train.corpus import Corpus, build_corpus, steps_per_epoch
-from st2si_cli.train.loop import make_engine, new_totals, train_epochs
+from st2si_cli.train.loop import full_data, make_engine, new_totals, train_epochs
 from st2si_cli.train.result import PretrainResult, store_result
+from st2si_cli.train.top import check_tune_layers, top_module_and_data
 from st2si_cli.train.weights import load_trainable
 from st2si_cli.zoo.store import Zoo
 
@@ -68,6 +70,7 @@ def pretrain(
         run.deepspeed, run.out, run.on_step = deepspeed, out, on_step
         run.reporter = reporter if (reporter is not None and info.is_main) else Reporter()
         run.ds_config = _deepspeed_config(run) if deepspeed is not None else None
+        run.cfg = cfg = replace(cfg, tune_layers=check_tune_layers(run))  # K = L is full tuning
         run.key = run_key(
             run.backbone, run.datasets, text, cfg, info.world_size, run.ds_config, run.precision
         )
@@ -148,9 +151,12 @@ def _train(run: RunSetup, corpus: Corpus, model: torch.nn.Module, state: RunStat
     cfg, info = run.cfg, run.info
     total_steps = steps_per_epoch(corpus, cfg, info.world_size) * cfg.epochs
     torch.manual_seed(cfg.seed)
-    module = ST2SI(model, corpus.n_items, pad_id=corpus.pad_id, seed=cfg.seed, split_by_length=True).to(
-        info.device
-    )
+    if cfg.tune_layers:
+        module, data = top_module_and_data(run, corpus, model)
+    else:
+        module = ST2SI(model, corpus.n_items, pad_id=corpus.pad_id, seed=cfg.seed, split_by_length=True)
+        module.to(info.device)
+        data = full_data(run, corpus, corpus.pad_id)
     engine = make_engine(module, run, total_steps)
     totals = new_totals()
     if state.checkpoint is not None:
@@ -158,7 +164,7 @@ def _train(run: RunSetup, corpus: Corpus, model: torch.nn.Module, state: RunStat
         rank_state = load_rank_state(run.stage, state, info)
         set_rng_state(rank_state["rng"])
         totals = {k: rank_state[k] for k in totals}
-    train_epochs(engine, run, corpus, state, totals)
+    train_epochs(engine, run, corpus, state, totals, data)
     del engine, module
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

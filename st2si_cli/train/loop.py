@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,11 +36,36 @@ def learning_rate_schedule(total_steps: int, warmup_steps: int) -> Callable[[int
     return multiplier
 
 
+@dataclass
+class TrainData:
+    """What the loop trains and validates on: each epoch's samples, the engine's input for a few of them,
+    the validation samples and, where they do not come from the module's forward, their features."""
+
+    samples: Callable[[int], list[Sample]]  # epoch -> that epoch's training samples
+    batch: Callable[[list[Sample], list[int]], tuple[Any, ...]]  # (samples, indices) -> the module's input
+    valid: list[Sample]
+    valid_features: Callable[[Sequence[int]], torch.Tensor] | None = None  # indices into valid -> [P, d]
+
+
+def full_data(run: RunSetup, corpus: Corpus, pad_id: int) -> TrainData:
+    """Full tuning's data: samples collated into token batches, validation through the whole module."""
+
+    def batch(samples: list[Sample], ids: list[int]) -> tuple[Any, ...]:
+        return collate([samples[i] for i in ids], pad_id, run.info.device)
+
+    return TrainData(
+        samples=lambda epoch: epoch_samples(corpus, run.cfg, epoch),
+        batch=batch,
+        valid=[v for s in corpus.eval_samples if (v := valid_view(s)) is not None],
+    )
+
+
 def make_engine(module: ST2SI, run: RunSetup, total_steps: int) -> dist.Engine:
-    """Torch AdamW (backbone and ILP alike) and the warm-up + cosine schedule, in the run's engine."""
+    """Torch AdamW (over the trainable parameters) and the warm-up + cosine schedule, in the run's engine."""
     cfg = run.cfg
     schedule = learning_rate_schedule(total_steps, cfg.warmup_steps)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if run.ds_config is not None:
         return dist.DeepSpeedEngine(module, optimizer, schedule, run.info, run.ds_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -52,11 +78,16 @@ def new_totals() -> dict[str, Any]:
 
 
 def train_epochs(
-    engine: dist.Engine, run: RunSetup, corpus: Corpus, state: RunState, totals: dict[str, Any]
+    engine: dist.Engine,
+    run: RunSetup,
+    corpus: Corpus,
+    state: RunState,
+    totals: dict[str, Any],
+    data: TrainData,
 ) -> None:
     """Epochs from `state` on until early stopping or the last epoch; a checkpoint after each."""
-    valid_samples = [v for s in corpus.eval_samples if (v := valid_view(s)) is not None]
     steps = steps_per_epoch(corpus, run.cfg, run.info.world_size)
+    per_step = run.cfg.batch_size * run.cfg.grad_accum * run.info.world_size
     run.reporter.training_start(steps, run.cfg.epochs)
     if state.step:
         run.reporter.training_step(state.step)  # a resumed epoch's bar starts where it stopped
@@ -64,10 +95,12 @@ def train_epochs(
     while not state.stopped:
         epoch = state.epoch
         e0 = mark = time.time()
-        samples = epoch_samples(corpus, run.cfg, epoch)
+        samples = data.samples(epoch)
         order = epoch_order(len(samples), run.cfg.seed, epoch)
         for k in range(state.step, steps):
-            loss = _global_step(engine, run, samples, order, k, totals)
+            loss = _global_step(
+                engine, run, (samples, data.batch), order[k * per_step : (k + 1) * per_step], totals
+            )
             state.step = k + 1
             state.global_step += 1
             run.reporter.training_step(1)
@@ -87,22 +120,27 @@ def train_epochs(
                     }
                 )
         state.seconds["train"] += time.time() - mark
-        _end_epoch(engine, run, state, totals, time.time() - e0, lambda: validate(engine, run, valid_samples))
+        _end_epoch(
+            engine,
+            run,
+            state,
+            totals,
+            time.time() - e0,
+            lambda: validate(engine, run, data.valid, data.valid_features),
+        )
 
 
 def _global_step(
     engine: dist.Engine,
     run: RunSetup,
-    samples: list[Sample],
-    order: list[int],
-    k: int,
+    source: tuple[list[Sample], Callable[[list[Sample], list[int]], tuple[Any, ...]]],
+    batch: list[int],
     totals: dict[str, Any],
 ) -> float:
-    """Optimizer step k of the epoch: its global batch split into a disjoint slice per (micro-step, rank)."""
+    """One optimizer step: its global batch (sample indices) split into a disjoint slice per (micro-step, rank)."""
     cfg, info = run.cfg, run.info
+    samples, make_batch = source
     parts = info.world_size * cfg.grad_accum
-    per_step = cfg.batch_size * parts
-    batch = order[k * per_step : (k + 1) * per_step]  # this step's global batch
     n_global = sum(len(samples[i].targets) for i in batch)
     chunks = split_even(batch, parts)
     scale = dist.loss_scale(n_global, info, cfg.grad_accum, engine.deepspeed)
@@ -111,8 +149,8 @@ def _global_step(
         mine = chunks[m * info.world_size + info.rank]
         real = bool(mine)
         mine = mine or batch[:1]  # an empty slice still joins the collective, with zero weight
-        tensors = collate([samples[i] for i in mine], engine.module.pad_id, info.device)
-        n_local = int(tensors.targets.numel())
+        tensors = make_batch(samples, mine)
+        n_local = sum(len(samples[i].targets) for i in mine)
         loss = engine.micro_step(tensors, scale * n_local if real else 0.0, boundary=m == cfg.grad_accum - 1)
         if real:
             totals["loss_sum"] += loss * n_local
@@ -163,4 +201,4 @@ def _end_epoch(
     run.reporter.epoch({**record, "best_epoch": state.best_epoch, "improved": improved})
 
 
-__all__ = ["learning_rate_schedule", "make_engine", "new_totals", "train_epochs"]
+__all__ = ["TrainData", "full_data", "learning_rate_schedule", "make_engine", "new_totals", "train_epochs"]

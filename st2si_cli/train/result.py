@@ -91,6 +91,8 @@ def store_result(
         "epochs": len(state.history),
         "epoch_seconds": round(sum(r["seconds"] for r in state.history) / max(1, len(state.history)), 2),
     }
+    if run.activations is not None:
+        timings["activation_cache"] = run.activations
     heads = _store_heads(run, corpus, state, HeadsInput(best["ilp.weight"], new_bb, per_domain, timings))
     timings["store_seconds"] = round(time.time() - s0, 2)
     meta = {
@@ -126,6 +128,8 @@ def run_flags(run: RunSetup) -> dict[str, Any]:
         "query-token": run.text.query if run.text.query != "dot" else None,
         "deepspeed": (spec if spec in dist.ZERO_PRESETS else "json") if spec else None,
         "world-size": world if world > 1 else None,
+        "tune-layers": cfg.tune_layers or None,
+        "no-activation-cache": True if cfg.tune_layers and not cfg.activation_cache else None,
     }
 
 
@@ -158,7 +162,7 @@ def _store_heads(run: RunSetup, corpus: Corpus, state: RunState, h: HeadsInput) 
     for k, (art, domain) in enumerate(zip(run.datasets, corpus.domains)):
         off, n = corpus.offsets[k], corpus.sizes[k]
         meta = {
-            "method": "full",
+            "method": "top-layers" if run.cfg.tune_layers else "full",
             "dtype": "float32",
             "train": run.cfg.to_dict(),
             "metrics": h.per_domain[domain],
