@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, cli_command, cli_env, run_cli
 
+from st2si_cli.zoo.maintenance import verify
 from st2si_cli.zoo.store import Zoo
 
 
@@ -179,7 +180,7 @@ def test_rm_yes_removes_the_artifact_and_its_unshared_blobs(populated) -> None:
     with Zoo(root) as zoo:
         assert zoo.find("smol") is None and zoo.find(ids["backbone"]) is None
         assert {a.id for a in zoo.ls()} == {ids["dataset"], ids["head"], ids["run"]}
-        assert zoo.verify().ok and not zoo.verify().orphans
+        assert verify(zoo).ok and not verify(zoo).orphans
     human = run_cli(root, "zoo", "rm", "run-1", "--yes")
     assert human.returncode == 0 and "Removed run run-1" in human.stdout
 

@@ -16,6 +16,7 @@ from st2si_cli.errors import ZooError
 from st2si_cli.train.head import HeadConfig
 from st2si_cli.zoo import integrity
 from st2si_cli.zoo.integrity import IntegrityError
+from st2si_cli.zoo.maintenance import execute_rm, plan_rm
 from st2si_cli.zoo.store import Zoo
 
 HISTORY = '{"user": "a", "history": ["3", "4", "5"]}\n'
@@ -125,14 +126,14 @@ def test_verify_repair_drops_damaged_artifacts_and_says_how_to_rebuild(adapted: 
 def test_a_reader_that_loses_a_race_with_rm_gets_one_clear_error(adapted: Zoo) -> None:
     head = adapted.get("toy/tiny-opt", kind="head")  # read before another process removes it
     with Zoo(adapted.root) as other:
-        other.execute_rm(other.plan_rm(head.id))
+        execute_rm(other, plan_rm(other, head.id))
     with pytest.raises(ZooError, match="removed"):
         adapted.file(head, "head.safetensors")
     backbone = adapted.get("tiny-opt", kind="backbone")
     with Zoo(adapted.root) as other:
         with pytest.raises(ZooError, match="input of"):  # the head's feature cache still uses it
-            other.execute_rm(other.plan_rm("tiny-opt"))
-        other.execute_rm(other.plan_rm("tiny-opt"), force=True)
+            execute_rm(other, plan_rm(other, "tiny-opt"))
+        execute_rm(other, plan_rm(other, "tiny-opt"), force=True)
     with pytest.raises(ZooError, match="tiny-opt .* removed"):
         adapted.view(backbone)
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from st2si_cli.errors import ZooError
 from st2si_cli.zoo import store
+from st2si_cli.zoo.maintenance import execute_rm, plan_rm, verify
 from st2si_cli.zoo.store import Zoo, migrations
 
 
@@ -129,7 +130,7 @@ def test_blobs_are_shared_and_rm_frees_only_unshared_ones(zoo: Zoo) -> None:
     assert zoo.db["blobs"].count == 2
     assert a.files["shared"] == b.files["same"]
 
-    plan = zoo.plan_rm("a")
+    plan = plan_rm(zoo, "a")
     assert plan.artifact.id == a.id
     assert plan.names == ["a"]
     assert plan.blobs == [(sha(b"only-a"), 6)]
@@ -142,7 +143,7 @@ def test_execute_rm_leaves_no_row_or_file_behind(zoo: Zoo) -> None:
     b = zoo.put("catalog", {"same": b"common"}, {}, name="b")
     view = zoo.view(a)
 
-    freed = zoo.execute_rm(zoo.plan_rm("a"))
+    freed = execute_rm(zoo, plan_rm(zoo, "a"))
     assert freed == [sha(b"only-a")]
     for table, column in (("artifacts", "id"), ("files", "artifact"), ("names", "artifact")):
         assert zoo.db[table].count_where(f"{column} = ?", [a.id]) == 0
@@ -150,20 +151,20 @@ def test_execute_rm_leaves_no_row_or_file_behind(zoo: Zoo) -> None:
     assert zoo.blob_path(sha(b"common")).exists()
     assert not view.exists()
     assert zoo.find("a") is None and zoo.find("a-alias") is None
-    assert zoo.verify().ok and not zoo.verify().orphans
+    assert verify(zoo).ok and not verify(zoo).orphans
 
-    zoo.execute_rm(zoo.plan_rm(b.id))
+    execute_rm(zoo, plan_rm(zoo, b.id))
     assert table_counts(zoo) == {"artifacts": 0, "files": 0, "blobs": 0, "names": 0}
     assert blob_files(zoo) == set()
 
 
 def test_execute_rm_keeps_a_blob_shared_after_the_plan_was_made(zoo: Zoo) -> None:
     zoo.put("dataset", {"own": b"only-a"}, {}, name="a")
-    plan = zoo.plan_rm("a")
+    plan = plan_rm(zoo, "a")
     late = zoo.put("run", {"copy": b"only-a"}, {}, name="late")
-    assert zoo.execute_rm(plan) == []
+    assert execute_rm(zoo, plan) == []
     assert zoo.file(late, "copy").read_bytes() == b"only-a"
-    assert zoo.verify().ok
+    assert verify(zoo).ok
 
 
 def test_plan_rm_lists_dependents(zoo: Zoo) -> None:
@@ -173,7 +174,7 @@ def test_plan_rm_lists_dependents(zoo: Zoo) -> None:
         "head", {"h": b"head"}, {"inputs": {"dataset": ds.id, "backbone": {"id": bb.id}}}, name="h"
     )
     run = zoo.put("run", {"r": b"run"}, {"inputs": {"heads": [head.id]}}, name="r")
-    assert [d.id for d in zoo.plan_rm("ds").dependents] == [head.id]
+    assert [d.id for d in plan_rm(zoo, "ds").dependents] == [head.id]
     assert [d.id for d in zoo.dependents(bb)] == [head.id]
     assert [d.id for d in zoo.dependents(head)] == [run.id]
     assert zoo.dependents(run) == []
@@ -183,7 +184,7 @@ def test_plan_rm_lists_dependents(zoo: Zoo) -> None:
 def test_verify_is_clean_on_a_fresh_store(zoo: Zoo) -> None:
     zoo.put("dataset", {"a": b"alpha", "b": b"beta"}, {})
     seen: list[int] = []
-    report = zoo.verify(progress=seen.append)
+    report = verify(zoo, progress=seen.append)
     assert report.ok and report.checked == 2
     assert (report.mismatched, report.missing, report.orphans) == ([], [], [])
     assert sum(seen) == zoo.blobs_total_size() == 9
@@ -200,7 +201,7 @@ def test_verify_reports_changed_missing_and_orphan_blobs(zoo: Zoo) -> None:
     orphan.parent.mkdir(exist_ok=True)
     orphan.write_bytes(b"stray")
 
-    report = zoo.verify()
+    report = verify(zoo)
     assert not report.ok
     assert report.mismatched == [art.files["a"]]
     assert report.missing == [art.files["b"]]
@@ -264,7 +265,7 @@ def test_failed_blob_write_during_put_registers_nothing(zoo: Zoo, monkeypatch: p
     assert [a.id for a in zoo.ls()] == [before.id]
     assert zoo.find("broken") is None
     assert table_counts(zoo) == {"artifacts": 1, "files": 1, "blobs": 1, "names": 1}
-    report = zoo.verify()
+    report = verify(zoo)
     assert report.ok and report.orphans == [sha(b"first")], "the half-put leaves an orphan, never a row"
 
 
@@ -307,7 +308,7 @@ def test_names_are_per_kind(zoo: Zoo) -> None:
         zoo.get("tiny")
     with pytest.raises(ZooError, match=r"no head artifact named 'tiny'.*there is a backbone and a dataset"):
         zoo.get("tiny", kind="head")
-    zoo.execute_rm(zoo.plan_rm("tiny", "backbone"))
+    execute_rm(zoo, plan_rm(zoo, "tiny", "backbone"))
     assert zoo.get("tiny").id == ds.id
 
 
@@ -316,7 +317,7 @@ def test_a_name_refused_for_other_data_registers_nothing(zoo: Zoo) -> None:
     before = table_counts(zoo)
     with pytest.raises(store.NameTakenError):
         zoo.put("dataset", {"c": b"new"}, {}, name="d", domain="d", replace_name=False)
-    assert table_counts(zoo) == before and zoo.verify().orphans == []
+    assert table_counts(zoo) == before and verify(zoo).orphans == []
     same = zoo.put("dataset", {"c": b"old"}, {}, name="d", domain="d", replace_name=False)
     assert zoo.get("d").id == same.id, "the same data again is not a conflict"
     new = zoo.put("dataset", {"c": b"new"}, {}, name="d", domain="d")
@@ -382,5 +383,5 @@ def test_prune_removes_orphans_and_leftovers_of_ended_processes_only(zoo: Zoo) -
     assert execute_prune(zoo, plan) == plan.bytes_freed
     assert not any(p.exists() for p in removed) and live.exists() and claimed.exists()
     assert zoo.file(kept, "c").read_bytes() == b"kept"
-    assert zoo.verify().ok and zoo.verify().orphans == []
+    assert verify(zoo).ok and verify(zoo).orphans == []
     lock.release()

@@ -99,7 +99,9 @@ def rm_cmd(
     An artifact that others list as an input (a dataset or backbone with heads) is kept unless --force.
     """
     zoo = open_zoo()
-    plan = zoo.plan_rm(ref, kind)
+    from st2si_cli.zoo.maintenance import plan_rm
+
+    plan = plan_rm(zoo, ref, kind)
     _confirm_or_refuse(f"remove {_label(plan.artifact)}", dry_run, yes)
     result = _plan_dict(zoo, plan)
     if plan.dependents and not (force or dry_run):
@@ -117,7 +119,9 @@ def rm_cmd(
     if not yes and not typer.confirm(f"Remove {_label(plan.artifact)}?", default=False, err=True):
         err.print("Nothing removed.", markup=False)
         raise typer.Exit(1)
-    freed = zoo.execute_rm(plan, force=force)
+    from st2si_cli.zoo.maintenance import execute_rm
+
+    freed = execute_rm(zoo, plan, force=force)
     freed_set = set(freed)
     bytes_freed = sum(size for sha, size in plan.blobs if sha in freed_set)
     if as_json:
@@ -156,7 +160,9 @@ def _run_verify(zoo: Zoo) -> VerifyReport:
             speed = progress.tasks[task].speed
             progress.update(task, advance=n, rate=f"{human_size(speed)}/s" if speed else "")
 
-        return zoo.verify(progress=advance)
+        from st2si_cli.zoo.maintenance import verify
+
+        return verify(zoo, progress=advance)
 
 
 def verify_cmd(

@@ -33,7 +33,8 @@ def _label(art: Artifact) -> str:
 
 
 # ---- rm -------------------------------------------------------------------------------------------
-def plan_rm(zoo: Zoo, art: Artifact) -> RemovalPlan:
+def plan_rm(zoo: Zoo, ref: str, kind: str | None = None) -> RemovalPlan:
+    art = zoo.get(ref, kind)
     blobs = []
     for sha in sorted(set(art.files.values())):
         users = zoo.db.execute(

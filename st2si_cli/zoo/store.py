@@ -20,12 +20,11 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from st2si_cli.errors import ZooError
-from st2si_cli.zoo import maintenance
 from st2si_cli.zoo.artifact import (
     CHUNK,
     Artifact,
@@ -361,15 +360,7 @@ class Zoo:
             self._checked(art, fname, sha)
         return build_view(self.root, art.id, art.files)
 
-    # ---- removal, verification, pruning (st2si_cli.zoo.maintenance) ---------------------------
-    def plan_rm(self, ref: str, kind: str | None = None) -> RemovalPlan:
-        return maintenance.plan_rm(self, self.get(ref, kind))
-
-    def execute_rm(self, plan: RemovalPlan, *, force: bool = False) -> list[str]:
-        """Remove the planned artifact; refused while others depend on it, unless `force`.
-        Returns the blobs whose files were deleted."""
-        return maintenance.execute_rm(self, plan, force=force)
-
+    # ---- removal, verification, pruning: st2si_cli.zoo.maintenance (functions taking the zoo) ----
     def iter_blob_files(self) -> Iterator[Path]:
         for sub in sorted((self.root / "blobs").iterdir()):
             if sub.is_dir():
@@ -378,11 +369,6 @@ class Zoo:
     def blobs_total_size(self) -> int:
         """Bytes that `verify` will read (the indexed size of every blob)."""
         return self.db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0]
-
-    def verify(self, progress: Callable[[int], Any] | None = None) -> VerifyReport:
-        """Re-hash every indexed blob, check the views. `progress(n_bytes)` is called as bytes are read
-        (and with a missing blob's indexed size), so the calls add up to about `blobs_total_size()`."""
-        return maintenance.verify(self, progress)
 
     def artifacts_using_blob(self, sha: str) -> list[str]:
         """IDs of the artifacts that list this blob, each once."""
