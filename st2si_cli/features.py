@@ -127,18 +127,17 @@ def compute_features(
     alignment: bool = True,
     batch_tokens: int = 16384,
     max_batch: int = 64,
-    shard_samples: int = 1024,
+    shard_seconds: float = 120.0,
     on_progress: Callable[[int, int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
 ) -> tuple[Artifact, FeatureSet]:
     """The feature cache for (backbone, dataset, text settings): loaded if present, else computed.
 
-    Work is written in shards under the zoo's tmp/ folder as it goes; a rerun after a kill skips
-    the shards already written. The finished cache is one artifact (kind "features").
+    Work is written in shards under the zoo's tmp/ folder as it goes, one per `shard_seconds` of
+    compute; a rerun after a kill skips the batches the shards already hold. The finished cache is one artifact (kind "features").
     `on_start(total_tokens, total_samples)` and `on_progress(tokens, samples)` drive a progress bar.
     """
     import torch
-    from safetensors.torch import load_file
 
     key = cache_key(backbone.artifact_id, dataset_id, text, dtype_name(backbone.dtype), alignment)
     existing = zoo.find(cache_name(key), kind="features")
@@ -162,7 +161,6 @@ def compute_features(
         "n_samples": len(samples),
         "batch_tokens": batch_tokens,
         "max_batch": max_batch,
-        "shard_samples": shard_samples,
     }
     spec_path = stage / "spec.json"
     if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
@@ -170,49 +168,31 @@ def compute_features(
             old.unlink()
     spec_path.write_text(json.dumps(spec))
 
-    # Shards are runs of consecutive batches in plan order; each holds the features of its samples.
-    shards: list[list[list[int]]] = []
-    count = 0
-    for b in batches:
-        if not shards or count >= shard_samples:
-            shards.append([])
-            count = 0
-        shards[-1].append(b)
-        count += len(b)
-
     total_tokens = sum(lengths)
     if on_start:
         on_start(total_tokens, len(samples))
+    per_sample, done = resume_shards(stage, batches)
+    if on_progress and done:
+        on_progress(sum(lengths[i] for b in batches[:done] for i in b), sum(len(b) for b in batches[:done]))
     computed_tokens = 0
-    per_sample: dict[int, Any] = {}
     with torch.inference_mode():
-        for k, shard in enumerate(shards):
-            path = stage / f"shard-{k:05d}.safetensors"
-            members = [i for b in shard for i in b]
-            if path.exists():
-                loaded = load_file(str(path))
-                feats = loaded["feats"]
-                offsets = loaded["offsets"].tolist()
-                for j, i in enumerate(members):
-                    per_sample[i] = feats[offsets[j] : offsets[j + 1]]
-                if on_progress:
-                    on_progress(sum(lengths[i] for i in members), len(members))
-                continue
-            shard_feats: list[Any] = []
-            for b in shard:
-                outs = query_features(model, [samples[i] for i in b])
-                for i, f in zip(b, outs):
-                    per_sample[i] = f
-                    shard_feats.append(f)
-                btok = sum(lengths[i] for i in b)
-                computed_tokens += btok
-                if on_progress:
-                    on_progress(btok, len(b))
-            sizes = [per_sample[i].shape[0] for i in members]
-            offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.long)
-            write_safetensors_atomic(
-                {"feats": torch.cat(shard_feats).to(backbone.dtype), "offsets": offsets}, path
-            )
+        # A shard is a run of consecutive batches, closed once it holds `shard_seconds` of compute: sized
+        # by the work measured as it runs (not by sample count), so a kill loses at most about that much.
+        first, shard_t0 = done, time.perf_counter()
+        for j in range(done, len(batches)):
+            b = batches[j]
+            for i, f in zip(b, query_features(model, [samples[i] for i in b])):
+                per_sample[i] = f
+            btok = sum(lengths[i] for i in b)
+            computed_tokens += btok
+            if on_progress:
+                on_progress(btok, len(b))
+            if j + 1 == len(batches) or time.perf_counter() - shard_t0 >= shard_seconds:
+                path = (
+                    stage / f"shard-{first:06d}.safetensors"
+                )  # named by its first batch: sorts in plan order
+                write_shard(path, batches, (first, j + 1), per_sample, backbone.dtype)
+                first, shard_t0 = j + 1, time.perf_counter()
 
     seconds = time.time() - t0
     fs = index_rows(samples)
@@ -252,6 +232,46 @@ def compute_features(
 
     shutil.rmtree(stage, ignore_errors=True)
     return art, fs
+
+
+def write_shard(
+    path: Any, batches: list[list[int]], span: tuple[int, int], per_sample: dict, dtype: Any
+) -> None:
+    """The features of batches[span[0]:span[1]] (plan order), with the span itself, atomically."""
+    import torch
+
+    members = [i for b in batches[span[0] : span[1]] for i in b]
+    sizes = torch.tensor([per_sample[i].shape[0] for i in members], dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    feats = torch.cat([per_sample[i] for i in members]).to(dtype)
+    write_safetensors_atomic({"feats": feats, "offsets": offsets, "span": torch.tensor(span)}, path)
+
+
+def resume_shards(stage: Any, batches: list[list[int]]) -> tuple[dict[int, Any], int]:
+    """Features held by the shards on disk, and the first batch they do not cover.
+
+    Shards are read in order while each continues where the last ended; any other file (a different
+    plan, a damaged shard) is removed, so its batches are computed again.
+    """
+    from safetensors.torch import load_file
+
+    per_sample: dict[int, Any] = {}
+    done = 0
+    for path in sorted(stage.glob("shard-*.safetensors")):
+        try:
+            loaded = load_file(str(path))
+            start, end = loaded["span"].tolist()
+        except Exception:  # noqa: BLE001 - an unreadable shard is recomputed, not fatal
+            start, end = -1, -1
+        members = [i for b in batches[start:end] for i in b] if start == done else []
+        offsets = loaded["offsets"].tolist() if members else []
+        if not members or end > len(batches) or len(offsets) != len(members) + 1:
+            path.unlink()
+            continue
+        for j, i in enumerate(members):
+            per_sample[i] = loaded["feats"][offsets[j] : offsets[j + 1]].float()
+        done = end
+    return per_sample, done
 
 
 def load_feature_set(zoo: Zoo, art: Artifact) -> FeatureSet:
