@@ -280,29 +280,46 @@ def load_feature_set(zoo: Zoo, art: Artifact) -> FeatureSet:
     return FeatureSet.from_tensors(load_file(str(zoo.file(art, "features.safetensors"))))
 
 
+class LiveFeatures:
+    """`features_of(rows)` that runs the backbone on the rows' samples: ILP tuning with the backbone in
+    the loop (the authors' way).
+
+    With the backbone frozen (no autograd), a sample's features are kept until `new_epoch()` (pass it
+    as train_head's `on_epoch`), so each history runs once per epoch, as in the authors' loop; with
+    autograd through a training backbone every call runs its samples. In eval mode it returns what
+    the cache holds, which the exactness test relies on. `samples_run` counts the forwards per sample.
+    """
+
+    def __init__(self, backbone: Backbone, samples: Sequence[Sample], fs: FeatureSet, max_batch: int = 64):
+        import torch
+
+        self.backbone, self.samples, self.fs, self.max_batch = backbone, samples, fs, max_batch
+        self.first_row = torch.zeros(len(samples) + 1, dtype=torch.long)
+        self.first_row[1:] = torch.tensor([len(s.targets) for s in samples]).cumsum(0)
+        self.kept: dict[int, Any] = {}
+        self.samples_run = 0
+
+    def new_epoch(self, record: Any = None) -> None:
+        self.kept.clear()
+
+    def __call__(self, rows: Any) -> Any:
+        import torch
+
+        model = self.backbone.st2si()
+        sample_ids = self.fs.sample[rows]
+        grad = torch.is_grad_enabled() and self.backbone.model.training
+        kept = {} if grad else self.kept
+        missing = sorted(set(sample_ids.tolist()) - kept.keys())
+        with torch.set_grad_enabled(grad):
+            for b0 in range(0, len(missing), self.max_batch):
+                ids = missing[b0 : b0 + self.max_batch]
+                kept.update(zip(ids, query_features(model, [self.samples[i] for i in ids])))
+        self.samples_run += len(missing)
+        return torch.stack([kept[int(s)][int(r - self.first_row[s])] for r, s in zip(rows, sample_ids)])
+
+
 def live_features(
     backbone: Backbone, samples: Sequence[Sample], fs: FeatureSet, max_batch: int = 64
-) -> Callable[[Any], Any]:
-    """`features_of(rows)` that runs the backbone on the rows' samples at every call.
-
-    This is ILP tuning with the backbone in the loop (the authors' way). With the backbone in eval
-    mode it returns what the cache holds, which the exactness test relies on.
-    """
-    import torch
-
-    model = backbone.st2si()
-    first_row = torch.zeros(len(samples) + 1, dtype=torch.long)
-    first_row[1:] = torch.tensor([len(s.targets) for s in samples]).cumsum(0)
-
-    def features_of(rows: Any) -> Any:
-        sample_ids = fs.sample[rows]
-        unique = sorted(set(sample_ids.tolist()))
-        where = {s: k for k, s in enumerate(unique)}
-        grad = torch.is_grad_enabled() and backbone.model.training
-        outs: list[Any] = []
-        with torch.set_grad_enabled(grad):
-            for b0 in range(0, len(unique), max_batch):
-                outs += query_features(model, [samples[i] for i in unique[b0 : b0 + max_batch]])
-        return torch.stack([outs[where[int(s)]][int(r - first_row[s])] for r, s in zip(rows, sample_ids)])
-
-    return features_of
+) -> LiveFeatures:
+    """A `LiveFeatures` over `samples` (rows of `fs`)."""
+    return LiveFeatures(backbone, samples, fs, max_batch)

@@ -143,3 +143,29 @@ def test_features_are_reused_for_the_same_key(tmp_path, monkeypatch):
     assert len(zoo.ls(kind="features")) == 1
     torch.testing.assert_close(fs2.feats, fs1.feats, rtol=0, atol=0)
     assert torch.equal(fs2.targets, fs1.targets) and torch.equal(fs2.roles, fs1.roles)
+
+
+def test_backbone_in_the_loop_runs_each_sample_once_per_epoch(zoo, backbone):
+    """The frozen backbone in the loop runs every training sample once an epoch (the authors' loop),
+    not once for every batch that holds one of its rows; its features are the cached ones."""
+    from st2si_cli.features import index_rows, live_features
+    from st2si_cli.train.head import HeadConfig, train_head, training_rows
+
+    ds = load_dataset(zoo, "toy")
+    text = TextConfig()
+    _, fs = compute_features(zoo, backbone, ds, zoo.get("toy").id, text)
+    samples = build_samples(ds, *_itok_and_tokens(backbone, ds))
+    cfg = HeadConfig(lr=1e-2, batch_size=16, max_epochs=3, patience=10, seed=3)
+    live_fs = index_rows(samples)
+    live = live_features(backbone, samples, live_fs)
+    runs = []
+
+    def on_epoch(record):
+        runs.append(live.samples_run)
+        live.new_epoch()
+
+    result = train_head(live_fs, ds.n_items, cfg, features_of=live, on_epoch=on_epoch)
+    per_epoch = len(set(live_fs.sample[training_rows(live_fs, cfg.multi_query, cfg.alignment)].tolist()))
+    assert per_epoch > 10
+    assert [b - a for a, b in zip(runs, runs[1:])] == [per_epoch, per_epoch]
+    torch.testing.assert_close(result.weight, train_head(fs, ds.n_items, cfg).weight, atol=1e-4, rtol=1e-4)
