@@ -134,7 +134,8 @@ def compute_features(
     """The feature cache for (backbone, dataset, text settings): loaded if present, else computed.
 
     Work is written in shards under the zoo's tmp/ folder as it goes, one per `shard_seconds` of
-    compute; a rerun after a kill skips the batches the shards already hold. The finished cache is one artifact (kind "features").
+    compute; a rerun after a kill skips the batches the shards already hold. The finished cache is
+    one artifact (kind "features").
     `on_start(total_tokens, total_samples)` and `on_progress(tokens, samples)` drive a progress bar.
     """
     import torch
@@ -188,9 +189,7 @@ def compute_features(
             if on_progress:
                 on_progress(btok, len(b))
             if j + 1 == len(batches) or time.perf_counter() - shard_t0 >= shard_seconds:
-                path = (
-                    stage / f"shard-{first:06d}.safetensors"
-                )  # named by its first batch: sorts in plan order
+                path = stage / f"shard-{first:06d}.safetensors"  # by first batch: sorts in plan order
                 write_shard(path, batches, (first, j + 1), per_sample, backbone.dtype)
                 first, shard_t0 = j + 1, time.perf_counter()
 
@@ -235,7 +234,7 @@ def compute_features(
 
 
 def write_shard(
-    path: Any, batches: list[list[int]], span: tuple[int, int], per_sample: dict, dtype: Any
+    path: Any, batches: list[list[int]], span: tuple[int, int], per_sample: dict[int, Any], dtype: Any
 ) -> None:
     """The features of batches[span[0]:span[1]] (plan order), with the span itself, atomically."""
     import torch

@@ -40,6 +40,8 @@ def supports(backbone: nn.Module) -> bool:
         return False
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "sliding_window", None):
         return False
+    if any(hasattr(p, "ds_id") for p in backbone.parameters()):  # DeepSpeed ZeRO-3: partitioned weights
+        return False
     return all(hasattr(backbone, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
 
 
