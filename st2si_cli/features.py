@@ -172,7 +172,19 @@ def compute_features(
     total_tokens = sum(lengths)
     if on_start:
         on_start(total_tokens, len(samples))
-    per_sample, done = resume_shards(stage, batches)
+    # Features land in one [P, d] matrix in sample order (no per-sample tensors: a million-item
+    # catalog has a million alignment samples); plan_rows maps batches to its rows.
+    first_row = torch.zeros(len(samples) + 1, dtype=torch.long)
+    first_row[1:] = torch.tensor([len(s.query_pos) for s in samples], dtype=torch.long).cumsum(0)
+    store: dict[int, Any] = {}
+
+    def matrix(d: int) -> Any:  # allocated at the first result: its width is the backbone's output width
+        if 0 not in store:
+            with torch.inference_mode(False):  # a plain tensor: head training indexes it under autograd
+                store[0] = torch.zeros(int(first_row[-1]), d)
+        return store[0]
+
+    done = resume_shards(stage, batches, first_row, matrix)
     if on_progress and done:
         on_progress(sum(lengths[i] for b in batches[:done] for i in b), sum(len(b) for b in batches[:done]))
     computed_tokens = 0
@@ -182,20 +194,23 @@ def compute_features(
         first, shard_t0 = done, time.perf_counter()
         for j in range(done, len(batches)):
             b = batches[j]
-            for i, f in zip(b, query_features(model, [samples[i] for i in b])):
-                per_sample[i] = f
+            h = model.hidden_at([samples[i] for i in b]).float().cpu()
+            matrix(h.shape[1])[plan_rows(first_row, [b])] = h
             btok = sum(lengths[i] for i in b)
             computed_tokens += btok
             if on_progress:
                 on_progress(btok, len(b))
             if j + 1 == len(batches) or time.perf_counter() - shard_t0 >= shard_seconds:
-                path = stage / f"shard-{first:06d}.safetensors"  # by first batch: sorts in plan order
-                write_shard(path, batches, (first, j + 1), per_sample, backbone.dtype)
+                rows = plan_rows(first_row, batches[first : j + 1])
+                write_safetensors_atomic(
+                    {"feats": store[0][rows].to(backbone.dtype), "span": torch.tensor([first, j + 1])},
+                    stage / f"shard-{first:06d}.safetensors",  # named by its first batch: plan order
+                )
                 first, shard_t0 = j + 1, time.perf_counter()
 
     seconds = time.time() - t0
     fs = index_rows(samples)
-    fs.feats = torch.cat([per_sample[i] for i in range(len(samples))]).float()
+    fs.feats = matrix(backbone.hidden_size)
     out = stage / "features.safetensors"
     stored = fs.tensors()
     stored["feats"] = fs.feats.to(backbone.dtype)  # bf16 features are exact in bf16
@@ -233,28 +248,25 @@ def compute_features(
     return art, fs
 
 
-def write_shard(
-    path: Any, batches: list[list[int]], span: tuple[int, int], per_sample: dict[int, Any], dtype: Any
-) -> None:
-    """The features of batches[span[0]:span[1]] (plan order), with the span itself, atomically."""
+def plan_rows(first_row: Any, batches: Sequence[Sequence[int]]) -> Any:
+    """Rows of the [P, d] feature matrix held by `batches` (samples in batch order, queries in order)."""
     import torch
 
-    members = [i for b in batches[span[0] : span[1]] for i in b]
-    sizes = torch.tensor([per_sample[i].shape[0] for i in members], dtype=torch.long)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
-    feats = torch.cat([per_sample[i] for i in members]).to(dtype)
-    write_safetensors_atomic({"feats": feats, "offsets": offsets, "span": torch.tensor(span)}, path)
+    starts = [int(first_row[i]) for b in batches for i in b]
+    ends = [int(first_row[i + 1]) for b in batches for i in b]
+    if not starts:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(a, e) for a, e in zip(starts, ends)])
 
 
-def resume_shards(stage: Any, batches: list[list[int]]) -> tuple[dict[int, Any], int]:
-    """Features held by the shards on disk, and the first batch they do not cover.
+def resume_shards(stage: Any, batches: list[list[int]], first_row: Any, matrix: Callable[[int], Any]) -> int:
+    """Copy the features of the shards on disk into `matrix(d)`; returns the first batch they do not cover.
 
     Shards are read in order while each continues where the last ended; any other file (a different
     plan, a damaged shard) is removed, so its batches are computed again.
     """
     from safetensors.torch import load_file
 
-    per_sample: dict[int, Any] = {}
     done = 0
     for path in sorted(stage.glob("shard-*.safetensors")):
         try:
@@ -262,15 +274,13 @@ def resume_shards(stage: Any, batches: list[list[int]]) -> tuple[dict[int, Any],
             start, end = loaded["span"].tolist()
         except Exception:  # noqa: BLE001 - an unreadable shard is recomputed, not fatal
             start, end = -1, -1
-        members = [i for b in batches[start:end] for i in b] if start == done else []
-        offsets = loaded["offsets"].tolist() if members else []
-        if not members or end > len(batches) or len(offsets) != len(members) + 1:
+        rows = plan_rows(first_row, batches[start:end]) if start == done and end <= len(batches) else None
+        if rows is None or start >= end or loaded["feats"].shape[0] != rows.numel():
             path.unlink()
             continue
-        for j, i in enumerate(members):
-            per_sample[i] = loaded["feats"][offsets[j] : offsets[j + 1]].float()
+        matrix(loaded["feats"].shape[1])[rows] = loaded["feats"].float()
         done = end
-    return per_sample, done
+    return done
 
 
 def load_feature_set(zoo: Zoo, art: Artifact) -> FeatureSet:

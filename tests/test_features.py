@@ -90,9 +90,17 @@ def test_shards_close_by_compute_time_and_bad_shards_are_recomputed(tmp_path, ba
     shards = sorted((z.root / "tmp").glob("features-*/shard-*.safetensors"))
     assert len(shards) == 3
     shards[1].write_bytes(b"not a shard")
-    lengths = [len(s.tokens) for s in build_samples(ds, *_itok_and_tokens(backbone, ds))]
-    per_sample, done = resume_shards(shards[0].parent, plan_batches(lengths, 16384, 4))
-    assert done == 1 and not shards[1].exists() and not shards[2].exists()  # only the prefix is kept
+    samples = build_samples(ds, *_itok_and_tokens(backbone, ds))
+    first_row = torch.tensor([0] + [len(s.query_pos) for s in samples]).cumsum(0)
+    feats = torch.zeros(int(first_row[-1]), backbone.hidden_size)
+    batches = plan_batches([len(s.tokens) for s in samples], 16384, 4)
+    done = resume_shards(shards[0].parent, batches, first_row, lambda d: feats)
+    assert (
+        done == 1
+        and feats.abs().sum(1).gt(0).sum() == sum(len(samples[i].query_pos) for i in batches[0])
+        and not shards[1].exists()
+        and not shards[2].exists()
+    )  # only the prefix is kept
     art, fs = compute_features(z, backbone, ds, dsa.id, TextConfig(), shard_seconds=0, max_batch=4)
     fresh_zoo = Zoo(tmp_path / "fresh")
     dsb = store_dataset(fresh_zoo, ds, domain="toy", fmt="synthetic", source="synthetic")
