@@ -547,6 +547,11 @@ def main() -> int:
     )
     ap.add_argument("--million-users", type=int, default=2000, help="users of the synthetic catalog")
     ap.add_argument("--million-backbone", default="tiny-opt")
+    ap.add_argument(
+        "--million-alignment",
+        action="store_true",
+        help="with the N ID-alignment samples (an N-row feature pass)",
+    )
     ap.add_argument("--million-only", action="store_true", help="only the synthetic catalog")
     ap.add_argument(
         "--note", default="", help="recorded with every figure (e.g. what else loaded the machine)"
@@ -578,8 +583,8 @@ def main() -> int:
     if args.million or args.million_only:
         from million import million_items
 
-        record["million_items"] = million_items(args.million or 1_000_000, args.million_users,
-                                                args.million_backbone, args.threads, args.seed)  # fmt: skip
+        n, users, bb = args.million or 1_000_000, args.million_users, args.million_backbone
+        record["million_items"] = million_items(n, users, bb, args.threads, args.seed, args.million_alignment)
     record["provenance"] = {
         **prov,
         "load_average_end": load_average(),
