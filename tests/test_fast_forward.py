@@ -83,3 +83,17 @@ def test_packed_forward_on_smollm2_is_within_bf16_rounding(zoo, one_thread):
     cos = torch.nn.functional.cosine_similarity(plain, packed, dim=-1)
     assert cos.min() > 0.999
     torch.testing.assert_close(packed, plain, rtol=3e-2, atol=3e-2)
+
+
+def test_attention_groups_cover_every_token_once_with_bounded_padding():
+    from st2si_cli.model.fast import attention_groups
+
+    lengths = [30, 7, 29, 100, 8, 95, 1, 26]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    groups = attention_groups(lengths, starts, "cpu", fill=0.8)
+    tokens = torch.cat([g.tokens for g in groups]).sort().values
+    assert torch.equal(tokens, torch.arange(sum(lengths)))
+    for g in groups:
+        assert g.slot.numel() == g.tokens.numel() and int(g.slot.max()) < g.rows * g.width
+        assert g.tokens.numel() >= 0.8 * g.rows * g.width - g.rows  # padding under 20% (+ rounding)
+    assert [g.rows for g in groups if g.width == 100] == [2]

@@ -9,8 +9,9 @@ FLOPs) runs on real tokens only, as one GEMM per weight:
                x += down_proj(silu(gate) * up), gate|up = gate_up_proj(rms_norm(x))   (one fused weight)
     the last layer's o_proj, MLP and the final norm run on the query rows only.
 
-Attention alone is padded (scattered into [B, H, L_max, hd], causal SDPA, gathered back): with right
-padding a real token never attends to a pad, so the result is the plain path's. Positions restart at
+Attention alone is padded, per group of samples of similar length (scattered into [b, H, L, hd],
+causal SDPA, gathered back; a lone sample is not padded): with right padding a real token never
+attends to a pad, so the result is the plain path's. Positions restart at
 0 in every sample, as in a right-padded row. Same weights, same operations, same dtypes (bf16
 residual stream, fp32 statistics inside the norm): features equal the plain forward's in fp32 up to
 float rounding and within bf16 rounding in bf16 (tests/test_fast_forward.py).
@@ -107,12 +108,8 @@ class PackedLlama:
         m = self.model
         device = m.embed_tokens.weight.device
         lengths = [len(s.tokens) for s in samples]
-        width = max(lengths)
-        b = len(samples)
         ids = torch.tensor([t for s in samples for t in s.tokens], dtype=torch.long, device=device)
         pos = torch.cat([torch.arange(n, device=device) for n in lengths])  # [T], restarts per sample
-        row = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(lengths, device=device))
-        slot = row * width + pos  # [T] place of each real token in the padded [B * L_max] layout
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
@@ -121,6 +118,7 @@ class PackedLlama:
             dtype=torch.long,
             device=device,
         )
+        groups = attention_groups(lengths, starts, device)
 
         x = m.embed_tokens(ids)  # [T, d]
         cos, sin = m.rotary_emb(x, pos[None])  # [1, T, hd] each, x's dtype
@@ -132,7 +130,7 @@ class PackedLlama:
             q, k, v = y.split([h * hd, kv * hd, kv * hd], dim=-1)
             q = _rope(q.view(-1, h, hd), cos, sin)
             k = _rope(k.view(-1, kv, hd), cos, sin)
-            att = self._attention(q, k, v.view(-1, kv, hd), slot, (b, width))  # [T, H hd]
+            att = self._attention(q, k, v.view(-1, kv, hd), groups)  # [T, H hd]
             if i == last:  # only the query rows go on
                 att, x = att[queries], x[queries]
             x = x + F.linear(att, layer.o, layer.o_bias)
@@ -141,26 +139,58 @@ class PackedLlama:
             x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
         return self._norm(x, m.norm.weight)
 
-    def _attention(self, q: Tensor, k: Tensor, v: Tensor, slot: Tensor, shape: tuple[int, int]) -> Tensor:
-        """Causal attention per sample: packed [T, heads, hd] -> padded [B, heads, L, hd] -> SDPA -> [T, H hd]."""
-        b, width = shape
-        if b == 1:  # one sample: already unpadded
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                is_causal=True, enable_gqa=self.kv_heads != self.heads,
-            )  # fmt: skip
-            return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, groups: list[_Group]) -> Tensor:
+        """Causal attention per sample: packed [T, heads, hd] -> per group of similar lengths, padded
+        [b, heads, L, hd] -> SDPA -> back to packed [T, H hd]."""
+        gqa = self.kv_heads != self.heads
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        for g in groups:
+            if g.rows == 1:  # one sample: no padding at all
+                qs, ks, vs = (t.narrow(0, g.start, g.width).transpose(0, 1)[None] for t in (q, k, v))
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+                out.narrow(0, g.start, g.width).copy_(o[0].transpose(0, 1).reshape(g.width, -1))
+                continue
 
-        def padded(t: Tensor) -> Tensor:
-            buf = t.new_zeros(b * width, t.shape[1], t.shape[2])
-            buf.index_copy_(0, slot, t)
-            return buf.view(b, width, t.shape[1], t.shape[2]).transpose(1, 2)  # [B, heads, L, hd]
+            def padded(t: Tensor, g: _Group = g) -> Tensor:
+                buf = t.new_zeros(g.rows * g.width, t.shape[1], t.shape[2])
+                buf.index_copy_(0, g.slot, t.index_select(0, g.tokens))
+                return buf.view(g.rows, g.width, t.shape[1], t.shape[2]).transpose(1, 2)  # [b, heads, L, hd]
 
-        out = F.scaled_dot_product_attention(
-            padded(q), padded(k), padded(v), is_causal=True, enable_gqa=self.kv_heads != self.heads
-        )  # [B, H, L, hd]
-        out = out.transpose(1, 2).reshape(b * width, -1)
-        return out.index_select(0, slot)
+            o = F.scaled_dot_product_attention(
+                padded(q), padded(k), padded(v), is_causal=True, enable_gqa=gqa
+            )
+            o = o.transpose(1, 2).reshape(g.rows * g.width, -1)
+            out.index_copy_(0, g.tokens, o.index_select(0, g.slot))
+        return out
+
+
+@dataclass
+class _Group:
+    """Samples whose attention runs as one padded SDPA: their packed token indices and padded slots."""
+
+    rows: int
+    width: int
+    start: int  # packed index of the first token (used when rows == 1)
+    tokens: Tensor  # [t] packed indices of the group's tokens
+    slot: Tensor  # [t] their places in the padded [rows * width] layout
+
+
+def attention_groups(lengths: list[int], starts: list[int], device: Any, fill: float = 0.8) -> list[_Group]:
+    """Samples by length, cut where a sample is under `fill` of its group's longest: padding in attention
+    stays under 1 - fill of a group (attention is where the packed forward still pads)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    cut: list[list[int]] = []
+    for i in order:
+        if not cut or lengths[i] < fill * lengths[cut[-1][0]]:
+            cut.append([])
+        cut[-1].append(i)
+    groups = []
+    for members in cut:
+        width = lengths[members[0]]
+        tokens = torch.cat([torch.arange(starts[i], starts[i] + lengths[i], device=device) for i in members])
+        slot = torch.cat([r * width + torch.arange(lengths[i], device=device) for r, i in enumerate(members)])
+        groups.append(_Group(len(members), width, starts[members[0]], tokens, slot))
+    return groups
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
