@@ -80,9 +80,11 @@ def test_packed_forward_on_smollm2_is_within_bf16_rounding(zoo, one_thread):
     pull(zoo, "smollm2-135m")
     bb = load_backbone(zoo, "smollm2-135m", dtype="bf16")
     plain, packed = both_paths(bb, toy_samples(zoo, bb, 12), max_batch=4)
+    # Per feature vector: bf16 rounding over 30 layers (attention shapes differ from the plain path's
+    # padded batch, so the SDPA blocks round differently), not a different computation.
     cos = torch.nn.functional.cosine_similarity(plain, packed, dim=-1)
-    assert cos.min() > 0.999
-    torch.testing.assert_close(packed, plain, rtol=3e-2, atol=3e-2)
+    rel = (packed - plain).norm(dim=-1) / plain.norm(dim=-1)
+    assert cos.min() > 0.999 and rel.max() < 2e-2, (float(cos.min()), float(rel.max()))
 
 
 def test_attention_groups_cover_every_token_once_with_bounded_padding():
