@@ -550,7 +550,7 @@ def main() -> int:
     ap.add_argument(
         "--million-alignment",
         action="store_true",
-        help="with the N ID-alignment samples (an N-row feature pass)",
+        help="train the ILP on the N ID-alignment rows too (adapt caches them either way)",
     )
     ap.add_argument("--million-only", action="store_true", help="only the synthetic catalog")
     ap.add_argument(
