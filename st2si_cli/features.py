@@ -142,18 +142,18 @@ def _compute_features(
     alignment: bool = True,
     batch_tokens: int = 16384,
     max_batch: int = 64,
-    shard_samples: int = 1024,
+    shard_seconds: float = 120.0,
     on_progress: Callable[[int, int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
 ) -> tuple[Artifact, FeatureSet]:
     """The feature cache for (backbone, dataset, text settings): loaded if present, else computed.
 
-    Work is written in shards under the zoo's tmp/ folder as it goes; a rerun after a kill skips
-    the shards already written. The finished cache is one artifact (kind "features").
+    Work is written in shards under the zoo's tmp/ folder as it goes, one per `shard_seconds` of
+    compute; a rerun after a kill skips the batches the shards already hold. The finished cache is
+    one artifact (kind "features").
     `on_start(total_tokens, total_samples)` and `on_progress(tokens, samples)` drive a progress bar.
     """
     import torch
-    from safetensors.torch import load_file
 
     key = cache_key(backbone.artifact_id, dataset_id, text, dtype_name(backbone.dtype), alignment)
     existing = zoo.find(cache_name(key), kind="features")
@@ -177,7 +177,6 @@ def _compute_features(
         "n_samples": len(samples),
         "batch_tokens": batch_tokens,
         "max_batch": max_batch,
-        "shard_samples": shard_samples,
     }
     spec_path = stage / "spec.json"
     if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
@@ -185,53 +184,48 @@ def _compute_features(
             old.unlink()
     spec_path.write_text(json.dumps(spec))
 
-    # Shards are runs of consecutive batches in plan order; each holds the features of its samples.
-    shards: list[list[list[int]]] = []
-    count = 0
-    for b in batches:
-        if not shards or count >= shard_samples:
-            shards.append([])
-            count = 0
-        shards[-1].append(b)
-        count += len(b)
-
     total_tokens = sum(lengths)
     if on_start:
         on_start(total_tokens, len(samples))
+    # Features land in one [P, d] matrix in sample order (no per-sample tensors: a million-item
+    # catalog has a million alignment samples); plan_rows maps batches to its rows.
+    first_row = torch.zeros(len(samples) + 1, dtype=torch.long)
+    first_row[1:] = torch.tensor([len(s.query_pos) for s in samples], dtype=torch.long).cumsum(0)
+    store: dict[int, Any] = {}
+
+    def matrix(d: int) -> Any:  # allocated at the first result: its width is the backbone's output width
+        if 0 not in store:
+            with torch.inference_mode(False):  # a plain tensor: head training indexes it under autograd
+                store[0] = torch.zeros(int(first_row[-1]), d)
+        return store[0]
+
+    done = resume_shards(stage, batches, first_row, matrix)
+    if on_progress and done:
+        on_progress(sum(lengths[i] for b in batches[:done] for i in b), sum(len(b) for b in batches[:done]))
     computed_tokens = 0
-    per_sample: dict[int, Any] = {}
     with torch.inference_mode():
-        for k, shard in enumerate(shards):
-            path = stage / f"shard-{k:05d}.safetensors"
-            members = [i for b in shard for i in b]
-            if path.exists():
-                loaded = load_file(str(path))
-                feats = loaded["feats"]
-                offsets = loaded["offsets"].tolist()
-                for j, i in enumerate(members):
-                    per_sample[i] = feats[offsets[j] : offsets[j + 1]]
-                if on_progress:
-                    on_progress(sum(lengths[i] for i in members), len(members))
-                continue
-            shard_feats: list[Any] = []
-            for b in shard:
-                outs = query_features(model, [samples[i] for i in b])
-                for i, f in zip(b, outs):
-                    per_sample[i] = f
-                    shard_feats.append(f)
-                btok = sum(lengths[i] for i in b)
-                computed_tokens += btok
-                if on_progress:
-                    on_progress(btok, len(b))
-            sizes = [per_sample[i].shape[0] for i in members]
-            offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.long)
-            write_safetensors_atomic(
-                {"feats": torch.cat(shard_feats).to(backbone.dtype), "offsets": offsets}, path
-            )
+        # A shard is a run of consecutive batches, closed once it holds `shard_seconds` of compute: sized
+        # by the work measured as it runs (not by sample count), so a kill loses at most about that much.
+        first, shard_t0 = done, time.perf_counter()
+        for j in range(done, len(batches)):
+            b = batches[j]
+            h = model.hidden_at([samples[i] for i in b]).float().cpu()
+            matrix(h.shape[1])[plan_rows(first_row, [b])] = h
+            btok = sum(lengths[i] for i in b)
+            computed_tokens += btok
+            if on_progress:
+                on_progress(btok, len(b))
+            if j + 1 == len(batches) or time.perf_counter() - shard_t0 >= shard_seconds:
+                rows = plan_rows(first_row, batches[first : j + 1])
+                write_safetensors_atomic(
+                    {"feats": store[0][rows].to(backbone.dtype), "span": torch.tensor([first, j + 1])},
+                    stage / f"shard-{first:06d}.safetensors",  # named by its first batch: plan order
+                )
+                first, shard_t0 = j + 1, time.perf_counter()
 
     seconds = time.time() - t0
     fs = index_rows(samples)
-    fs.feats = torch.cat([per_sample[i] for i in range(len(samples))]).float()
+    fs.feats = matrix(backbone.hidden_size)
     out = stage / "features.safetensors"
     stored = fs.tensors()
     stored["feats"] = fs.feats.to(backbone.dtype)  # bf16 features are exact in bf16
@@ -269,35 +263,87 @@ def _compute_features(
     return art, fs
 
 
+def plan_rows(first_row: Any, batches: Sequence[Sequence[int]]) -> Any:
+    """Rows of the [P, d] feature matrix held by `batches` (samples in batch order, queries in order)."""
+    import torch
+
+    starts = [int(first_row[i]) for b in batches for i in b]
+    ends = [int(first_row[i + 1]) for b in batches for i in b]
+    if not starts:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(a, e) for a, e in zip(starts, ends)])
+
+
+def resume_shards(stage: Any, batches: list[list[int]], first_row: Any, matrix: Callable[[int], Any]) -> int:
+    """Copy the features of the shards on disk into `matrix(d)`; returns the first batch they do not cover.
+
+    Shards are read in order while each continues where the last ended; any other file (a different
+    plan, a damaged shard) is removed, so its batches are computed again.
+    """
+    from safetensors.torch import load_file
+
+    done = 0
+    for path in sorted(stage.glob("shard-*.safetensors")):
+        try:
+            loaded = load_file(str(path))
+            start, end = loaded["span"].tolist()
+        except Exception:  # noqa: BLE001 - an unreadable shard is recomputed, not fatal
+            start, end = -1, -1
+        rows = plan_rows(first_row, batches[start:end]) if start == done and end <= len(batches) else None
+        if rows is None or start >= end or loaded["feats"].shape[0] != rows.numel():
+            path.unlink()
+            continue
+        matrix(loaded["feats"].shape[1])[rows] = loaded["feats"].float()
+        done = end
+    return done
+
+
 def load_feature_set(zoo: Zoo, art: Artifact) -> FeatureSet:
     from safetensors.torch import load_file
 
     return FeatureSet.from_tensors(load_file(str(zoo.file(art, "features.safetensors"))))
 
 
+class LiveFeatures:
+    """`features_of(rows)` that runs the backbone on the rows' samples: ILP tuning with the backbone in
+    the loop (the authors' way).
+
+    With the backbone frozen (no autograd), a sample's features are kept until `new_epoch()` (pass it
+    as train_head's `on_epoch`), so each history runs once per epoch, as in the authors' loop; with
+    autograd through a training backbone every call runs its samples. In eval mode it returns what
+    the cache holds, which the exactness test relies on. `samples_run` counts the forwards per sample.
+    """
+
+    def __init__(self, backbone: Backbone, samples: Sequence[Sample], fs: FeatureSet, max_batch: int = 64):
+        import torch
+
+        self.backbone, self.samples, self.fs, self.max_batch = backbone, samples, fs, max_batch
+        self.first_row = torch.zeros(len(samples) + 1, dtype=torch.long)
+        self.first_row[1:] = torch.tensor([len(s.targets) for s in samples]).cumsum(0)
+        self.kept: dict[int, Any] = {}
+        self.samples_run = 0
+
+    def new_epoch(self, record: Any = None) -> None:
+        self.kept.clear()
+
+    def __call__(self, rows: Any) -> Any:
+        import torch
+
+        model = self.backbone.st2si()
+        sample_ids = self.fs.sample[rows]
+        grad = torch.is_grad_enabled() and self.backbone.model.training
+        kept = {} if grad else self.kept
+        missing = sorted(set(sample_ids.tolist()) - kept.keys())
+        with torch.set_grad_enabled(grad):
+            for b0 in range(0, len(missing), self.max_batch):
+                ids = missing[b0 : b0 + self.max_batch]
+                kept.update(zip(ids, query_features(model, [self.samples[i] for i in ids])))
+        self.samples_run += len(missing)
+        return torch.stack([kept[int(s)][int(r - self.first_row[s])] for r, s in zip(rows, sample_ids)])
+
+
 def live_features(
     backbone: Backbone, samples: Sequence[Sample], fs: FeatureSet, max_batch: int = 64
-) -> Callable[[Any], Any]:
-    """`features_of(rows)` that runs the backbone on the rows' samples at every call.
-
-    This is ILP tuning with the backbone in the loop (the authors' way). With the backbone in eval
-    mode it returns what the cache holds, which the exactness test relies on.
-    """
-    import torch
-
-    model = backbone.st2si()
-    first_row = torch.zeros(len(samples) + 1, dtype=torch.long)
-    first_row[1:] = torch.tensor([len(s.targets) for s in samples]).cumsum(0)
-
-    def features_of(rows: Any) -> Any:
-        sample_ids = fs.sample[rows]
-        unique = sorted(set(sample_ids.tolist()))
-        where = {s: k for k, s in enumerate(unique)}
-        grad = torch.is_grad_enabled() and backbone.model.training
-        outs: list[Any] = []
-        with torch.set_grad_enabled(grad):
-            for b0 in range(0, len(unique), max_batch):
-                outs += query_features(model, [samples[i] for i in unique[b0 : b0 + max_batch]])
-        return torch.stack([outs[where[int(s)]][int(r - first_row[s])] for r, s in zip(rows, sample_ids)])
-
-    return features_of
+) -> LiveFeatures:
+    """A `LiveFeatures` over `samples` (rows of `fs`)."""
+    return LiveFeatures(backbone, samples, fs, max_batch)

@@ -43,17 +43,18 @@ def test_killed_feature_pass_resumes_from_its_shards(tmp_path, backbone):
     text = TextConfig()
     calls = {"n": 0}
 
-    def die_in_the_second_shard(tokens, samples):
+    def die_in_the_third_batch(tokens, samples):
         calls["n"] += 1
-        if calls["n"] == 3:  # shard 0 (batches 1-2) is on disk, shard 1 is not
+        if calls["n"] == 3:  # with shard_seconds=0 every batch is a shard: batches 1-2 are on disk
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         compute_features(
-            z, backbone, ds, dsa.id, text, shard_samples=8, max_batch=4, on_progress=die_in_the_second_shard
+            z, backbone, ds, dsa.id, text, shard_seconds=0, max_batch=4, on_progress=die_in_the_third_batch
         )
     assert z.ls(kind="features") == []  # nothing half-written is listed
-    art, fs = compute_features(z, backbone, ds, dsa.id, text, shard_samples=8, max_batch=4)
+    assert len(list((z.root / "tmp").glob("features-*/shard-*.safetensors"))) == 2
+    art, fs = compute_features(z, backbone, ds, dsa.id, text, shard_seconds=0, max_batch=4)
     timings = art.meta["timings"]
     assert 0 < timings["tokens_computed"] < timings["tokens"]
     fresh_zoo = Zoo(tmp_path / "fresh")
@@ -61,6 +62,55 @@ def test_killed_feature_pass_resumes_from_its_shards(tmp_path, backbone):
     _, fresh = compute_features(fresh_zoo, backbone, ds, dsb.id, text)
     torch.testing.assert_close(fs.feats, fresh.feats)
     assert torch.equal(fs.targets, fresh.targets)
+
+
+def test_shards_close_by_compute_time_and_bad_shards_are_recomputed(tmp_path, backbone):
+    """One shard per `shard_seconds` of work (a long budget: one shard for the whole pass); a shard
+    that does not continue the plan, or cannot be read, is removed and its batches run again."""
+    from st2si_cli.features import resume_shards
+
+    z = Zoo(tmp_path / "zoo")
+    dsa = store_dataset(z, synthetic_dataset(), domain="toy", fmt="synthetic", source="synthetic")
+    ds = load_dataset(z, "toy")
+    calls = {"n": 0}
+
+    def die_after_four(tokens, samples):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # a long shard: nothing written before the kill
+        compute_features(z, backbone, ds, dsa.id, TextConfig(), max_batch=4, on_progress=die_after_four)
+    assert list((z.root / "tmp").glob("features-*/shard-*")) == []
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):  # one batch per shard: three on disk
+        compute_features(
+            z, backbone, ds, dsa.id, TextConfig(), shard_seconds=0, max_batch=4, on_progress=die_after_four
+        )
+    shards = sorted((z.root / "tmp").glob("features-*/shard-*.safetensors"))
+    assert len(shards) == 3
+    shards[1].write_bytes(b"not a shard")
+    samples = build_samples(ds, *_itok_and_tokens(backbone, ds))
+    first_row = torch.tensor([0] + [len(s.query_pos) for s in samples]).cumsum(0)
+    feats = torch.zeros(int(first_row[-1]), backbone.hidden_size)
+    batches = plan_batches([len(s.tokens) for s in samples], 16384, 4)
+    done = resume_shards(shards[0].parent, batches, first_row, lambda d: feats)
+    assert (
+        done == 1
+        and feats.abs().sum(1).gt(0).sum() == sum(len(samples[i].query_pos) for i in batches[0])
+        and not shards[1].exists()
+        and not shards[2].exists()
+    )  # only the prefix is kept
+    art, fs = compute_features(z, backbone, ds, dsa.id, TextConfig(), shard_seconds=0, max_batch=4)
+    fresh_zoo = Zoo(tmp_path / "fresh")
+    dsb = store_dataset(fresh_zoo, ds, domain="toy", fmt="synthetic", source="synthetic")
+    _, fresh = compute_features(fresh_zoo, backbone, ds, dsb.id, TextConfig(), max_batch=4)  # same batches
+    torch.testing.assert_close(fs.feats, fresh.feats, rtol=0, atol=0)
+
+
+def _itok_and_tokens(backbone, ds):
+    itok = ItemTokenizer.create(backbone.tokenizer, TextConfig())
+    return itok, itok.encode_items(ds.items)
 
 
 def test_features_are_reused_for_the_same_key(tmp_path, monkeypatch):
@@ -101,3 +151,29 @@ def test_features_are_reused_for_the_same_key(tmp_path, monkeypatch):
     assert len(zoo.ls(kind="features")) == 1
     torch.testing.assert_close(fs2.feats, fs1.feats, rtol=0, atol=0)
     assert torch.equal(fs2.targets, fs1.targets) and torch.equal(fs2.roles, fs1.roles)
+
+
+def test_backbone_in_the_loop_runs_each_sample_once_per_epoch(zoo, backbone):
+    """The frozen backbone in the loop runs every training sample once an epoch (the authors' loop),
+    not once for every batch that holds one of its rows; its features are the cached ones."""
+    from st2si_cli.features import index_rows, live_features
+    from st2si_cli.train.head import HeadConfig, train_head, training_rows
+
+    ds = load_dataset(zoo, "toy")
+    text = TextConfig()
+    _, fs = compute_features(zoo, backbone, ds, zoo.get("toy").id, text)
+    samples = build_samples(ds, *_itok_and_tokens(backbone, ds))
+    cfg = HeadConfig(lr=1e-2, batch_size=16, max_epochs=3, patience=10, seed=3)
+    live_fs = index_rows(samples)
+    live = live_features(backbone, samples, live_fs)
+    runs = []
+
+    def on_epoch(record):
+        runs.append(live.samples_run)
+        live.new_epoch()
+
+    result = train_head(live_fs, ds.n_items, cfg, features_of=live, on_epoch=on_epoch)
+    per_epoch = len(set(live_fs.sample[training_rows(live_fs, cfg.multi_query, cfg.alignment)].tolist()))
+    assert per_epoch > 10
+    assert [b - a for a, b in zip(runs, runs[1:])] == [per_epoch, per_epoch]
+    torch.testing.assert_close(result.weight, train_head(fs, ds.n_items, cfg).weight, atol=1e-4, rtol=1e-4)

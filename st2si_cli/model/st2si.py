@@ -53,6 +53,8 @@ class ST2SI(nn.Module):
         self.backbone = backbone
         self.pad_id = pad_id  # right padding: any token would do, causal attention never reads it
         self.split_by_length = split_by_length  # off under ZeRO-3: every rank must run the same forwards
+        self.packed = True  # inference through model/fast.py where the family supports it
+        self._packed_cache: dict = {}
         self.ilp: nn.Linear | None = None
         if n_items is not None:
             d = hidden_size(backbone)
@@ -65,7 +67,17 @@ class ST2SI(nn.Module):
         return next(self.backbone.parameters()).device
 
     def hidden_at(self, samples: Sequence[Sample]) -> Tensor:
-        """Hidden states at the samples' query positions, in sample order: [P, d] (the backbone's dtype)."""
+        """Hidden states at the samples' query positions, in sample order: [P, d] (the backbone's dtype).
+
+        Without autograd and in eval mode, a Llama-family backbone runs packed (`model/fast.py`: no
+        padding in the linear layers, fused weights); the features are the same within rounding.
+        """
+        if self.packed and not torch.is_grad_enabled() and not self.backbone.training:
+            from st2si_cli.model.fast import packed_for
+
+            fast = packed_for(self.backbone, self._packed_cache)
+            if fast is not None:
+                return fast.query_states(samples)
         batch = collate(samples, self.pad_id, self.device)
         return self.query_states(batch.input_ids, batch.query_rows, batch.query_cols)
 

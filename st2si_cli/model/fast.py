@@ -1,0 +1,220 @@
+"""A packed inference forward for Llama-family backbones: the feature pass without padding waste.
+
+The plain path pads a batch to its longest sample and runs every layer over [B, L_max]. Here the
+samples' real tokens are concatenated into one [T, d] matrix, so every linear layer (90% of the
+FLOPs) runs on real tokens only, as one GEMM per weight:
+
+    ids [T] --embed--> x [T, d]
+    per layer: x += o_proj(attention(rope(qkv_proj(rms_norm(x)))))      (q, k, v: one fused weight)
+               x += down_proj(silu(gate) * up), gate|up = gate_up_proj(rms_norm(x))   (one fused weight)
+    the last layer's o_proj, MLP and the final norm run on the query rows only.
+
+Attention alone is padded, per group of samples of similar length (scattered into [b, H, L, hd],
+causal SDPA, gathered back; a lone sample is not padded): with right padding a real token never
+attends to a pad, so the result is the plain path's. Positions restart at
+0 in every sample, as in a right-padded row. Same weights, same operations, same dtypes (bf16
+residual stream, fp32 statistics inside the norm): features equal the plain forward's in fp32 up to
+float rounding and within bf16 rounding in bf16 (tests/test_fast_forward.py).
+
+Inference only (no autograd through the fused weights); other families use the plain forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from st2si_cli.model.samples import Sample
+
+SUPPORTED = ("llama",)
+
+
+def supports(backbone: nn.Module) -> bool:
+    """A Llama-family base model with plain RoPE, SiLU MLP and no sliding window."""
+    cfg = getattr(backbone, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED:
+        return False
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "sliding_window", None):
+        return False
+    if any(hasattr(p, "ds_id") for p in backbone.parameters()):  # DeepSpeed ZeRO-3: partitioned weights
+        return False
+    return all(hasattr(backbone, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
+
+
+@dataclass
+class _Layer:
+    norm1: Tensor
+    qkv: Tensor  # [(H + 2 KV) hd, d]
+    qkv_bias: Tensor | None
+    o: Tensor
+    o_bias: Tensor | None
+    norm2: Tensor
+    gate_up: Tensor  # [2 I, d]
+    gate_up_bias: Tensor | None
+    down: Tensor
+    down_bias: Tensor | None
+
+
+def _cat_bias(*lins: nn.Linear) -> Tensor | None:
+    if all(lin.bias is None for lin in lins):
+        return None
+    return torch.cat(
+        [lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in lins]
+    )
+
+
+class PackedLlama:
+    """Fused weights of one Llama backbone (built once; copies q|k|v and gate|up, ~the MLP+attn size)."""
+
+    def __init__(self, backbone: nn.Module):
+        cfg = backbone.config
+        self.model = backbone
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
+        self.eps = float(cfg.rms_norm_eps)
+        self.layers: list[_Layer] = []
+        with torch.no_grad():
+            for layer in backbone.layers:
+                a, m = layer.self_attn, layer.mlp
+                self.layers.append(
+                    _Layer(
+                        norm1=layer.input_layernorm.weight.detach(),
+                        qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
+                        qkv_bias=_cat_bias(a.q_proj, a.k_proj, a.v_proj),
+                        o=a.o_proj.weight.detach(),
+                        o_bias=a.o_proj.bias,
+                        norm2=layer.post_attention_layernorm.weight.detach(),
+                        gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
+                        gate_up_bias=_cat_bias(m.gate_proj, m.up_proj),
+                        down=m.down_proj.weight.detach(),
+                        down_bias=m.down_proj.bias,
+                    )
+                )
+
+    def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        # LlamaRMSNorm: statistics in fp32, normalised value back in the input dtype, then the weight.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * xf.to(x.dtype)
+
+    def query_states(self, samples: Sequence[Sample]) -> Tensor:
+        """Hidden states at the samples' query positions, in sample order: [P, d] (the backbone's dtype)."""
+        m = self.model
+        device = m.embed_tokens.weight.device
+        lengths = [len(s.tokens) for s in samples]
+        ids = torch.tensor([t for s in samples for t in s.tokens], dtype=torch.long, device=device)
+        pos = torch.cat([torch.arange(n, device=device) for n in lengths])  # [T], restarts per sample
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        queries = torch.tensor(
+            [starts[k] + p for k, s in enumerate(samples) for p in s.query_pos],
+            dtype=torch.long,
+            device=device,
+        )
+        groups = attention_groups(lengths, starts, device)
+
+        x = m.embed_tokens(ids)  # [T, d]
+        cos, sin = m.rotary_emb(x, pos[None])  # [1, T, hd] each, x's dtype
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, hd]
+        h, kv, hd = self.heads, self.kv_heads, self.head_dim
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            y = F.linear(self._norm(x, layer.norm1), layer.qkv, layer.qkv_bias)  # [T, (H + 2 KV) hd]
+            q, k, v = y.split([h * hd, kv * hd, kv * hd], dim=-1)
+            q = _rope(q.view(-1, h, hd), cos, sin)
+            k = _rope(k.view(-1, kv, hd), cos, sin)
+            att = self._attention(q, k, v.view(-1, kv, hd), groups)  # [T, H hd]
+            if i == last:  # only the query rows go on
+                att, x = att[queries], x[queries]
+            x = x + F.linear(att, layer.o, layer.o_bias)
+            gu = F.linear(self._norm(x, layer.norm2), layer.gate_up, layer.gate_up_bias)
+            gate, up = gu.chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        return self._norm(x, m.norm.weight)
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, groups: list[_Group]) -> Tensor:
+        """Causal attention per sample: packed [T, heads, hd] -> per group of similar lengths, padded
+        [b, heads, L, hd] -> SDPA -> back to packed [T, H hd]."""
+        gqa = self.kv_heads != self.heads
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        for g in groups:
+            if g.rows == 1:  # one sample: no padding at all
+                qs, ks, vs = (t.narrow(0, g.start, g.width).transpose(0, 1)[None] for t in (q, k, v))
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+                out.narrow(0, g.start, g.width).copy_(o[0].transpose(0, 1).reshape(g.width, -1))
+                continue
+
+            def padded(t: Tensor, g: _Group = g) -> Tensor:
+                buf = t.new_zeros(g.rows * g.width, t.shape[1], t.shape[2])
+                buf.index_copy_(0, g.slot, t.index_select(0, g.tokens))
+                return buf.view(g.rows, g.width, t.shape[1], t.shape[2]).transpose(1, 2)  # [b, heads, L, hd]
+
+            o = F.scaled_dot_product_attention(
+                padded(q), padded(k), padded(v), is_causal=True, enable_gqa=gqa
+            )
+            o = o.transpose(1, 2).reshape(g.rows * g.width, -1)
+            out.index_copy_(0, g.tokens, o.index_select(0, g.slot))
+        return out
+
+
+@dataclass
+class _Group:
+    """Samples whose attention runs as one padded SDPA: their packed token indices and padded slots."""
+
+    rows: int
+    width: int
+    start: int  # packed index of the first token (used when rows == 1)
+    tokens: Tensor  # [t] packed indices of the group's tokens
+    slot: Tensor  # [t] their places in the padded [rows * width] layout
+
+
+def attention_groups(lengths: list[int], starts: list[int], device: Any, fill: float = 0.8) -> list[_Group]:
+    """Samples by length, cut where a sample is under `fill` of its group's longest: padding in attention
+    stays under 1 - fill of a group (attention is where the packed forward still pads)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    cut: list[list[int]] = []
+    for i in order:
+        if not cut or lengths[i] < fill * lengths[cut[-1][0]]:
+            cut.append([])
+        cut[-1].append(i)
+    groups = []
+    for members in cut:
+        width = lengths[members[0]]
+        tokens = torch.cat([torch.arange(starts[i], starts[i] + lengths[i], device=device) for i in members])
+        slot = torch.cat([r * width + torch.arange(lengths[i], device=device) for r, i in enumerate(members)])
+        groups.append(_Group(len(members), width, starts[members[0]], tokens, slot))
+    return groups
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, heads, hd] rotated by the per-token angles (transformers' rotate_half convention)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+def _weights_version(backbone: nn.Module) -> int:
+    return sum(p._version for p in backbone.parameters())
+
+
+def packed_for(backbone: nn.Module, cache: dict[str, Any]) -> PackedLlama | None:
+    """The PackedLlama of `backbone`, kept in `cache`; None where unsupported.
+
+    Rebuilt when a weight changed in place since (pretraining steps bump the tensors' version counters).
+    """
+    if not supports(backbone):
+        return None
+    version = _weights_version(backbone)
+    if cache.get("version") != version:
+        cache["packed"], cache["version"] = PackedLlama(backbone), version
+    return cache["packed"]
+
+
+__all__ = ["PackedLlama", "packed_for", "supports"]
