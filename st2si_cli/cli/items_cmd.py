@@ -52,7 +52,11 @@ def _report(change: Any, as_json: bool) -> None:
         out.print(f"  head {head.name} ({head.short_id}) not extended: {why}", markup=False)
 
 
-@app.command("add")
+@app.command(
+    "add",
+    epilog="\b\nExamples:\n  st2si items add new-items.jsonl --domain amazon-scientific\n"
+    "  st2si items add new.csv --domain pets --placement ridge --json",
+)
 def add_cmd(
     file: Path = typer.Argument(
         ..., help="Item file, JSONL or CSV: an item key (item, item_id, id, ...), a title, ..."
@@ -70,7 +74,11 @@ def add_cmd(
     _report(add_items(open_zoo(), domain, file, ItemsOptions(placement=placement, device=device)), as_json)
 
 
-@app.command("update")
+@app.command(
+    "update",
+    epilog="\b\nExamples:\n  st2si items update B00X1 --domain pets --title 'Dog bed, large'\n"
+    "  st2si items update B00X1 B00X2 --domain pets --retire",
+)
 def update_cmd(
     keys: list[str] = typer.Argument(..., metavar="ITEM...", help="Item keys of the catalog."),
     domain: str = typer.Option(..., "--domain", help="Dataset name in the zoo."),
@@ -94,7 +102,7 @@ def update_cmd(
     _report(change, as_json)
 
 
-@app.command("rm")
+@app.command("rm", epilog="\b\nExample:\n  st2si items rm B00X1 B00X2 --domain pets")
 def rm_cmd(
     keys: list[str] = typer.Argument(..., metavar="ITEM...", help="Item keys of the catalog."),
     domain: str = typer.Option(..., "--domain", help="Dataset name in the zoo."),
