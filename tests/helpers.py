@@ -42,6 +42,20 @@ def synthetic_dataset(n_users: int = 40, n_items: int = 25, seed: int = 0):
     return build_dataset(items, rows, source="synthetic")
 
 
+def write_generic_source(folder: str | Path, n_users: int = 10, seed: int = 0) -> Path:
+    """A generic-format source folder (items.csv + interactions.csv) holding a synthetic dataset."""
+    ds = synthetic_dataset(n_users=n_users, seed=seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    items = ["item_id,title", *(f"{i},{it['title']}" for i, it in enumerate(ds.items))]
+    rows = ["user_id,item_id,timestamp"]
+    for u, seq in enumerate(ds.sequences):
+        rows += [f"u{u},{item},{t}" for t, item in enumerate(seq)]
+    (folder / "items.csv").write_text("\n".join(items) + "\n")
+    (folder / "interactions.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
 def build_zoo(root: str | Path, datasets: Mapping[str, Any], backbones: Sequence[str] = ("tiny-opt",)) -> Zoo:
     """A zoo at `root` holding each dataset under its domain name and the given backbones pulled."""
     zoo = Zoo(root)

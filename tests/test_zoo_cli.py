@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cli_command, cli_env, run_cli
+from helpers import REPO, cli_command, cli_env, run_cli, write_generic_source
 
 from st2si_cli.zoo.maintenance import verify
 from st2si_cli.zoo.store import Zoo
@@ -304,19 +304,6 @@ def test_help_does_not_import_heavy_modules(argv: list[str]) -> None:
 
 
 # ---- prepare --replace, names per kind, prune, identical reruns ------------------------------------------
-def write_source(folder: Path, n_users: int, seed: int) -> Path:
-    """A generic-format source (items.csv + interactions.csv) from the synthetic generator."""
-    from helpers import synthetic_dataset
-
-    ds = synthetic_dataset(n_users=n_users, seed=seed)
-    folder.mkdir(parents=True)
-    items = ["item_id,title", *(f"{i},{it['title']}" for i, it in enumerate(ds.items))]
-    rows = ["user_id,item_id,timestamp"]
-    for u, seq in enumerate(ds.sequences):
-        rows += [f"u{u},{item},{t}" for t, item in enumerate(seq)]
-    (folder / "items.csv").write_text("\n".join(items) + "\n")
-    (folder / "interactions.csv").write_text("\n".join(rows) + "\n")
-    return folder
 
 
 def test_prepare_refuses_other_data_for_a_domain_unless_replace(tmp_path: Path) -> None:
@@ -325,7 +312,10 @@ def test_prepare_refuses_other_data_for_a_domain_unless_replace(tmp_path: Path) 
     from st2si_cli.train.head import HeadConfig
 
     root = tmp_path / "zoo"
-    first, other = write_source(tmp_path / "a", 20, seed=1), write_source(tmp_path / "b", 25, seed=2)
+    first, other = (
+        write_generic_source(tmp_path / "a", 20, seed=1),
+        write_generic_source(tmp_path / "b", 25, seed=2),
+    )
     assert run_cli(root, "prepare", first, "--domain", "shop").returncode == 0
     assert run_cli(root, "prepare", first, "--domain", "shop").returncode == 0, "the same data again is fine"
     with Zoo(root) as zoo:
@@ -356,7 +346,9 @@ def test_a_dataset_and_a_backbone_may_share_a_name(tmp_path: Path) -> None:
     root = tmp_path / "zoo"
     assert run_cli(root, "zoo", "pull", "tiny-opt").returncode == 0
     assert (
-        run_cli(root, "prepare", write_source(tmp_path / "a", 20, seed=1), "--domain", "tiny-opt").returncode
+        run_cli(
+            root, "prepare", write_generic_source(tmp_path / "a", 20, seed=1), "--domain", "tiny-opt"
+        ).returncode
         == 0
     )
     proc = run_cli(

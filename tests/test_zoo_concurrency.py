@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cli_command, cli_env, run_cli, synthetic_dataset
+from helpers import REPO, cli_command, cli_env, run_cli, synthetic_dataset, write_generic_source
 
 from st2si_cli.backbones import pull
 from st2si_cli.data.prepare import store_dataset
@@ -21,21 +21,8 @@ from st2si_cli.zoo.store import Zoo
 WORKERS = 4
 
 
-def write_csv_source(folder: Path, seed: int) -> Path:
-    """A small generic-format source (items.csv + interactions.csv) with data of its own."""
-    ds = synthetic_dataset(n_users=10, seed=seed)
-    folder.mkdir(parents=True)
-    items = ["item_id,title", *(f"{i},{it['title']}" for i, it in enumerate(ds.items))]
-    rows = ["user_id,item_id,timestamp"]
-    for u, seq in enumerate(ds.sequences):
-        rows += [f"u{u},{item},{t}" for t, item in enumerate(seq)]
-    (folder / "items.csv").write_text("\n".join(items) + "\n")
-    (folder / "interactions.csv").write_text("\n".join(rows) + "\n")
-    return folder
-
-
 def test_parallel_prepare_on_a_fresh_zoo_lands_every_dataset(tmp_path: Path) -> None:
-    sources = [write_csv_source(tmp_path / f"src{i}", seed=i) for i in range(WORKERS)]
+    sources = [write_generic_source(tmp_path / f"src{i}", seed=i) for i in range(WORKERS)]
     for trial in range(3):  # each trial starts from a fresh zoo: the migrations race too
         root = tmp_path / f"zoo{trial}"
         procs = [

@@ -20,7 +20,7 @@ from typing import Any
 
 from st2si_cli.data.dataset import Dataset
 from st2si_cli.data.formats._io import is_csv, iter_rows
-from st2si_cli.data.formats.base import ITEM_COLUMNS, TITLE_NAMES, ItemTable, has_title, pick
+from st2si_cli.data.formats.base import ItemTable
 from st2si_cli.data.prepare import CATALOG_FILE, SEQUENCES_FILE, dataset_meta
 from st2si_cli.errors import InputError
 from st2si_cli.zoo.store import Artifact, Zoo
@@ -36,18 +36,7 @@ def read_item_file(path: str | Path) -> tuple[dict[str, dict[str, str]], dict[st
     table = ItemTable(path)
     csv = is_csv(path)
     for n, row in iter_rows(path):
-        key_col = pick(row, ITEM_COLUMNS)
-        if key_col is None:
-            raise InputError(path, f"no 'item' column/field (have: {', '.join(row)})", 1 if csv else n)
-        if not has_title(row):
-            raise InputError(
-                path, f"no title column/field (one of {', '.join(TITLE_NAMES)})", 1 if csv else n
-            )
-        attrs = dict(row)
-        key = str(attrs.pop(key_col)).strip()
-        if not key:
-            raise InputError(path, "empty item key", n)
-        table.add(key, attrs, n)
+        key = table.add_row(row, n, csv)
         if "title" not in table.items[key]:
             raise InputError(path, f"item {key!r} has an empty title", n)
     if not table.items:

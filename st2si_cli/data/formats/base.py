@@ -155,6 +155,25 @@ class ItemTable:
         self.items[key] = canon
         self.lines[key] = line
 
+    def add_row(self, row: Mapping[str, Any], line: int, csv: bool) -> str:
+        """Add one row of an item file (an item key column and a title); returns the item's key. A missing
+        column is reported at the header (line 1) of a CSV, at the row itself in JSONL."""
+        key_col = pick(row, ITEM_COLUMNS)
+        if key_col is None:
+            raise InputError(
+                self.path, f"no 'item' column/field (have: {', '.join(row)})", 1 if csv else line
+            )
+        if not has_title(row):
+            raise InputError(
+                self.path, f"no title column/field (one of {', '.join(TITLE_NAMES)})", 1 if csv else line
+            )
+        attrs = dict(row)
+        key = str(attrs.pop(key_col)).strip()
+        if not key:
+            raise InputError(self.path, "empty item key", line)
+        self.add(key, attrs, line)
+        return key
+
 
 def require_content(path: Path, rows: int, what: str) -> None:
     if rows == 0:

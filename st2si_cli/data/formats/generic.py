@@ -9,7 +9,6 @@ from st2si_cli.data.formats._io import is_csv, iter_rows
 from st2si_cli.data.formats.base import (
     ITEM_COLUMNS,
     TIME_COLUMNS,
-    TITLE_NAMES,
     USER_COLUMNS,
     Format,
     ItemTable,
@@ -17,7 +16,6 @@ from st2si_cli.data.formats.base import (
     Names,
     Origins,
     Parsed,
-    has_title,
     pick,
     require_content,
     timestamp,
@@ -56,20 +54,7 @@ def read_generic(loc: Located) -> Parsed:
 
     table = ItemTable(item_path)
     for n, row in iter_rows(item_path):
-        key_col = pick(row, ITEM_COLUMNS)
-        if key_col is None:
-            raise InputError(
-                item_path, f"no 'item' column/field (have: {', '.join(row)})", 1 if item_csv else n
-            )
-        if not has_title(row):
-            raise InputError(
-                item_path, f"no title column/field (one of {', '.join(TITLE_NAMES)})", 1 if item_csv else n
-            )
-        attrs = dict(row)
-        key = str(attrs.pop(key_col)).strip()
-        if not key:
-            raise InputError(item_path, "empty item key", n)
-        table.add(key, attrs, n)
+        table.add_row(row, n, item_csv)
     require_content(item_path, len(table.items), "items")
     notes = {} if has_time else {"timestamps": "none: file order"}
     return Parsed("generic", table.items, interactions, item_path, origins, notes=notes)
