@@ -42,6 +42,21 @@ def synthetic_dataset(n_users: int = 40, n_items: int = 25, seed: int = 0):
     return build_dataset(items, rows, source="synthetic")
 
 
+def quick_head(zoo: Zoo, domain: str = "toy", **kwargs: Any) -> Any:
+    """One ILP head trained for one epoch on fp32 tiny-opt features (and its feature cache) in `zoo`."""
+    from st2si_cli.adapt import FeatureOptions, adapt
+    from st2si_cli.train.head import HeadConfig
+
+    return adapt(
+        zoo,
+        domain,
+        backbone="tiny-opt",
+        head_cfg=HeadConfig(max_epochs=1),
+        feature_opts=FeatureOptions(dtype="fp32"),
+        **kwargs,
+    )
+
+
 def write_generic_source(folder: str | Path, n_users: int = 10, seed: int = 0) -> Path:
     """A generic-format source folder (items.csv + interactions.csv) holding a synthetic dataset."""
     ds = synthetic_dataset(n_users=n_users, seed=seed)

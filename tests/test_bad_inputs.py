@@ -13,11 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import build_zoo, synthetic_dataset
+from helpers import build_zoo, quick_head, synthetic_dataset
 
-from st2si_cli.adapt import FeatureOptions, adapt
 from st2si_cli.cli.app import run
-from st2si_cli.train.head import HeadConfig
 
 TABLE = Path(__file__).with_name("bad_inputs.tsv")
 
@@ -78,13 +76,7 @@ def setting(tmp_path_factory):
     """The zoo (tiny-opt, the synthetic domain "toy" and one ILP head) and the folder of bad files."""
     root = tmp_path_factory.mktemp("bad-inputs")
     zoo = build_zoo(root / "zoo", {"toy": synthetic_dataset()})
-    adapt(
-        zoo,
-        "toy",
-        backbone="tiny-opt",
-        head_cfg=HeadConfig(max_epochs=1),
-        feature_opts=FeatureOptions(dtype="fp32"),
-    )
+    quick_head(zoo, "toy")
     _write_bad_files(root / "data")
     return zoo.root, root / "data"
 

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from helpers import REPO, build_zoo, cli_command, cli_env, synthetic_dataset
+from helpers import REPO, build_zoo, cli_command, cli_env, quick_head, synthetic_dataset
 
 from st2si_cli.adapt import FeatureOptions, adapt
 from st2si_cli.cli.app import app, hoist_zoo, run
@@ -29,14 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def base_zoo(tmp_path_factory):
     """tiny-opt, the synthetic domain "toy" and one ILP head "toy/first"; tests copy it before changing it."""
     zoo = build_zoo(tmp_path_factory.mktemp("surface") / "zoo", {"toy": synthetic_dataset()})
-    adapt(
-        zoo,
-        "toy",
-        backbone="tiny-opt",
-        head_cfg=HeadConfig(max_epochs=1),
-        feature_opts=FeatureOptions(dtype="fp32"),
-        name="toy/first",
-    )
+    quick_head(zoo, "toy", name="toy/first")
     return zoo
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import run_cli, synthetic_dataset
+from helpers import quick_head, run_cli, synthetic_dataset
 
 from st2si_cli.adapt import FeatureOptions, adapt, evaluate
 from st2si_cli.data.prepare import store_dataset
@@ -18,13 +18,7 @@ from st2si_cli.train.head import HeadConfig
 
 
 def test_eval_refuses_a_head_with_another_backbone(zoo):
-    adapt(
-        zoo,
-        "toy",
-        backbone="tiny-opt",
-        head_cfg=HeadConfig(max_epochs=1),
-        feature_opts=FeatureOptions(dtype="fp32"),
-    )
+    quick_head(zoo, "toy")
     with pytest.raises(MismatchError):
         evaluate(zoo, "toy", backbone="tiny-llama", feature_opts=FeatureOptions(dtype="fp32"))
     result = evaluate(zoo, "toy", feature_opts=FeatureOptions(dtype="fp32"))
@@ -32,13 +26,7 @@ def test_eval_refuses_a_head_with_another_backbone(zoo):
 
 
 def test_eval_refuses_a_head_whose_catalog_changed(zoo, tmp_path):
-    adapt(
-        zoo,
-        "toy",
-        backbone="tiny-opt",
-        head_cfg=HeadConfig(max_epochs=1),
-        feature_opts=FeatureOptions(dtype="fp32"),
-    )
+    quick_head(zoo, "toy")
     other = synthetic_dataset(n_items=30, seed=1)
     store_dataset(zoo, other, domain="toy", fmt="synthetic", source="synthetic", replace=True)
     try:

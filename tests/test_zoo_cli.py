@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cli_command, cli_env, run_cli, write_generic_source
+from helpers import REPO, cli_command, cli_env, quick_head, run_cli, write_generic_source
 
 from st2si_cli.zoo.maintenance import verify
 from st2si_cli.zoo.store import Zoo
@@ -396,16 +396,7 @@ def test_an_identical_adapt_rerun_reuses_its_head(tmp_path: Path) -> None:
     from st2si_cli.train.head import HeadConfig
 
     zoo = build_zoo(tmp_path / "zoo", {"toy": synthetic_dataset(n_users=15)})
-    runs = [
-        adapt(
-            zoo,
-            "toy",
-            backbone="tiny-opt",
-            head_cfg=HeadConfig(max_epochs=1),
-            feature_opts=FeatureOptions(dtype="fp32"),
-        )
-        for _ in range(2)
-    ]
+    runs = [quick_head(zoo, "toy") for _ in range(2)]
     assert runs[0].id == runs[1].id and len(zoo.ls(kind="head")) == 1
     other = adapt(
         zoo,

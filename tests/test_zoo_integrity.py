@@ -9,11 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import build_zoo, run_cli, synthetic_dataset
+from helpers import build_zoo, quick_head, run_cli, synthetic_dataset
 
-from st2si_cli.adapt import FeatureOptions, adapt
 from st2si_cli.errors import ZooError
-from st2si_cli.train.head import HeadConfig
 from st2si_cli.zoo import integrity
 from st2si_cli.zoo.integrity import IntegrityError
 from st2si_cli.zoo.maintenance import execute_rm, plan_rm
@@ -26,13 +24,7 @@ HISTORY = '{"user": "a", "history": ["3", "4", "5"]}\n'
 def adapted(tmp_path: Path) -> Zoo:
     """A zoo with the synthetic domain "toy", tiny-opt and one ILP head (and its feature cache)."""
     zoo = build_zoo(tmp_path / "zoo", {"toy": synthetic_dataset()})
-    adapt(
-        zoo,
-        "toy",
-        backbone="tiny-opt",
-        head_cfg=HeadConfig(max_epochs=1),
-        feature_opts=FeatureOptions(dtype="fp32"),
-    )
+    quick_head(zoo, "toy")
     return zoo
 
 
