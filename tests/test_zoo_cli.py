@@ -413,3 +413,10 @@ def test_pull_of_a_missing_path_says_so(tmp_path: Path) -> None:
     proc = run_cli(tmp_path / "zoo", "zoo", "pull", missing)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines()[-1] == f"Error: {missing}: no such file or folder", proc.stderr
+
+
+def test_pull_writes_nothing_but_data_on_stdout(tmp_path: Path) -> None:
+    plain = run_cli(tmp_path / "zoo", "zoo", "pull", "tiny-opt")
+    assert plain.returncode == 0 and plain.stdout == "", repr(plain.stdout)
+    as_json = run_cli(tmp_path / "zoo2", "zoo", "pull", "tiny-opt", "--json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["kind"] == "backbone"
