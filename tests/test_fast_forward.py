@@ -12,12 +12,13 @@ from st2si_cli.model.samples import build_samples, plan_batches
 from st2si_cli.model.text import ItemTokenizer, TextConfig
 
 
-def both_paths(backbone, samples, max_batch=5):
-    """Query features of `samples` in length-sorted batches: (plain transformers path, packed path)."""
+def both_paths(backbone, samples, max_batch=5, autocast=None):
+    """Query features of `samples` in length-sorted batches: (plain transformers path, packed path).
+    `autocast`: a dtype to run both under CPU autocast (as validation during full tuning does)."""
     model = backbone.st2si()
     batches = plan_batches([len(s.tokens) for s in samples], 4096, max_batch)
     out = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
         for packed in (False, True):
             model.packed = packed
             feats = {}
@@ -49,6 +50,14 @@ def test_packed_forward_is_within_bf16_rounding_in_bf16(zoo):
     bb = load_backbone(zoo, "tiny-llama", dtype="bf16")
     plain, packed = both_paths(bb, toy_samples(zoo, bb))
     torch.testing.assert_close(packed, plain, rtol=1.6e-2, atol=1e-2)
+
+
+def test_packed_forward_runs_under_autocast_with_fp32_weights(zoo):
+    # Validation inside full tuning on a GPU: fp32 master weights under bf16 autocast. Rotary tables
+    # stay fp32 there while SDPA returns bf16, so every copy between them must cast.
+    bb = load_backbone(zoo, "tiny-llama", dtype="fp32")
+    plain, packed = both_paths(bb, toy_samples(zoo, bb), autocast=torch.bfloat16)
+    torch.testing.assert_close(packed, plain, rtol=3e-2, atol=3e-2)
 
 
 def test_other_families_and_training_keep_the_plain_forward(zoo):
@@ -99,3 +108,16 @@ def test_attention_groups_cover_every_token_once_with_bounded_padding():
         assert g.slot.numel() == g.tokens.numel() and int(g.slot.max()) < g.rows * g.width
         assert g.tokens.numel() >= 0.8 * g.rows * g.width - g.rows  # padding under 20% (+ rounding)
     assert [g.rows for g in groups if g.width == 100] == [2]
+
+
+@pytest.mark.parametrize("tune_layers", [0, 1])
+def test_pretrain_under_bf16_autocast_validates_through_the_packed_forward(zoo, tune_layers):
+    # What a GPU run does (fp32 weights, bf16 autocast, packed validation), on the CPU.
+    from st2si_cli.train.config import PretrainConfig
+    from st2si_cli.train.full import pretrain
+
+    cfg = PretrainConfig(epochs=1, lr=1e-3, batch_size=8, precision="bf16", tune_layers=tune_layers)
+    res = pretrain(zoo, ["toy"], backbone="tiny-llama", cfg=cfg, out=f"bf16-top{tune_layers}", device="cpu")
+    assert res.run.meta["config"]["precision"] == "bf16"
+    test = res.run.meta["metrics"]["test"]
+    assert 0.0 <= test["NDCG@10"] <= 1.0 and test["n_users"] > 0

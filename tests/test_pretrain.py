@@ -164,6 +164,18 @@ def test_pretrain_trains_and_stores_a_backbone_a_head_and_a_run(zoo):
         assert result["metrics"][k] == pytest.approx(run.meta["metrics"]["test"][k], abs=1e-6)
 
 
+def test_max_minutes_stops_after_the_epoch_that_passes_it_and_says_so(zoo):
+    cfg = PretrainConfig(epochs=5, patience=5, lr=1e-3, batch_size=8, max_minutes=1e-6)
+    res = pretrain(zoo, ["toy"], backbone="tiny-opt", cfg=cfg, out="ft-budget", device="cpu")
+    assert len(res.history) == 1  # the first epoch already passes the budget
+    assert res.run.meta["stopped_by"] == "time" and res.run.meta["early_stopped"] is False
+    assert res.heads["toy"].meta["stopped_by"] == "time"
+    # the budget is not part of the run key: the same settings without it resume the same staged run
+    assert PretrainConfig(**FAST).result_dict() == PretrainConfig(**FAST, max_minutes=3).result_dict()
+    full = pretrain(zoo, ["toy"], backbone="tiny-opt", cfg=PretrainConfig(**FAST), out="ft-epochs")
+    assert full.run.meta["stopped_by"] == "epochs" and full.run.meta["early_stopped"] is False
+
+
 def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(zoo):
     cfg = PretrainConfig(**FAST, save_every=2)
     last_a: dict = {}

@@ -104,6 +104,13 @@ def pretrain_cmd(
         callback=check_deepspeed,
         help="zero0, zero1, zero2, zero3 or a DeepSpeed JSON config.",
     ),
+    max_minutes: float = typer.Option(
+        0.0,
+        "--max-minutes",
+        min=0.0,
+        help="Stop after the epoch that passes this many minutes of training and validation (0: no limit); "
+        "the best epoch so far is kept and the record says stopped_by: time.",
+    ),
     save_every: int = typer.Option(
         0, "--save-every", min=0, help="Also checkpoint every N optimizer steps (0: epoch ends only)."
     ),
@@ -162,6 +169,7 @@ def pretrain_cmd(
         seed=seed,
         precision=precision.value,
         save_every=save_every,
+        max_minutes=max_minutes,
         eval_batch_tokens=eval_batch_tokens,
         tune_layers=tune_layers,
         activation_cache=not no_activation_cache,

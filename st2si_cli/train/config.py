@@ -41,6 +41,7 @@ class PretrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto: bf16 (else fp16 + loss scaler) on GPU, fp32 on CPU
     save_every: int = 0  # checkpoint every N optimizer steps (0: at epoch ends only); not part of the run key
+    max_minutes: float = 0.0  # stop after the epoch that passes this much training + validation time (0: no limit); not part of the run key
     eval_batch_tokens: int = 16384  # padded tokens per validation batch; not part of the run key
     eval_max_batch: int = 64
     tune_layers: int = 0  # 0: every layer (full tuning); K: only the top K layers, the final norm and the ILP
@@ -53,7 +54,7 @@ class PretrainConfig:
     def result_dict(self) -> dict[str, Any]:
         """The settings that change the result (the run key)."""
         d = self.to_dict()
-        for k in ("save_every", "eval_batch_tokens", "eval_max_batch"):
+        for k in ("save_every", "max_minutes", "eval_batch_tokens", "eval_max_batch"):
             d.pop(k)
         if not self.tune_layers:  # full tuning keeps the keys it had before top-K tuning existed
             for k in ("tune_layers", "activation_cache", "cache_dtype"):
@@ -100,6 +101,8 @@ def check_config(cfg: PretrainConfig, domains: Sequence[str]) -> None:
     for k in ("batch_size", "grad_accum", "epochs", "patience"):
         if getattr(cfg, k) < 1:
             raise St2siError(f"{k} must be at least 1, not {getattr(cfg, k)}")
+    if cfg.max_minutes < 0:
+        raise St2siError(f"max_minutes must be >= 0 (0: no limit), not {cfg.max_minutes}")
     if cfg.save_every < 0:
         raise St2siError(f"save_every must be >= 0, not {cfg.save_every}")
     if cfg.tune_layers < 0:

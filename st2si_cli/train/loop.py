@@ -195,10 +195,26 @@ def _end_epoch(
     }
     state.history.append(record)
     state.epoch, state.step = epoch + 1, 0
-    state.stopped = state.since_best >= run.cfg.patience or epoch >= run.cfg.epochs
+    state.stopped_by = _stop_reason(run, state, epoch)
+    state.stopped = state.stopped_by is not None
     totals.update(new_totals())
     save_checkpoint(run.stage, engine, state, run.info, totals, improved=improved)
     run.reporter.epoch({**record, "best_epoch": state.best_epoch, "improved": improved})
+
+
+def _stop_reason(run: RunSetup, state: RunState, epoch: int) -> str | None:
+    """Why training ends after `epoch`, or None. The time budget is decided on the summed clocks of all
+    ranks, so every rank stops after the same epoch."""
+    if state.since_best >= run.cfg.patience:
+        return "patience"
+    if epoch >= run.cfg.epochs:
+        return "epochs"
+    if run.cfg.max_minutes > 0:
+        spent = state.seconds["train"] + state.seconds["valid"]
+        over = dist.all_sum(run.info, [float(spent >= run.cfg.max_minutes * 60)])[0] > 0
+        if over:
+            return "time"
+    return None
 
 
 __all__ = ["TrainData", "full_data", "learning_rate_schedule", "make_engine", "new_totals", "train_epochs"]

@@ -101,6 +101,8 @@ def store_result(
         "metrics": {**union, "domains": per_domain},
         "history": state.history,
         "best_epoch": state.best_epoch,
+        "stopped_by": state.stopped_by,
+        "early_stopped": state.stopped_by == "patience",
         "timings": timings,
         "inputs": inputs,
         "world_size": run.info.world_size,
@@ -168,6 +170,7 @@ def _store_heads(run: RunSetup, corpus: Corpus, state: RunState, h: HeadsInput) 
             "metrics": h.per_domain[domain],
             "protocol": {"ties": "pessimistic", "mask_history": False, "ranking": "full"},
             "best_epoch": state.best_epoch,
+            "stopped_by": state.stopped_by,
             "history": state.history,
             "timings": h.timings,
             "pretrain": {
