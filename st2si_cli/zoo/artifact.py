@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from st2si_cli.zoo.meta import Inputs
+
 CHUNK = 1 << 20
 
 
@@ -93,16 +95,5 @@ class VerifyReport:
 
 
 def input_ids(meta: Mapping[str, Any]) -> set[str]:
-    """IDs in meta["inputs"]: {role: id}, {role: [id, ...]} or {role: {"id": id, ...}}, or a list."""
-    inputs = meta.get("inputs") or {}
-    values = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
-    ids: set[str] = set()
-    while values:
-        v = values.pop()
-        if isinstance(v, str):
-            ids.add(v)
-        elif isinstance(v, Mapping) and isinstance(v.get("id"), str):
-            ids.add(v["id"])
-        elif isinstance(v, (list, tuple)):
-            values.extend(v)
-    return ids
+    """IDs in meta["inputs"], whatever its shape (see `meta.Inputs`)."""
+    return set(Inputs.of(meta.get("inputs")).ids())
