@@ -30,6 +30,7 @@ from st2si_cli.cli.options import (
 )
 from st2si_cli.cli.output import err, metrics_table, out, print_jsonl
 from st2si_cli.cli.reporting import RichReporter
+from st2si_cli.zoo.meta import HeadMeta
 
 
 def adapt_cmd(
@@ -208,27 +209,27 @@ def adapt_cmd(
         )
     finally:
         reporter.close()
-    m = head.meta["metrics"]
+    hm = HeadMeta.of(head)
     if json_out:
         print_jsonl(
             {
                 **metrics_record(head),
-                "kind": head.meta.get("head", "ilp"),
-                "valid": m["valid"],
-                "best_epoch": head.meta["best_epoch"],
-                "train": head.meta.get("train"),
-                "sweep": head.meta.get("sweep"),
-                "timings": head.meta["timings"],
+                "kind": hm.kind,
+                "valid": hm.metrics.valid,
+                "best_epoch": hm.best_epoch,
+                "train": hm.train,
+                "sweep": hm.sweep,
+                "timings": hm.timings,
             }
         )
         return
     out.print(
         metrics_table(
-            f"{head.name} (best epoch {head.meta['best_epoch']})",
-            {"valid": m["valid"], "test": {**m["test"], **m["alignment"]}},
+            f"{head.name} (best epoch {hm.best_epoch})",
+            {"valid": hm.metrics.valid, "test": hm.metrics.with_alignment("test")},
         )
     )
-    t = head.meta["timings"]
+    t = hm.timings
     err.print(
         f"Stored head {head.name} ({head.short_id}); features {t['features_seconds']:.1f}s, "
         f"training {t['training_seconds']:.1f}s",
@@ -327,21 +328,21 @@ def fuse_cmd(
     for part in (ilp_head, *adapters):
         check_compatible(part, dataset=dataset)
     head = fuse_heads(zoo, ilp_head, adapters, name=name)
-    m = head.meta["metrics"]
+    hm = HeadMeta.of(head)
     if json_out:
         print_jsonl(
             {
                 **metrics_record(head),
                 "kind": "fusion",
-                "valid": m["valid"],
-                "sweep": head.meta["sweep"],
-                "timings": head.meta["timings"],
+                "valid": hm.metrics.valid,
+                "sweep": hm.sweep,
+                "timings": hm.timings,
             }
         )
         return
     out.print(
         metrics_table(
-            f"{head.name} (w = {head.meta['train']['w']} on the ILP, chosen on validation)",
-            {"valid": m["valid"], "test": m["test"]},
+            f"{head.name} (w = {hm.fusion_w} on the ILP, chosen on validation)",
+            {"valid": hm.metrics.valid, "test": hm.metrics.test},
         )
     )

@@ -9,6 +9,7 @@ import typer
 
 from st2si_cli.cli.options import device_option, json_option, open_zoo
 from st2si_cli.cli.output import out, print_json
+from st2si_cli.zoo.meta import DatasetMeta, HeadMeta
 
 app = typer.Typer(
     help="Change a domain's catalog: add items (placed from their text, no retraining), retitle, retire.",
@@ -19,17 +20,17 @@ app = typer.Typer(
 
 def _report(change: Any, as_json: bool) -> None:
     ds = change.dataset
-    info = ds.meta["catalog"]
+    info = DatasetMeta.of(ds).catalog
     if as_json:
         print_json(
             {
                 "dataset": ds.id,
-                "version": info["version"],
-                "items": info["items"],
-                "retired": info["retired"],
+                "version": info.version,
+                "items": info.items,
+                "retired": info.retired,
                 "changed": change.items,
                 "heads": [
-                    {"from": old.id, "head": new.name, "id": new.id, **new.meta["catalog"]}
+                    {"from": old.id, "head": new.name, "id": new.id, **HeadMeta.of(new).catalog.to_dict()}
                     for old, new in change.heads
                 ],
                 "skipped": [{"head": h.name, "id": h.id, "reason": why} for h, why in change.skipped],
@@ -37,15 +38,15 @@ def _report(change: Any, as_json: bool) -> None:
         )
         return
     out.print(
-        f"Catalog {ds.name} version {info['version']} ({ds.short_id}): {info['items']} items, "
-        f"{info['retired']} retired; {len(change.items)} changed",
+        f"Catalog {ds.name} version {info.version} ({ds.short_id}): {info.items} items, "
+        f"{info.retired} retired; {len(change.items)} changed",
         markup=False,
     )
     for old, new in change.heads:
-        c = new.meta["catalog"]
+        c = HeadMeta.of(new).catalog
         out.print(
-            f"  head {new.name} ({old.short_id} -> {new.short_id}): {c['trained_items']} trained, "
-            f"{c['text_items']} from text ({c['placement'].get('method')})",
+            f"  head {new.name} ({old.short_id} -> {new.short_id}): {c.trained_items} trained, "
+            f"{c.text_items} from text ({c.placement.get('method')})",
             markup=False,
         )
     for head, why in change.skipped:

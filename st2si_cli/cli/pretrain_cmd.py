@@ -24,6 +24,7 @@ from st2si_cli.cli.options import (
 )
 from st2si_cli.cli.output import err, metrics_table, out, print_jsonl
 from st2si_cli.cli.reporting import RichReporter
+from st2si_cli.zoo.meta import HeadMeta, RunMeta
 
 
 def check_deepspeed(value: str | None) -> str | None:
@@ -195,31 +196,28 @@ def pretrain_cmd(
         reporter.close()
     if result.run is None:  # ranks other than 0 print nothing
         return
-    meta = result.run.meta
+    run_meta = RunMeta.of(result.run)
     if json_out:  # one line per domain's head, in the shape of adapt and eval
         for head in result.heads.values():
             print_jsonl(
                 {
                     **metrics_record(head),
-                    "valid": (head.meta.get("metrics") or {}).get("valid"),
+                    "valid": HeadMeta.of(head).metrics.valid,
                     "backbone": result.backbone.name,
                     "run": result.run.name,
                     "run_id": result.run.id,
-                    "best_epoch": meta["best_epoch"],
-                    "flags": meta["flags"],
-                    "world_size": meta["world_size"],
-                    "timings": meta["timings"],
+                    "best_epoch": run_meta.best_epoch,
+                    "flags": run_meta.flags,
+                    "world_size": run_meta.world_size,
+                    "timings": run_meta.timings,
                 }
             )
         return
-    rows = {
-        "valid": meta["metrics"]["valid"],
-        "test": {**meta["metrics"]["test"], **meta["metrics"]["alignment"]},
-    }
+    rows = {"valid": run_meta.metrics.valid, "test": run_meta.metrics.with_alignment("test")}
     if len(domain) > 1:
-        rows.update({f"test {d}": m["test"] for d, m in meta["metrics"]["domains"].items()})
-    out.print(metrics_table(f"{result.backbone.name} (best epoch {meta['best_epoch']})", rows))
-    t = meta["timings"]
+        rows.update({f"test {d}": m.test for d, m in run_meta.metrics.domains.items()})
+    out.print(metrics_table(f"{result.backbone.name} (best epoch {run_meta.best_epoch})", rows))
+    t = run_meta.timings
     err.print(
         f"Stored backbone {result.backbone.name} ({result.backbone.short_id}), heads "
         f"{', '.join(h.name for h in result.heads.values())} and {result.run.name}; "

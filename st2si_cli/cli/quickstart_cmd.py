@@ -9,6 +9,7 @@ import typer
 from st2si_cli.cli.options import backbone_option, open_zoo
 from st2si_cli.cli.output import err, metrics_table, out
 from st2si_cli.cli.reporting import RichReporter
+from st2si_cli.zoo.meta import DatasetMeta, HeadMeta
 
 QUICKSTART_MAX_ITEMS = 20  # newest items per history: keeps the feature pass to minutes on 2 cores
 
@@ -41,9 +42,9 @@ def quickstart_cmd(
     err.print(f"[1/5] Preparing MovieLens-100k from the recbole wheel as {domain!r}", markup=False)
     folder, fmt, _ = resolve_source_name("movielens-100k")
     ds_art, ds = prepare_dataset(folder, format=fmt, domain=domain, zoo=zoo)
-    st = ds_art.meta["stats"]
+    st = DatasetMeta.of(ds_art).stats
     err.print(
-        f"      {st['users']:,} users, {st['items']:,} items, {st['interactions']:,} interactions",
+        f"      {st.users:,} users, {st.items:,} items, {st.interactions:,} interactions",
         markup=False,
     )
 
@@ -66,15 +67,15 @@ def quickstart_cmd(
         )
     finally:
         reporter.close()
-    m = head.meta["metrics"]
+    hm = HeadMeta.of(head)
 
     err.print(
         "[4/5] Evaluation (full ranking over all items, pessimistic ties, history not masked)", markup=False
     )
     out.print(
         metrics_table(
-            f"{head.name}, best epoch {head.meta['best_epoch']}",
-            {"valid": m["valid"], "test": {**m["test"], **m["alignment"]}},
+            f"{head.name}, best epoch {hm.best_epoch}",
+            {"valid": hm.metrics.valid, "test": hm.metrics.with_alignment("test")},
         )
     )
 

@@ -18,6 +18,7 @@ from st2si_cli.cli.output import err, human_size, out, print_json
 from st2si_cli.data.catalog import catalog_lines, catalog_summary
 from st2si_cli.errors import St2siError
 from st2si_cli.head_choice import default_head
+from st2si_cli.zoo.meta import BackboneMeta, DatasetMeta, Inputs, Metrics, RunMeta
 
 if TYPE_CHECKING:  # the store pulls in sqlite-utils: imported only when a command runs
     from st2si_cli.zoo.store import Artifact, Zoo
@@ -48,41 +49,30 @@ def _number(v: Any) -> str:
     return str(v)
 
 
-def _headline_metrics(metrics: Any, limit: int = 2) -> list[tuple[str, Any]]:
-    """The few metrics worth a glance: test split if metrics are per split, NDCG@10 first."""
-    if not isinstance(metrics, Mapping):
-        return []
-    for split in ("test", "valid", "validation"):
-        if isinstance(metrics.get(split), Mapping):
-            metrics = metrics[split]
-            break
-    numeric = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+def _headline_metrics(metrics: Metrics, limit: int = 2) -> list[tuple[str, Any]]:
+    """The few metrics worth a glance: the test split's (else validation's, else unsplit), NDCG@10 first."""
+    chosen_split = metrics.test or metrics.valid or metrics.extra
+    numeric = [
+        (k, v) for k, v in chosen_split.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     by_key = {k.lower(): (k, v) for k, v in numeric}
     chosen = [by_key[k] for k in HEADLINE_METRICS if k in by_key]
     return (chosen or numeric)[:limit]
 
 
-def _flags(flags: Any) -> str:
-    if isinstance(flags, Mapping):
-        return " ".join(k if v is True else f"{k}={v}" for k, v in flags.items() if v not in (False, None))
-    if isinstance(flags, (list, tuple)):
-        return " ".join(str(f) for f in flags)
-    return str(flags) if flags else ""
+def _flags(flags: Mapping[str, Any]) -> str:
+    return " ".join(k if v is True else f"{k}={v}" for k, v in flags.items() if v not in (False, None))
 
 
 def summarize(art: Artifact) -> str:
-    """One short line from meta: dataset stats, headline metrics, run flags."""
-    meta = art.meta
+    """One short line from meta: dataset stats, headline metrics, the flags of a run or a tuned backbone."""
     parts = []
-    stats = meta.get("stats")
-    if isinstance(stats, Mapping):
-        parts += [
-            f"{key} {_number(stats[key])}" for key in ("users", "items", "interactions") if key in stats
-        ]
-    parts += [f"{k} {_number(v)}" for k, v in _headline_metrics(meta.get("metrics"))]
-    flags = _flags(meta.get("flags"))
-    if flags:
-        parts.append(f"[{flags}]")
+    if art.kind == "dataset":
+        parts += [f"{key} {_number(n)}" for key, n in DatasetMeta.of(art).stats.counts().items()]
+    parts += [f"{k} {_number(v)}" for k, v in _headline_metrics(Metrics.of(art))]
+    if art.kind in ("run", "backbone"):
+        flags = _flags(RunMeta.of(art).flags if art.kind == "run" else BackboneMeta.of(art).flags)
+        parts += [f"[{flags}]"] if flags else []
     return ", ".join(parts)
 
 
@@ -152,14 +142,10 @@ def ls_cmd(
 
 
 def _inputs(zoo: Zoo, art: Artifact) -> list[dict[str, Any]]:
-    """meta["inputs"] with each ID looked up: role, id, and the name and kind if it is still in the zoo."""
-    from st2si_cli.zoo.store import input_ids
-
-    inputs = art.meta.get("inputs") or {}
-    roles = inputs.items() if isinstance(inputs, Mapping) else [("", v) for v in inputs]
+    """The artifact's inputs, each ID looked up: role, id, and the name and kind if it is still in the zoo."""
     rows = []
-    for role, value in roles:
-        for ref in sorted(input_ids({"inputs": {role: value}})):
+    for role, ids in Inputs.of(art).refs.items():
+        for ref in sorted(set(ids)):
             try:
                 found = zoo.find(ref)
             except St2siError:  # an ambiguous prefix: not a clean reference
@@ -252,7 +238,7 @@ def info_cmd(
             )
     else:
         out.print("  (nothing in the zoo lists it as an input)", markup=False)
-    meta = {k: v for k, v in art.meta.items() if k != "inputs"}
+    meta = {k: v for k, v in art.meta.items() if k != "inputs"}  # the record as stored, shown whole
     if meta:
         import json
 
