@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from st2si_cli.errors import MismatchError
+from st2si_cli.zoo.meta import Inputs
 from st2si_cli.zoo.store import Artifact, Zoo
 
 HEAD_KIND = "fusion"
@@ -121,9 +122,7 @@ def fuse_heads(
                 raise MismatchError(
                     f"heads {ilp.name} and {adapter.name} differ in {key}: they cannot be fused"
                 )
-    feats_refs = {a.meta.get("inputs", {}).get("features") for a in adapters}
-    feats_refs.add(ilp.meta.get("inputs", {}).get("features"))
-    feats_refs.discard(None)
+    feats_refs = {Inputs.of(head).first("features") for head in (*adapters, ilp)} - {None}
     if len(feats_refs) != 1:
         raise MismatchError("the heads to fuse were trained on different feature caches")
     feats_ref = feats_refs.pop()

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from st2si_cli.errors import ZooError
+from st2si_cli.zoo.meta import HeadMeta
 from st2si_cli.zoo.store import Artifact, Zoo
 
 
@@ -21,12 +22,12 @@ class HeadChoice:
 
     @property
     def backbone_id(self) -> str:
-        return str(self.head.meta.get("backbone", ""))
+        return HeadMeta.of(self.head).backbone or ""
 
     def describe(self) -> str:
         """One line for stderr: the head, its backbone, and why it was chosen."""
         h = self.head
-        bb = self.head.meta.get("backbone_name") or self.backbone_id[:12]
+        bb = HeadMeta.of(h).backbone_name or self.backbone_id[:12]
         return (
             f"Using head {h.name or h.short_id} ({h.short_id}) on backbone {bb} ({self.backbone_id[:12]}): "
             f"{self.reason}; pass --head to pin one."
@@ -65,17 +66,15 @@ def metrics_record(
     """The one JSON shape of a head's metrics (`adapt`, `eval` and `pretrain` print it):
     {"head", "head_id", "backbone_id", "domain", "split", "protocol", "metrics"}. Without `metrics`,
     the head's stored ones for `split` (with the text->ID alignment accuracies where it has them)."""
-    if metrics is None:
-        stored = head.meta.get("metrics") or {}
-        metrics = {**(stored.get(split) or {}), **(stored.get("alignment") or {})}
+    meta = HeadMeta.of(head)
     return {
         "head": head.name,
         "head_id": head.id,
-        "backbone_id": head.meta.get("backbone"),
+        "backbone_id": meta.backbone,
         "domain": head.domain,
         "split": split,
         "protocol": protocol
-        or head.meta.get("protocol")
+        or meta.protocol
         or {"ranking": "full", "ties": "pessimistic", "mask_history": False},
-        "metrics": metrics,
+        "metrics": meta.metrics.with_alignment(split) if metrics is None else metrics,
     }

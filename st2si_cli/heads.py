@@ -9,6 +9,7 @@ from typing import Any
 from st2si_cli import __version__
 from st2si_cli.errors import MismatchError, ZooError
 from st2si_cli.model.text import TextConfig
+from st2si_cli.zoo.meta import HeadMeta
 from st2si_cli.zoo.store import Artifact, Zoo
 
 
@@ -132,4 +133,4 @@ def check_compatible(
 
 def head_kind(art: Artifact) -> str:
     """ "ilp" (the paper's, random init), "ilp-text", "adapter", or the pretrain method's ILP ("ilp")."""
-    return str(art.meta.get("head", "ilp"))
+    return HeadMeta.of(art).kind

@@ -20,6 +20,7 @@ from typing import Any
 from st2si_cli.data.catalog import read_item_file, retired_items, store_version
 from st2si_cli.data.dataset import Dataset, canonical_attributes, natural_key
 from st2si_cli.errors import InputError, St2siError, ZooError
+from st2si_cli.zoo.meta import FeaturesMeta, Inputs
 from st2si_cli.zoo.store import Artifact, Zoo
 
 ORIGIN_KEYS = ("domain", "text", "backbone", "dataset", "catalog_hash", "versions", "backbone_name", "inputs")
@@ -147,7 +148,7 @@ def _new_version(
     feats: dict[str, Any] = {}  # cache ID -> {item: alignment feature} of the items placed
     if not same_text:
         for head in heads:
-            ref = head.meta.get("inputs", {}).get("features")
+            ref = Inputs.of(head).first("features")
             cache = zoo.find(ref, kind="features") if ref else None
             if cache is None:
                 skipped.append((head, "its feature cache is not in the zoo"))
@@ -162,9 +163,9 @@ def _new_version(
     art = store_version(zoo, new, parent, retired, change)
     out = CatalogChange(art, skipped=skipped, items=keys)
     if same_text:  # retiring only: the heads stay valid; the caches carry over unchanged
-        for ref in {h.meta.get("inputs", {}).get("features") for h in heads} - {None}:
+        for ref in {Inputs.of(h).first("features") for h in heads} - {None}:
             cache = zoo.find(ref, kind="features")
-            if cache is not None and cache.meta.get("inputs", {}).get("dataset") == parent.id:
+            if cache is not None and FeaturesMeta.of(cache).dataset == parent.id:
                 _carry_cache(zoo, cache, load_feature_set(zoo, cache), art, {})
         return out
     carried = {}
@@ -172,7 +173,7 @@ def _new_version(
         range(parent.meta["stats"]["items"], new.n_items)
     ):  # added items: histories unchanged
         for cid, (cache, fs) in caches.items():
-            if cache.meta.get("inputs", {}).get("dataset") == parent.id:
+            if FeaturesMeta.of(cache).dataset == parent.id:
                 carried[cid] = _carry_cache(zoo, cache, fs, art, feats[cid])
     for plan in plans:
         out.heads.append((plan.head, _store(zoo, plan, art, carried.get(plan.cache.id, plan.cache))))
@@ -195,7 +196,7 @@ def _text_features(
     text = TextConfig.from_dict(cache.meta["text"])
     backbone = load_backbone(
         zoo,
-        cache.meta["inputs"]["backbone"],
+        FeaturesMeta.of(cache).backbone,
         dtype=cache.meta.get("dtype", "auto"),
         device=opts.device,
         query=text.query,
@@ -266,7 +267,7 @@ def _extend(
     if kind == "adapter":
         new, info = extend_adapter(tensors, text, n_items), {"method": "adapter item text"}
     elif kind == "fusion":
-        ilp = zoo.find(head.meta.get("inputs", {}).get("ilp_head", ""), kind="head")
+        ilp = zoo.find(Inputs.of(head).first("ilp_head") or "", kind="head")
         ilp_kind = head_kind(ilp) if ilp is not None else "ilp"
         rows, info = _ilp_rows(tensors[FUSION_ILP], ilp_kind, fs, n_trained, text, opts.placement)
         new = extend_fusion(tensors, rows, text, n_items)
@@ -316,10 +317,9 @@ def _carry_cache(zoo: Zoo, cache: Artifact, fs: Any, dataset: Artifact, text: di
     from st2si_cli.model.text import TextConfig
 
     meta = dict(cache.meta)
+    backbone = FeaturesMeta.of(cache).backbone
     text_cfg = TextConfig.from_dict(meta["text"])
-    key = cache_key(
-        meta["inputs"]["backbone"], dataset.id, text_cfg, meta["dtype"], bool(meta.get("alignment", True))
-    )
+    key = cache_key(backbone, dataset.id, text_cfg, meta["dtype"], bool(meta.get("alignment", True)))
     existing = zoo.find(cache_name(key), kind="features")
     if existing is not None:
         return existing
@@ -337,7 +337,7 @@ def _carry_cache(zoo: Zoo, cache: Artifact, fs: Any, dataset: Artifact, text: di
     t["feats"] = t["feats"].to(getattr(torch, meta["dtype"]))
     meta.update(
         key=key,
-        inputs={"backbone": meta["inputs"]["backbone"], "dataset": dataset.id, "features": cache.id},
+        inputs={"backbone": backbone, "dataset": dataset.id, "features": cache.id},
         positions=int(t["targets"].numel()),
         samples=int(t["sample"].max()) + 1 if t["sample"].numel() else 0,
         carried_from=cache.id,
