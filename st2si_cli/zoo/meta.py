@@ -14,15 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from st2si_cli.zoo.artifact import Artifact
-
-HEAD_KINDS = ("ilp", "ilp-text", "adapter", "fusion")
+from typing import Any, Protocol
 
 
-def _meta(src: Artifact | Mapping[str, Any] | None) -> Mapping[str, Any]:
+class HasMeta(Protocol):
+    """An artifact, as far as these records care (`zoo.artifact` imports this module, not the reverse)."""
+
+    meta: Mapping[str, Any]
+
+
+def _meta(src: HasMeta | Mapping[str, Any] | None) -> Mapping[str, Any]:
     """The meta mapping of an artifact (anything with `.meta`), or `src` itself; {} for anything else."""
     meta = getattr(src, "meta", src)
     return meta if isinstance(meta, Mapping) else {}
@@ -162,7 +163,7 @@ class _Record:
     """Base of the records below: `of` reads each `_f` field, and keeps the other keys in `extra`."""
 
     @classmethod
-    def of(cls, art_or_meta: Artifact | Mapping[str, Any] | None) -> Any:
+    def of(cls, art_or_meta: HasMeta | Mapping[str, Any] | None) -> Any:
         """From an artifact, or a meta mapping (a part's raw value for the parts: stats, catalogs)."""
         m = _meta(art_or_meta)
         values, known = {}, []
@@ -231,7 +232,7 @@ class DatasetMeta(_Record):
     extra: dict[str, Any] = field(default_factory=dict)  # keys not above
 
     @classmethod
-    def of(cls, art_or_meta: Artifact | Mapping[str, Any] | None) -> DatasetMeta:
+    def of(cls, art_or_meta: HasMeta | Mapping[str, Any] | None) -> DatasetMeta:
         meta = super().of(art_or_meta)
         if meta.catalog.items is None:  # a first version records no catalog: its items are all of them
             meta = replace(meta, catalog=replace(meta.catalog, items=meta.stats.items))
