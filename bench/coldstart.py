@@ -251,7 +251,8 @@ def main() -> int:
 
     warm, warm_fs = warm_part(split, fs, cold)
     warm_domain = f"{cold_domain}-warm"
-    warm_art = store_dataset(zoo, warm, domain=warm_domain, fmt="coldstart", source=cold_domain)
+    # replace: a rerun finds the name on the grown catalog that the last run's `items add` made
+    warm_art = store_dataset(zoo, warm, domain=warm_domain, fmt="coldstart", source=cold_domain, replace=True)
     store_cache(zoo, warm_fs, feat_art, warm_art)
     heads = {}
     for kind, cfg in head_configs(args.heads.split(","), args.max_epochs).items():

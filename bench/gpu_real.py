@@ -151,9 +151,14 @@ def main() -> int:
     ap.add_argument("--zoo", default=None, help="zoo folder (default: a new temporary one)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--budget", type=float, default=480, help="seconds for the whole script")
-    ap.add_argument("--steps", default=",".join(STEPS), help=f"in order, from {', '.join(STEPS)} (topK: any K)")
     ap.add_argument(
-        "--full-share", type=float, default=0.45, help="share of the budget left at its start that full tuning may take"
+        "--steps", default=",".join(STEPS), help=f"in order, from {', '.join(STEPS)} (topK: any K)"
+    )
+    ap.add_argument(
+        "--full-share",
+        type=float,
+        default=0.45,
+        help="share of the budget left at its start that full tuning may take",
     )
     ap.add_argument("--top-share", type=float, default=0.5, help="likewise for each top-K run")
     ap.add_argument(
@@ -169,7 +174,10 @@ def main() -> int:
     d.write()
     dev = ["--device", args.device]
     dom = ["--domain", args.domain]
-    if d.st2si("pull", ["zoo", "pull", args.gguf, "--name", args.backbone, "--json"], d.left())["returncode"] != 0:
+    if (
+        d.st2si("pull", ["zoo", "pull", args.gguf, "--name", args.backbone, "--json"], d.left())["returncode"]
+        != 0
+    ):
         return 1
     if d.st2si("prepare", ["prepare", args.data, *dom, "--json"], d.left())["returncode"] != 0:
         return 1
@@ -179,7 +187,11 @@ def main() -> int:
             if left < OVERHEAD[step]:
                 d.skip(step, f"{left:.0f} s left")
                 continue
-            extra = {"ilp": [], "trim": ["--trim-periods"], "attrs": ["--attributes", "title,brand,category"]}[step]
+            extra = {
+                "ilp": [],
+                "trim": ["--trim-periods"],
+                "attrs": ["--attributes", "title,brand,category"],
+            }[step]
             d.st2si(step, ["adapt", *dom, *extra, "--name", f"gpu-{step}", *dev, "--json"], left)
         elif step == "full" or step.startswith("top"):
             k = 0 if step == "full" else int(step[3:])

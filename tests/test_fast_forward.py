@@ -18,7 +18,10 @@ def both_paths(backbone, samples, max_batch=5, autocast=None):
     model = backbone.st2si()
     batches = plan_batches([len(s.tokens) for s in samples], 4096, max_batch)
     out = {}
-    with torch.inference_mode(), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
+    with (
+        torch.inference_mode(),
+        torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)),
+    ):
         for packed in (False, True):
             model.packed = packed
             feats = {}

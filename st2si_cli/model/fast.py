@@ -160,7 +160,9 @@ class PackedLlama:
                 padded(q), padded(k), padded(v), is_causal=True, enable_gqa=gqa
             )
             o = o.transpose(1, 2).reshape(g.rows * g.width, -1)
-            out.index_copy_(0, g.tokens, o.index_select(0, g.slot).to(out.dtype))  # autocast: SDPA may return bf16
+            out.index_copy_(
+                0, g.tokens, o.index_select(0, g.slot).to(out.dtype)
+            )  # autocast: SDPA may return bf16
         return out
 
 

@@ -29,7 +29,9 @@ class RunState:
     step: int = 0  # optimizer steps already done within it
     global_step: int = 0
     stopped: bool = False  # training is over: only the final evaluation and storing remain
-    stopped_by: str | None = None  # why: "patience" (early stopping), "epochs" (the last epoch) or "time" (--max-minutes)
+    stopped_by: str | None = (
+        None  # why: "patience" (early stopping), "epochs" (the last epoch) or "time" (--max-minutes)
+    )
     checkpoint: str | None = None  # folder under checkpoints/ holding the state at (epoch, step)
     best: dict[str, float] | None = None
     best_epoch: int = 0
