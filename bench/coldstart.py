@@ -31,6 +31,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,80 @@ def sasrec_ranks(ds: Any, folder: Path, users: list[int]) -> Any | None:
     return rank_of_target(block, targets, ties="pessimistic")
 
 
+@dataclass
+class Warm:
+    """The warm training domain: its name, dataset and feature set."""
+
+    domain: str
+    ds: Any
+    fs: Any
+
+
+def rows_for_heads(
+    zoo: Any, args: Any, kinds: list[str], warm: Warm, source: tuple[Any, Any, set[int]], rows: list[Any]
+) -> float | None:
+    """Train each head kind on the warm domain, add the cold items with `items add`, and append a row per
+    head (cold-target users on the grown catalog; warm-target users before and after it grew). Returns
+    the seconds `items add` took (None without heads)."""
+    if not kinds:
+        return None
+    from st2si_cli.adapt import FeatureOptions, adapt
+    from st2si_cli.data.prepare import load_dataset
+    from st2si_cli.items import ItemsOptions, add_items
+    from st2si_cli.metrics import metrics_from_ranks
+    from st2si_cli.model.samples import TEST
+    from st2si_cli.model.text import TextConfig
+    from st2si_cli.ranking import user_ranks
+
+    split, fs, cold = source
+    heads = {}
+    for kind, cfg in head_configs(kinds, args.max_epochs).items():
+        log(f"training {kind} on {warm.domain} ({warm.ds.n_items} items, {warm.ds.n_users} users)")
+        heads[kind] = adapt(
+            zoo,
+            warm.domain,
+            backbone=args.backbone,
+            text=TextConfig(),
+            head_cfg=cfg,
+            feature_opts=FeatureOptions(dtype=args.dtype, alignment=True),
+            name=f"{warm.domain}/{kind}",
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cold-items.jsonl"
+        path.write_text(
+            "".join(
+                json.dumps(
+                    {"item": split.items[i]["id"], **{k: v for k, v in split.items[i].items() if k != "id"}}
+                )
+                + "\n"
+                for i in sorted(cold)
+            )
+        )
+        t_add = time.time()
+        change = add_items(zoo, warm.domain, path, ItemsOptions(placement=args.placement))
+        add_seconds = time.time() - t_add
+    grown = load_dataset(zoo, change.dataset.id)
+    grown_fs, grown_seqs = in_grown_catalog(split, fs, grown)
+    cold_users = [u for u, seq in enumerate(split.sequences) if seq[-1] in cold]
+    warm_users = [u for u, seq in enumerate(split.sequences) if seq[-1] not in cold]
+    grown_heads = {old.id: new for old, new in change.heads}
+    for kind, head in heads.items():
+        new = grown_heads[head.id]
+        ranks = user_ranks(zoo, new, grown_fs, grown_seqs, TEST)  # every user of the cold split
+        warm_before = user_ranks(zoo, head, warm.fs, warm.ds.sequences, TEST)
+        rows.append(
+            {
+                "model": f"st2si {kind} + items add ({new.meta['catalog']['placement']['method']})",
+                "cold": metrics_from_ranks(ranks[cold_users], KS),
+                "warm_before": metrics_from_ranks(warm_before, KS),
+                "warm_after": metrics_from_ranks(ranks[warm_users], KS),
+                "head": new.id,
+                "placement": new.meta["catalog"]["placement"],
+            }
+        )
+    return round(add_seconds, 2)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--zoo", required=True, help="zoo folder holding the domain's dataset and the backbone")
@@ -192,7 +267,11 @@ def main() -> int:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--users", type=int, default=None, help="a slice: only the first N users (smoke runs)")
-    ap.add_argument("--heads", default="ilp,ilp-text", help="head kinds to train: ilp, ilp-text, adapter")
+    ap.add_argument(
+        "--heads",
+        default="ilp,ilp-text",
+        help="head kinds to train: ilp, ilp-text, adapter; none: only the popularity and SASRec rows",
+    )
     ap.add_argument("--max-epochs", type=int, default=100)
     ap.add_argument("--placement", default="auto", help="auto (each head's own map), ridge or text")
     ap.add_argument(
@@ -204,16 +283,13 @@ def main() -> int:
 
     import torch
 
-    from st2si_cli.adapt import FeatureOptions, adapt, get_features
+    from st2si_cli.adapt import FeatureOptions, get_features
     from st2si_cli.backbones import ensure_backbone, resolve_dtype
     from st2si_cli.data.dataset import Dataset
     from st2si_cli.data.prepare import load_dataset, store_dataset
     from st2si_cli.features import cache_key, cache_name, dtype_name
-    from st2si_cli.items import ItemsOptions, add_items
     from st2si_cli.metrics import metrics_from_ranks
-    from st2si_cli.model.samples import TEST
     from st2si_cli.model.text import TextConfig
-    from st2si_cli.ranking import user_ranks
     from st2si_cli.zoo.store import Zoo
 
     t0 = time.time()
@@ -254,54 +330,10 @@ def main() -> int:
     # replace: a rerun finds the name on the grown catalog that the last run's `items add` made
     warm_art = store_dataset(zoo, warm, domain=warm_domain, fmt="coldstart", source=cold_domain, replace=True)
     store_cache(zoo, warm_fs, feat_art, warm_art)
-    heads = {}
-    for kind, cfg in head_configs(args.heads.split(","), args.max_epochs).items():
-        log(f"training {kind} on {warm_domain} ({warm.n_items} items, {warm.n_users} users)")
-        heads[kind] = adapt(
-            zoo,
-            warm_domain,
-            backbone=bb.id,
-            text=text,
-            head_cfg=cfg,
-            feature_opts=opts,
-            name=f"{warm_domain}/{kind}",
-        )
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "cold-items.jsonl"
-        path.write_text(
-            "".join(
-                json.dumps(
-                    {"item": split.items[i]["id"], **{k: v for k, v in split.items[i].items() if k != "id"}}
-                )
-                + "\n"
-                for i in sorted(cold)
-            )
-        )
-        t_add = time.time()
-        change = add_items(zoo, warm_domain, path, ItemsOptions(placement=args.placement))
-        add_seconds = time.time() - t_add
-    grown = load_dataset(zoo, change.dataset.id)
-    grown_fs, grown_seqs = in_grown_catalog(split, fs, grown)
     cold_users = [u for u, seq in enumerate(split.sequences) if seq[-1] in cold]
-    warm_users = [u for u, seq in enumerate(split.sequences) if seq[-1] not in cold]
-
     rows: list[dict[str, Any]] = []
-    grown_heads = {old.id: new for old, new in change.heads}
-    for kind, head in heads.items():
-        new = grown_heads[head.id]
-        ranks = user_ranks(zoo, new, grown_fs, grown_seqs, TEST)  # every user of the cold split
-        warm_before = user_ranks(zoo, head, warm_fs, warm.sequences, TEST)
-        rows.append(
-            {
-                "model": f"st2si {kind} + items add ({new.meta['catalog']['placement']['method']})",
-                "cold": metrics_from_ranks(ranks[cold_users], KS),
-                "warm_before": metrics_from_ranks(warm_before, KS),
-                "warm_after": metrics_from_ranks(ranks[warm_users], KS),
-                "head": new.id,
-                "placement": new.meta["catalog"]["placement"],
-            }
-        )
+    kinds = [] if args.heads == "none" else args.heads.split(",")
+    add_seconds = rows_for_heads(zoo, args, kinds, Warm(warm_domain, warm, warm_fs), (split, fs, cold), rows)
     split_targets = torch.tensor([split.sequences[u][-1] for u in cold_users])
     rows.append(
         {
@@ -350,7 +382,7 @@ def main() -> int:
         "warm_users": warm.n_users,
         "rows": rows,
         "sasrec": sasrec_note or str(sas_dir),
-        "items_add_seconds": round(add_seconds, 2),
+        "items_add_seconds": add_seconds,
         "seconds": round(time.time() - t0, 1),
     }
     out = write_json(result_path(Path(args.out), "coldstart", args.tag or base), result)
