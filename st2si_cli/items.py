@@ -230,7 +230,8 @@ def _ilp_rows(
     """Rows for the items of `text` under an ILP `weight`, by the head's own map or the one asked for."""
     import torch
 
-    from st2si_cli.placement import fit_ridge, text_rows
+    from st2si_cli.model.samples import TRAIN
+    from st2si_cli.placement import BiasCalibration, fit_ridge, text_rows
 
     if not text:
         return {}, {"method": "none"}
@@ -239,7 +240,9 @@ def _ilp_rows(
     x_new = torch.stack([text[i] for i in new_ids])
     method = placement if placement != "auto" else ("text" if kind == "ilp-text" else "ridge")
     if method == "text":
-        rows, info = text_rows(x_new, x), {"method": "text", "known_items": int(ids.numel())}
+        calibration = BiasCalibration.fit(fs.feats[fs.rows(TRAIN)], weight[ids])
+        rows = text_rows(x_new, x, calibration)
+        info = {"method": "text", "known_items": int(ids.numel()), "bias_component": calibration.component}
     else:
         ridge = fit_ridge(x, weight[ids].float())
         rows, info = ridge(x_new), ridge.info

@@ -87,12 +87,36 @@ def fit_ridge(x: Tensor, y: Tensor, grid: tuple[float, ...] = RIDGE_GRID, seed: 
     return RidgeMap(x_mean, x_std, coef, y_mean, info)
 
 
-def text_rows(x_new: Tensor, x_known: Tensor) -> Tensor:
-    """The text-initialised ILP's map: centre on the known items' mean, scale to the initial row norm."""
+def text_rows(x_new: Tensor, x_known: Tensor, calibration: BiasCalibration | None = None) -> Tensor:
+    """The text-initialised ILP's map: centre on the known items' mean, scale to the initial row norm;
+    then, with `calibration`, the component along the mean query direction set as the trained rows have it."""
     d = x_new.shape[1]
     row_norm = (1.0 / d**0.5) * (d / 3) ** 0.5  # as `train_head` computes it for init "text"
     feats = x_new.float() - x_known.float().mean(0, keepdim=True)
-    return feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-8) * row_norm
+    rows = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-8) * row_norm
+    return calibration(rows) if calibration is not None else rows
+
+
+@dataclass
+class BiasCalibration:
+    """Every query feature shares a large common direction u (the mean training query feature; in SmolLM2
+    its norm is about 95% of a typical query's). A row's component along u adds the same amount to its
+    score for every user, like a popularity bias, and training sets it per item. A row made from text has
+    an arbitrary component there, so half the new items would outrank every trained one for everybody.
+    This sets that component to the trained rows' mean; the rest of the row is kept."""
+
+    direction: Tensor  # [d] unit vector u
+    component: float  # the trained rows' mean component along u
+
+    @classmethod
+    def fit(cls, query_feats: Tensor, trained_rows: Tensor) -> BiasCalibration:
+        mean = query_feats.float().mean(0)
+        u = mean / mean.norm().clamp_min(1e-8)
+        return cls(u, float((trained_rows.float() @ u).mean()))
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        u = self.direction.to(rows.dtype)
+        return rows - (rows @ u)[:, None] * u + self.component * u
 
 
 def set_rows(weight: Tensor, rows: dict[int, Tensor], n_items: int) -> Tensor:

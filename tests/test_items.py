@@ -244,3 +244,33 @@ def test_a_head_without_alignment_rows_is_left_on_the_old_version(zoo, tmp_path,
     change = add_items(zoo, "toy", item_file(tmp_path))
     assert not change.heads and [(h.id, "alignment" in why) for h, why in change.skipped] == [(head.id, True)]
     assert load_dataset(zoo, "toy").n_items == load_dataset(zoo, head.meta["dataset"]).n_items + 3
+
+
+def test_text_placement_sets_the_common_query_component_as_trained_rows_have_it():
+    # Query features share one large direction (as SmolLM2's do); trained rows sit at a small negative
+    # component along it. Text rows start with arbitrary components there: uncalibrated, some new item
+    # scores above every trained one for every user; calibrated, none does, and the rest of each row is kept.
+    from st2si_cli.placement import BiasCalibration, text_rows
+
+    g = torch.Generator().manual_seed(0)
+    d, n_known, n_new = 32, 200, 20
+    u = torch.zeros(d)
+    u[0] = 1.0
+    queries = torch.randn(500, d, generator=g) + 50.0 * u
+    trained = 0.3 * torch.randn(n_known, d, generator=g)
+    trained[:, 0] = -0.08 + 0.01 * torch.randn(n_known, generator=g)
+    x_known = torch.randn(n_known, d, generator=g)
+    x_new = torch.randn(n_new, d, generator=g)
+    raw = text_rows(x_new, x_known)
+    cal = BiasCalibration.fit(queries, trained)
+    rows = text_rows(x_new, x_known, cal)
+    assert torch.allclose(cal.direction, u, atol=0.05)
+    assert torch.allclose(rows @ cal.direction, torch.full((n_new,), cal.component), atol=1e-5)
+    off_axis = raw - (raw @ cal.direction)[:, None] * cal.direction
+    assert torch.allclose(rows - cal.component * cal.direction, off_axis, atol=1e-5)
+
+    def new_items_on_top(new_rows):  # share of users whose best item is a new one
+        scores = queries @ torch.cat([trained, new_rows]).T
+        return (scores.argmax(1) >= n_known).float().mean().item()
+
+    assert new_items_on_top(raw) > 0.9 and new_items_on_top(rows) < 0.5
