@@ -1,6 +1,8 @@
 """Cold-start benchmark: items a head never trained on, placed from their text by `st2si items add`.
 
     python bench/coldstart.py --zoo ZOO --domain amazon-scientific --backbone smollm2-135m --compute-features
+    python bench/coldstart.py --zoo ZOO --domain amazon-scientific --heads adapter --tag adapter
+    python bench/coldstart.py --zoo ZOO --domain amazon-scientific --heads none --tag sasrec   # after quality.py
 
 1. Cold items: those whose first interaction falls in the test split (`--cold test-only`: items that only
    ever appear as a user's last item), or a seeded random fraction of the catalog (`--cold random`, default
@@ -13,11 +15,13 @@
    items, stored as domain `<domain>-cold<fraction>-warm`; its feature cache is cut from the cold split's
    (the same samples, so no second forward pass). The heads (`--heads`, default the paper ILP and the
    text-initialised ILP) are trained there with `adapt`.
-3. `items add` puts the cold items into the warm catalog: each head gets their rows from their text.
+3. `items add` puts the cold items into the warm catalog: each head gets their rows from their text, once
+   per `--placement` value (default `auto,neighbour`: each head's own map, then the nearest known item's
+   trained row / ID embedding), each time from the same trained heads.
 4. Ranking, full catalog, pessimistic ties: the test users whose target is cold (cold-target users), by
    each grown head, by popularity (cold items have no training interactions, so they rank last), and by
    SASRec where its run on the cold split exists (`bench/.work/<cold domain>/SASRec`); the other
-   (warm-target) users by each head before and after the catalog grew.
+   (warm-target) users by each head before and after the catalog grew, and all users after it grew.
 
 Writes `results/<date>-<machine>-coldstart-<domain>.json`. The zoo gets the two domains above, their
 feature caches and heads; the source domain is only read.
@@ -199,7 +203,7 @@ def rows_for_heads(
     if not kinds:
         return None
     from st2si_cli.adapt import FeatureOptions, adapt
-    from st2si_cli.data.prepare import load_dataset
+    from st2si_cli.data.prepare import load_dataset, store_dataset
     from st2si_cli.items import ItemsOptions, add_items
     from st2si_cli.metrics import metrics_from_ranks
     from st2si_cli.model.samples import TEST
@@ -219,39 +223,55 @@ def rows_for_heads(
             feature_opts=FeatureOptions(dtype=args.dtype, alignment=True),
             name=f"{warm.domain}/{kind}",
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "cold-items.jsonl"
-        path.write_text(
-            "".join(
-                json.dumps(
-                    {"item": split.items[i]["id"], **{k: v for k, v in split.items[i].items() if k != "id"}}
-                )
-                + "\n"
-                for i in sorted(cold)
-            )
-        )
-        t_add = time.time()
-        change = add_items(zoo, warm.domain, path, ItemsOptions(placement=args.placement))
-        add_seconds = time.time() - t_add
-    grown = load_dataset(zoo, change.dataset.id)
-    grown_fs, grown_seqs = in_grown_catalog(split, fs, grown)
     cold_users = [u for u, seq in enumerate(split.sequences) if seq[-1] in cold]
     warm_users = [u for u, seq in enumerate(split.sequences) if seq[-1] not in cold]
-    grown_heads = {old.id: new for old, new in change.heads}
-    for kind, head in heads.items():
-        new = grown_heads[head.id]
-        ranks = user_ranks(zoo, new, grown_fs, grown_seqs, TEST)  # every user of the cold split
-        warm_before = user_ranks(zoo, head, warm.fs, warm.ds.sequences, TEST)
-        rows.append(
-            {
-                "model": f"st2si {kind} + items add ({new.meta['catalog']['placement']['method']})",
-                "cold": metrics_from_ranks(ranks[cold_users], KS),
-                "warm_before": metrics_from_ranks(warm_before, KS),
-                "warm_after": metrics_from_ranks(ranks[warm_users], KS),
-                "head": new.id,
-                "placement": new.meta["catalog"]["placement"],
-            }
-        )
+    add_seconds = 0.0
+    for n_run, placement in enumerate(args.placement.split(",")):
+        if n_run:  # the name back on the warm catalog, so `items add` extends the heads trained there again
+            store_dataset(
+                zoo,
+                warm.ds,
+                domain=warm.domain,
+                fmt="coldstart",
+                source=warm.domain.removesuffix("-warm"),
+                replace=True,
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "cold-items.jsonl"
+            path.write_text(
+                "".join(
+                    json.dumps(
+                        {
+                            "item": split.items[i]["id"],
+                            **{k: v for k, v in split.items[i].items() if k != "id"},
+                        }
+                    )
+                    + "\n"
+                    for i in sorted(cold)
+                )
+            )
+            t_add = time.time()
+            change = add_items(zoo, warm.domain, path, ItemsOptions(placement=placement))
+            add_seconds += time.time() - t_add
+        grown = load_dataset(zoo, change.dataset.id)
+        grown_fs, grown_seqs = in_grown_catalog(split, fs, grown)
+        grown_heads = {old.id: new for old, new in change.heads}
+        for kind, head in heads.items():
+            new = grown_heads[head.id]
+            ranks = user_ranks(zoo, new, grown_fs, grown_seqs, TEST)  # every user of the cold split
+            warm_before = user_ranks(zoo, head, warm.fs, warm.ds.sequences, TEST)
+            rows.append(
+                {
+                    "model": f"st2si {kind} + items add ({new.meta['catalog']['placement']['method']})",
+                    "placement_option": placement,
+                    "cold": metrics_from_ranks(ranks[cold_users], KS),
+                    "warm_before": metrics_from_ranks(warm_before, KS),
+                    "warm_after": metrics_from_ranks(ranks[warm_users], KS),
+                    "all_after": metrics_from_ranks(ranks, KS),
+                    "head": new.id,
+                    "placement": new.meta["catalog"]["placement"],
+                }
+            )
     return round(add_seconds, 2)
 
 
@@ -273,7 +293,11 @@ def main() -> int:
         help="head kinds to train: ilp, ilp-text, adapter; none: only the popularity and SASRec rows",
     )
     ap.add_argument("--max-epochs", type=int, default=100)
-    ap.add_argument("--placement", default="auto", help="auto (each head's own map), ridge or text")
+    ap.add_argument(
+        "--placement",
+        default="auto,neighbour",
+        help="comma-separated `items add --placement` values, each measured on the same trained heads",
+    )
     ap.add_argument(
         "--compute-features", action="store_true", help="allow a forward pass over the cold split"
     )
@@ -352,7 +376,7 @@ def main() -> int:
             "--threads 1 --tag coldsplit --summary bench/.work/quality-summary-coldsplit.json"
         )
 
-    headers = ["model", "cold NDCG@10", "cold Recall@10", "warm NDCG@10 before", "after"]
+    headers = ["model", "cold NDCG@10", "cold Recall@10", "warm NDCG@10 before", "after", "all users after"]
     table = [
         [
             r["model"],
@@ -360,6 +384,7 @@ def main() -> int:
             f"{r['cold']['Recall@10']:.4f}",
             f"{r['warm_before']['NDCG@10']:.4f}" if "warm_before" in r else "",
             f"{r['warm_after']['NDCG@10']:.4f}" if "warm_after" in r else "",
+            f"{r['all_after']['NDCG@10']:.4f}" if "all_after" in r else "",
         ]
         for r in rows
     ]

@@ -24,12 +24,12 @@ from st2si_cli.zoo.meta import FeaturesMeta, Inputs
 from st2si_cli.zoo.store import Artifact, Zoo
 
 ORIGIN_KEYS = ("domain", "text", "backbone", "dataset", "catalog_hash", "versions", "backbone_name", "inputs")
-PLACEMENTS = ("auto", "ridge", "text")
+PLACEMENTS = ("auto", "ridge", "text", "neighbour")
 
 
 @dataclass
 class ItemsOptions:
-    placement: str = "auto"  # auto: each head's own map (text for ilp-text heads, ridge for the paper's ILP)
+    placement: str = "auto"  # auto: each head's own map (text for ilp-text heads, ridge for the paper's ILP); neighbour: the nearest known item's trained row / ID embedding
     device: str = "cpu"
     batch_tokens: int = 16384
     max_batch: int = 64
@@ -231,7 +231,7 @@ def _ilp_rows(
     import torch
 
     from st2si_cli.model.samples import TRAIN
-    from st2si_cli.placement import BiasCalibration, fit_ridge, text_rows
+    from st2si_cli.placement import BiasCalibration, fit_ridge, nearest_known, text_rows
 
     if not text:
         return {}, {"method": "none"}
@@ -239,7 +239,11 @@ def _ilp_rows(
     new_ids = sorted(text)
     x_new = torch.stack([text[i] for i in new_ids])
     method = placement if placement != "auto" else ("text" if kind == "ilp-text" else "ridge")
-    if method == "text":
+    if method == "neighbour":
+        near = ids[nearest_known(x_new, x)]
+        rows = weight[near].float()
+        info = {"method": "neighbour", "known_items": int(ids.numel())}
+    elif method == "text":
         calibration = BiasCalibration.fit(fs.feats[fs.rows(TRAIN)], weight[ids])
         rows = text_rows(x_new, x, calibration)
         info = {"method": "text", "known_items": int(ids.numel()), "bias_component": calibration.component}
@@ -247,6 +251,20 @@ def _ilp_rows(
         ridge = fit_ridge(x, weight[ids].float())
         rows, info = ridge(x_new), ridge.info
     return dict(zip(new_ids, rows)), info
+
+
+def _neighbours(fs: Any, n_trained: int, text: dict[int, Any]) -> dict[int, int]:
+    """New item -> its nearest trained item by alignment feature (`placement.nearest_known`)."""
+    import torch
+
+    from st2si_cli.placement import nearest_known
+
+    if not text:
+        return {}
+    ids, x = _known_alignment(fs, n_trained)
+    new_ids = sorted(text)
+    near = ids[nearest_known(torch.stack([text[i] for i in new_ids]), x)]
+    return dict(zip(new_ids, near.tolist()))
 
 
 def _extend(
@@ -267,13 +285,15 @@ def _extend(
     text = {i: f for i, f in text.items() if i >= n_trained}  # trained rows are never re-placed
     tensors = load_head_tensors(zoo, head)
     fs = cache[1]
+    id_from = _neighbours(fs, n_trained, text) if opts.placement == "neighbour" else None
     if kind == "adapter":
-        new, info = extend_adapter(tensors, text, n_items), {"method": "adapter item text"}
+        new = extend_adapter(tensors, text, n_items, id_from)
+        info = {"method": "adapter item text" + (" + neighbour ID embedding" if id_from else "")}
     elif kind == "fusion":
         ilp = zoo.find(Inputs.of(head).first("ilp_head") or "", kind="head")
         ilp_kind = head_kind(ilp) if ilp is not None else "ilp"
         rows, info = _ilp_rows(tensors[FUSION_ILP], ilp_kind, fs, n_trained, text, opts.placement)
-        new = extend_fusion(tensors, rows, text, n_items)
+        new = extend_fusion(tensors, rows, text, n_items, id_from)
     elif kind in ("ilp", "ilp-text"):
         rows, info = _ilp_rows(tensors["weight"], kind, fs, n_trained, text, opts.placement)
         new = {"weight": set_rows(tensors["weight"], rows, n_items)}

@@ -8,6 +8,9 @@
   mean feature, scale to the initial row norm.
 - the sequence adapter needs no map: it scores items through their text features, so a new item's
   feature is appended to `item_text`, and its ID embedding is the unknown ID's (zero).
+- `neighbour` (any head): a new item takes what training gave its nearest known item by text (the ILP
+  row; the adapter's ID embedding, its own text feature kept), so it competes like that item does,
+  popularity included. The other maps place new items near the average item, below the top ranks.
 
 Every function here returns new tensors whose existing rows are copies of the old ones, bit for bit.
 """
@@ -119,6 +122,15 @@ class BiasCalibration:
         return rows - (rows @ u)[:, None] * u + self.component * u
 
 
+def nearest_known(x_new: Tensor, x_known: Tensor, chunk: int = 1024) -> Tensor:
+    """For each new item, the index of the known item whose alignment feature is nearest: cosine after
+    standardising each dimension over the known items (so no single large dimension decides)."""
+    mean, std = x_known.float().mean(0), x_known.float().std(0).clamp_min(1e-6)
+    known = torch.nn.functional.normalize((x_known.float() - mean) / std, dim=1)
+    new = torch.nn.functional.normalize((x_new.float() - mean) / std, dim=1)
+    return torch.cat([(new[i : i + chunk] @ known.T).argmax(1) for i in range(0, new.shape[0], chunk)])
+
+
 def set_rows(weight: Tensor, rows: dict[int, Tensor], n_items: int) -> Tensor:
     """`weight` grown to `n_items` rows, with `rows` (item -> row) written; other rows copied as they were."""
     out = torch.zeros(n_items, weight.shape[1], dtype=weight.dtype)
@@ -128,9 +140,12 @@ def set_rows(weight: Tensor, rows: dict[int, Tensor], n_items: int) -> Tensor:
     return out
 
 
-def extend_adapter(tensors: dict[str, Tensor], text: dict[int, Tensor], n_items: int) -> dict[str, Tensor]:
+def extend_adapter(
+    tensors: dict[str, Tensor], text: dict[int, Tensor], n_items: int, id_from: dict[int, int] | None = None
+) -> dict[str, Tensor]:
     """Adapter tensors for a catalog of `n_items`: item text features set for `text` (item -> feature),
-    new items' ID embeddings zero (the unknown ID's), the unknown/pad ID moved to the end."""
+    new items' ID embeddings zero (the unknown ID's) or, with `id_from` (new item -> known item), copied
+    from that known item; the unknown/pad ID moved to the end."""
     out = dict(tensors)
     if tensors["item_text"].numel():
         out["item_text"] = set_rows(tensors["item_text"], text, n_items)
@@ -140,17 +155,23 @@ def extend_adapter(tensors: dict[str, Tensor], text: dict[int, Tensor], n_items:
         grown = torch.zeros(n_items + 1, emb.shape[1], dtype=emb.dtype)
         grown[:n_old] = emb[:n_old]
         grown[n_items] = emb[n_old]
+        for i, j in (id_from or {}).items():
+            grown[i] = emb[j]
         out["item_emb.weight"] = grown
     return out
 
 
 def extend_fusion(
-    tensors: dict[str, Tensor], ilp_rows: dict[int, Tensor], text: dict[int, Tensor], n_items: int
+    tensors: dict[str, Tensor],
+    ilp_rows: dict[int, Tensor],
+    text: dict[int, Tensor],
+    n_items: int,
+    id_from: dict[int, int] | None = None,
 ) -> dict[str, Tensor]:
     """A fusion head's tensors with every part extended (the ILP and each adapter of an ensemble)."""
     out = {FUSION_ILP: set_rows(tensors[FUSION_ILP], ilp_rows, n_items)}
     prefixes = sorted({k.split(".", 1)[0] + "." for k in tensors if k != FUSION_ILP})
     for prefix in prefixes:  # "adapter." for the first adapter, "adapter1." ... for an ensemble's others
         adapter = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        out.update({prefix + k: v for k, v in extend_adapter(adapter, text, n_items).items()})
+        out.update({prefix + k: v for k, v in extend_adapter(adapter, text, n_items, id_from).items()})
     return out

@@ -16,8 +16,8 @@ from st2si_cli.data.catalog import catalog_versions, retired_items
 from st2si_cli.data.prepare import load_dataset
 from st2si_cli.errors import InputError, MismatchError
 from st2si_cli.fusion_head import fuse_heads, load_fusion_head
-from st2si_cli.heads import load_head_weight
-from st2si_cli.items import add_items, update_items
+from st2si_cli.heads import load_head_tensors, load_head_weight
+from st2si_cli.items import ItemsOptions, add_items, update_items
 from st2si_cli.placement import fit_ridge
 from st2si_cli.recommend import parse_requests, recommend
 from st2si_cli.scoring import top_k
@@ -132,6 +132,27 @@ def test_adapter_and_fusion_heads_are_extended(zoo, tmp_path, one_thread):
     ds = load_dataset(zoo, "toy")
     out = recommend(zoo, "toy", histories(zoo, ds), k=n + 3, head_ref=new[fused.id].id, dtype="fp32")
     assert {"n1", "n2", "n3"} <= {it["id"] for row in out for it in row["items"]}
+
+
+def test_neighbour_placement_gives_each_new_item_what_its_nearest_known_item_learned(
+    zoo, tmp_path, one_thread
+):
+    ilp, ad = ilp_head(zoo), adapter_head(zoo)
+    n = load_dataset(zoo, "toy").n_items
+    change = add_items(zoo, "toy", item_file(tmp_path), ItemsOptions(placement="neighbour"))
+    new = {was.id: now for was, now in change.heads}
+    assert new[ilp.id].meta["catalog"]["placement"]["method"] == "neighbour"
+    assert "neighbour" in new[ad.id].meta["catalog"]["placement"]["method"]
+    w_old, w_new = load_head_weight(zoo, ilp), load_head_weight(zoo, new[ilp.id])
+    assert torch.equal(w_new[:n], w_old)  # old rows bit for bit
+    e_old = load_head_tensors(zoo, ad)["item_emb.weight"]
+    e_new = load_head_tensors(zoo, new[ad.id])["item_emb.weight"]
+    assert torch.equal(e_new[:n], e_old[:n]) and torch.equal(e_new[-1], e_old[-1])  # old IDs, unknown ID
+    for i in range(n, n + 3):
+        source = [j for j in range(n) if torch.equal(w_new[i], w_old[j])]
+        assert len(source) >= 1  # a copy of a trained row
+        # the adapter takes the ID embedding of the same nearest item (rows may tie; the embedding decides)
+        assert any(torch.equal(e_new[i], e_old[j]) for j in source)
 
 
 def test_a_retired_item_is_never_recommended(zoo, one_thread):

@@ -64,7 +64,12 @@ def add_cmd(
     ),
     domain: str = typer.Option(..., "--domain", help="Dataset name in the zoo."),
     placement: str = typer.Option(
-        "auto", "--placement", help="auto (each head's own map), ridge or text: how ILP rows are placed."
+        "auto",
+        "--placement",
+        help="How new items get their rows: auto (each head's own map: ridge for the paper's ILP, text for "
+        "ilp-text; new items then rank below the top), ridge, text, or neighbour (what training gave the "
+        "nearest known item by text: its ILP row, or its ID embedding in an adapter; new items then compete "
+        "like that item).",
     ),
     device: str = device_option(),
     as_json: bool = json_option(),
