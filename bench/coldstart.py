@@ -369,10 +369,18 @@ def main() -> int:
         }
     )
     sas_dir = BENCH_DIR / ".work" / cold_domain / "SASRec"
-    sas = sasrec_ranks(split, sas_dir, cold_users)
+    sas = sasrec_ranks(split, sas_dir, list(range(split.n_users)))  # trained on the cold split: every user
     sasrec_note = None
     if sas is not None:
-        rows.append({"model": "SASRec (cold items: no positive update)", "cold": metrics_from_ranks(sas, KS)})
+        warm_users = [u for u, seq in enumerate(split.sequences) if seq[-1] not in cold]
+        rows.append(
+            {
+                "model": "SASRec (cold items: no positive update)",
+                "cold": metrics_from_ranks(sas[cold_users], KS),
+                "warm_after": metrics_from_ranks(sas[warm_users], KS),
+                "all_after": metrics_from_ranks(sas, KS),
+            }
+        )
     else:
         sasrec_note = (
             f"not run: python bench/quality.py --zoo {args.zoo} --domain {cold_domain} --models sasrec "
