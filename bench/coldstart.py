@@ -384,7 +384,7 @@ def main() -> int:
     else:
         sasrec_note = (
             f"not run: python bench/quality.py --zoo {args.zoo} --domain {cold_domain} --models sasrec "
-            "--threads 1 --tag coldsplit --summary bench/.work/quality-summary-coldsplit.json"
+            "--threads 1 --check-splits test --summary bench/.work/quality-summary-coldsplit.json"
         )
 
     headers = ["model", "cold NDCG@10", "cold Recall@10", "warm NDCG@10 before", "after", "all users after"]

@@ -335,12 +335,14 @@ def check_split(
     return report
 
 
-def recbole_row(ds: Any, out: Path, result: dict[str, Any], model: str) -> dict[str, Any]:
+def recbole_row(
+    ds: Any, out: Path, result: dict[str, Any], model: str, splits: tuple[str, ...] = ("test", "valid")
+) -> dict[str, Any]:
     import torch
 
     from st2si_cli.metrics import metrics_from_ranks, rank_of_target
 
-    split = check_split(ds, out, model)
+    split = check_split(ds, out, model, splits)
     users = np.load(out / "test_users.npy")
     targets = np.load(out / "test_targets.npy")
     scores = np.load(out / "test_scores.npy", mmap_mode="r")
@@ -596,6 +598,12 @@ def main() -> int:
         default=None,
         help="torch threads for RecBole (default: one per core; 1 is faster on a busy machine)",
     )
+    ap.add_argument(
+        "--check-splits",
+        default="test,valid",
+        help="which of RecBole's splits must be st2si's, user by user (test alone: only its test rows are "
+        "compared, e.g. on a cold split where RecBole's validation leaves out some 3-item users)",
+    )
     ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     ap.add_argument("--summary", default=None, help="summary file (default: <out>/quality-summary.json)")
     ap.add_argument("--tag", default=None, help="added to the result file name (e.g. smoke)")
@@ -634,7 +642,7 @@ def main() -> int:
         for model in models:
             out = work / model
             result = run_recbole(python, model, work / "data", name, ds.n_items, out, args.seed, args.threads)
-            rows.append(recbole_row(ds, out, result, model))
+            rows.append(recbole_row(ds, out, result, model, tuple(args.check_splits.split(","))))
             log(
                 f"RecBole {model}: split identical to st2si's for all {ds.n_users} users (test and valid); "
                 f"{rows[-1]['stopped']}"
