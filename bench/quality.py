@@ -70,10 +70,15 @@ def st2si_heads(zoo: Any, domain: str, refs: list[str]) -> list[Any]:
 
 
 def is_paper_ilp(head: Any) -> bool:
-    """The paper-faithful ILP: random init, constant learning rate, frozen backbone, no sweep."""
+    """The paper-faithful ILP: random init, constant learning rate, frozen backbone, no sweep, and the
+    paper's item text (titles as they are, '.' as the query token)."""
     train = head.meta.get("train") or {}
+    text = head.meta.get("text") or {}
     return (
-        head.meta.get("method") == "ilp"
+        text.get("attributes", ["title"]) == ["title"]
+        and not text.get("trim_periods", False)
+        and text.get("query", "dot") == "dot"
+        and head.meta.get("method") == "ilp"
         and head.meta.get("head", "ilp") == "ilp"
         and "sweep" not in head.meta
         and train.get("schedule", "constant") == "constant"
