@@ -217,6 +217,23 @@ def quality_summary_line(q: dict[str, Any]) -> str:
 
 
 def speed_section(s: dict[str, Any], out_dir: Path, stem: str) -> str:
+    if "forward" not in s:  # the interleaved-ratio format of bench/speed.py: its own table says it all
+        return "\n".join(
+            [
+                f"## Speed and cost: {s['domain']}, backbone {s['backbone']}",
+                "",
+                f"Command: `{s['provenance']['command']}`",
+                "",
+                provenance_line(s["provenance"]),
+                "",
+                f"Scope: {s['scope']}. Each ratio's numerator and denominator were timed in turn (A B A B) in "
+                "this one run; median and min over the rounds."
+                + (f" Note: {s['note']}" if s.get("note") else ""),
+                "",
+                s["table"],
+                "",
+            ]
+        )
     fpt = s["forward"]["flops_per_token"]
     geo = s["model"]
     t = s.get("ilp_tuning") or {}
@@ -316,11 +333,17 @@ def main() -> int:
         elif d["part"] == "speed":
             parts.append(speed_section(d, out_dir, stem))
             r = d["ratios"]
-            summary.append(
-                f"- speed, {d['domain']} ({d['backbone']}): forward at {r['forward_bfloat16_over_roofline']:.2f} "
-                f"(bf16) / {r['forward_float32_over_roofline']:.2f} (fp32) of the matmul roofline; adapt = "
-                f"{r['adapt_wall_over_forward']:.2f} x one forward pass"
-            )
+            if "forward_vs_gemm_roofline" in r:  # interleaved-ratio format: {name: {median, min, ...}}
+                summary.append(
+                    f"- speed, {d['domain']} ({d['backbone']}): "
+                    + "; ".join(f"{k} {v['median']:.2f} (median)" for k, v in r.items() if "median" in v)
+                )
+            else:
+                summary.append(
+                    f"- speed, {d['domain']} ({d['backbone']}): forward at {r['forward_bfloat16_over_roofline']:.2f} "
+                    f"(bf16) / {r['forward_float32_over_roofline']:.2f} (fp32) of the matmul roofline; adapt = "
+                    f"{r['adapt_wall_over_forward']:.2f} x one forward pass"
+                )
         elif d["part"] == "gpu":
             parts.append(gpu_section(d))
             rec = next(
