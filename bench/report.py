@@ -217,33 +217,25 @@ def quality_summary_line(q: dict[str, Any]) -> str:
 
 
 def speed_section(s: dict[str, Any], out_dir: Path, stem: str) -> str:
-    if "forward" not in s:  # the interleaved-ratio format of bench/speed.py: its own table says it all
-        return "\n".join(
-            [
-                f"## Speed and cost: {s['domain']}, backbone {s['backbone']}",
-                "",
-                f"Command: `{s['provenance']['command']}`",
-                "",
-                provenance_line(s["provenance"]),
-                "",
-                f"Scope: {s['scope']}. Each ratio's numerator and denominator were timed in turn (A B A B) in "
-                "this one run; median and min over the rounds."
-                + (f" Note: {s['note']}" if s.get("note") else ""),
-                "",
-                s["table"],
-                "",
-            ]
-        )
-    fpt = s["forward"]["flops_per_token"]
-    geo = s["model"]
-    t = s.get("ilp_tuning") or {}
-    lines = [
+    head = [
         f"## Speed and cost: {s['domain']}, backbone {s['backbone']}",
         "",
         f"Command: `{s['provenance']['command']}`",
         "",
         provenance_line(s["provenance"]),
         "",
+    ]
+    if "forward" not in s:  # the interleaved-ratio format of bench/speed.py: its own table says it all
+        scope = (
+            f"Scope: {s['scope']}. Each ratio's numerator and denominator were timed in turn (A B A B) in "
+            "this one run; median and min over the rounds." + (f" Note: {s['note']}" if s.get("note") else "")
+        )
+        return "\n".join([*head, scope, "", s["table"], ""])
+    fpt = s["forward"]["flops_per_token"]
+    geo = s["model"]
+    t = s.get("ilp_tuning") or {}
+    lines = [
+        *head,
         f"Scope: {s['scope']}. Matmul throughput measured in the same run (median round; the best round is in "
         f"the JSON). Roofline tokens/s = matmul FLOP/s on the model's own linear shapes / FLOPs per token; "
         f"FLOPs per token = 2 x {geo['non_embedding_parameters']:,} non-embedding parameters + "
