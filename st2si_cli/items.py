@@ -231,7 +231,7 @@ def _ilp_rows(
     import torch
 
     from st2si_cli.model.samples import TRAIN
-    from st2si_cli.placement import BiasCalibration, fit_ridge, nearest_known, text_rows
+    from st2si_cli.placement import BiasCalibration, fit_ridge, text_rows
 
     if not text:
         return {}, {"method": "none"}
@@ -239,11 +239,7 @@ def _ilp_rows(
     new_ids = sorted(text)
     x_new = torch.stack([text[i] for i in new_ids])
     method = placement if placement != "auto" else ("text" if kind == "ilp-text" else "ridge")
-    if method == "neighbour":
-        near = ids[nearest_known(x_new, x)]
-        rows = weight[near].float()
-        info = {"method": "neighbour", "known_items": int(ids.numel())}
-    elif method == "text":
+    if method == "text":
         calibration = BiasCalibration.fit(fs.feats[fs.rows(TRAIN)], weight[ids])
         rows = text_rows(x_new, x, calibration)
         info = {"method": "text", "known_items": int(ids.numel()), "bias_component": calibration.component}
@@ -251,6 +247,23 @@ def _ilp_rows(
         ridge = fit_ridge(x, weight[ids].float())
         rows, info = ridge(x_new), ridge.info
     return dict(zip(new_ids, rows)), info
+
+
+def _rows(
+    weight: Any,
+    kind: str,
+    cache: tuple[Any, int],
+    text: dict[int, Any],
+    placement: str,
+    id_from: dict[int, int] | None,
+) -> tuple[dict[int, Any], dict[str, Any]]:
+    """ILP rows for the items of `text`: copies of their nearest trained items' rows (`id_from`, computed
+    once per head for every part of it), else by `_ilp_rows`. `cache`: (feature set, trained items)."""
+    fs, n_trained = cache
+    if not id_from:  # not asked for, or nothing to place
+        return _ilp_rows(weight, kind, fs, n_trained, text, placement)
+    rows = {i: weight[j].float() for i, j in id_from.items()}
+    return rows, {"method": "neighbour", "known_items": n_trained}
 
 
 def _neighbours(fs: Any, n_trained: int, text: dict[int, Any]) -> dict[int, int]:
@@ -292,10 +305,10 @@ def _extend(
     elif kind == "fusion":
         ilp = zoo.find(Inputs.of(head).first("ilp_head") or "", kind="head")
         ilp_kind = head_kind(ilp) if ilp is not None else "ilp"
-        rows, info = _ilp_rows(tensors[FUSION_ILP], ilp_kind, fs, n_trained, text, opts.placement)
+        rows, info = _rows(tensors[FUSION_ILP], ilp_kind, (fs, n_trained), text, opts.placement, id_from)
         new = extend_fusion(tensors, rows, text, n_items, id_from)
     elif kind in ("ilp", "ilp-text"):
-        rows, info = _ilp_rows(tensors["weight"], kind, fs, n_trained, text, opts.placement)
+        rows, info = _rows(tensors["weight"], kind, (fs, n_trained), text, opts.placement, id_from)
         new = {"weight": set_rows(tensors["weight"], rows, n_items)}
     else:
         raise ValueError(f"heads of kind {kind!r} cannot place items from text")
