@@ -6,9 +6,9 @@ cache's size and time, next to the ILP head and the converged SASRec from the qu
 For each K it runs `st2si pretrain --domain D --tune-layers K --json` (a child process, timed, peak RSS)
 and writes `results/<date>-<machine>-top-layers-<domain>-k<K>.json` and a `.md` beside it. The ILP and
 SASRec figures are read from `results/quality-summary.json` (same split, same metric code); a domain
-missing there gets none. `--epochs` / `--patience` / `--lr` / `--batch-size` pass through; anything
-capped below convergence (`--epochs` smaller than the default 30 while the run never early-stopped)
-is marked NOT CONVERGED. The zoo must hold the domain's dataset; the first K builds its activation
+missing there gets none. `--epochs` / `--patience` / `--lr` / `--batch-size` / `--precision` /
+`--max-minutes` / `--init-head` pass through; a run not ended by early stopping on validation (the
+epoch cap or the clock ended it) is marked NOT CONVERGED. The zoo must hold the domain's dataset; the first K builds its activation
 cache, a rerun with the same K finds it (the file records which).
 """
 
@@ -51,16 +51,18 @@ def one_run(args: argparse.Namespace, k: int) -> dict[str, Any]:
     argv = [sys.executable, "-m", "st2si_cli"] + (["--zoo", args.zoo] if args.zoo else [])
     argv += ["pretrain", "--domain", args.domain, "--tune-layers", str(k), "--json"]
     argv += ["--out", f"{args.backbone}-st2si-{args.domain}-top{k}", "--backbone", args.backbone]
-    for flag in ("epochs", "patience", "lr", "batch_size"):
+    for flag in ("epochs", "patience", "lr", "batch_size", "precision", "max_minutes"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    for head in args.init_head:
+        argv += ["--init-head", head]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "ST2SI_NO_PROGRESS": "1"}
     prov = provenance()
     timed = run_timed(argv, env=env, cwd=RESULTS_DIR.parent.parent)
     res = json.loads(timed.stdout.splitlines()[0])  # one line per domain's head; one domain here
     t = res["timings"]
     history_epochs = t["epochs"]
-    converged = args.epochs is None or history_epochs < args.epochs  # early stopping fired before the cap
+    converged = res["early_stopped"]  # early stopping fired, not the epoch cap or the clock
     test = res["metrics"]  # the test split's metrics (`pretrain --json` prints the shape of adapt and eval)
     base = baselines(args.domain)
     sasrec = base.get("sasrec", {}).get("ndcg10")
@@ -75,6 +77,10 @@ def one_run(args: argparse.Namespace, k: int) -> dict[str, Any]:
         "test": {"ndcg10": test["NDCG@10"], "recall10": test["Recall@10"], "mrr": test["MRR"]},
         "valid": res["valid"],
         "best_epoch": res["best_epoch"],
+        "stopped_by": res["stopped_by"],
+        "history": res["history"],
+        "init_heads": args.init_head,
+        "precision": args.precision or "auto",
         "epochs": history_epochs,
         "seconds_per_epoch": t["epoch_seconds"],
         "train_seconds": t["train_seconds"],
@@ -101,7 +107,9 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"`{r['command']}` at {r['date']}, commit {r['git']['commit']} (dirty: {r['git']['dirty']}); "
         f"load average {r['load_average_start']} -> {r['load_average_end']}.",
-        "" if r["converged"] else "\n**NOT CONVERGED**: the epoch cap ended the run before early stopping.\n",
+        ""
+        if r["converged"]
+        else f"\n**NOT CONVERGED**: stopped by {r['stopped_by']}, not by early stopping on validation.\n",
         format_table(["model", "test NDCG@10", "Recall@10", "MRR"], rows),
         "",
         f"- seconds per epoch: {r['seconds_per_epoch']}; {r['epochs']} epochs, best {r['best_epoch']}; "
@@ -129,6 +137,13 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument(
+        "--precision", default=None, help="fp32 | bf16 (bf16: packed activation pass, bf16 autocast)"
+    )
+    ap.add_argument(
+        "--max-minutes", type=float, default=None, help="stop after the epoch passing this budget"
+    )
+    ap.add_argument("--init-head", action="append", default=[], help="ILP head the ILP starts from")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = ap.parse_args()
     for k in (int(x) for x in args.tune_layers.split(",")):

@@ -124,3 +124,33 @@ def test_pretrain_under_bf16_autocast_validates_through_the_packed_forward(zoo, 
     assert res.run.meta["config"]["precision"] == "bf16"
     test = res.run.meta["metrics"]["test"]
     assert 0.0 <= test["NDCG@10"] <= 1.0 and test["n_users"] > 0
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_packed_states_entering_a_layer_equal_the_plain_forward_stopped_there(zoo, k):
+    # The activation cache of top-K tuning: every token's state entering layer k, samples concatenated.
+    from st2si_cli.model.fast import PackedLlama
+    from st2si_cli.model.layers import states_entering
+
+    bb = load_backbone(zoo, "tiny-llama", dtype="fp32")
+    samples = toy_samples(zoo, bb, 10)
+    with torch.inference_mode():
+        packed = PackedLlama(bb.model).states_entering(samples, k)
+        plain = [states_entering(bb.model, torch.tensor([s.tokens]), k)[0] for s in samples]
+    assert packed.shape == (sum(len(s.tokens) for s in samples), plain[0].shape[1])
+    torch.testing.assert_close(packed, torch.cat(plain), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        PackedLlama(bb.model).states_entering(samples, 99)
+
+
+def test_top_k_under_bf16_caches_through_the_packed_pass(zoo):
+    from st2si_cli.train.config import PretrainConfig
+    from st2si_cli.train.full import pretrain
+
+    cfg = PretrainConfig(epochs=1, lr=1e-3, batch_size=8, precision="bf16", tune_layers=1)
+    res = pretrain(zoo, ["toy"], backbone="tiny-llama", cfg=cfg, out="bf16-packed-cache", device="cpu")
+    cache = zoo.get(res.run.meta["timings"]["activation_cache"]["artifact"])
+    assert cache.meta["pass"] == "packed" and cache.meta["precision"] == "bf16"
+    cfg32 = PretrainConfig(epochs=1, lr=1e-3, batch_size=8, tune_layers=1, precision="fp32")
+    res32 = pretrain(zoo, ["toy"], backbone="tiny-llama", cfg=cfg32, out="fp32-plain-cache", device="cpu")
+    assert zoo.get(res32.run.meta["timings"]["activation_cache"]["artifact"]).meta["pass"] == "plain"

@@ -155,6 +155,54 @@ def test_k_equal_to_the_layer_count_is_full_tuning(zoo):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_init_head_starts_the_ilp_from_an_adapt_ilp_head(zoo):
+    from st2si_cli.adapt import adapt
+    from st2si_cli.heads import load_head_tensors
+    from st2si_cli.train.head import HeadConfig
+
+    opts = FeatureOptions(dtype="fp32")
+    head = adapt(zoo, "toy", backbone="tiny-llama4", head_cfg=HeadConfig(max_epochs=2), feature_opts=opts)
+    start = load_head_tensors(zoo, head)["weight"]
+    seen: list[torch.Tensor] = []
+
+    def first_step(info):
+        if not seen:
+            seen.append(info["module"].ilp.weight.detach().clone())
+
+    # lr 0: the rows stay what the head had; the stored head and the run record name it
+    cfg = PretrainConfig(epochs=1, lr=0.0, batch_size=8, tune_layers=1, init_heads=(head.name,))
+    res = pretrain(
+        zoo, ["toy"], backbone="tiny-llama4", cfg=cfg, out="top1-init", device="cpu", on_step=first_step
+    )
+    assert torch.equal(seen[0], start)
+    assert torch.equal(load_head_tensors(zoo, res.heads["toy"])["weight"], start)
+    assert res.run.meta["config"]["train"]["init_heads"] == [head.id]
+    assert res.run.meta["inputs"]["init_heads"] == [head.id] and res.run.meta["flags"]["init-head"] == 1
+    # the same run from random rows has another key
+    rnd = pretrain(
+        zoo,
+        ["toy"],
+        backbone="tiny-llama4",
+        cfg=PretrainConfig(epochs=1, lr=0.0, batch_size=8, tune_layers=1),
+        out="top1-rnd",
+        device="cpu",
+    )
+    assert rnd.run.meta["config"]["key"] != res.run.meta["config"]["key"]
+    assert not torch.equal(load_head_tensors(zoo, rnd.heads["toy"])["weight"], start)
+    # a head of another backbone, or not an ILP head, is a one-line error before anything runs
+    other = adapt(zoo, "toy", backbone="tiny-opt", head_cfg=HeadConfig(max_epochs=1), feature_opts=opts)
+    for bad in (other.name, "no-such-head"):
+        with pytest.raises(St2siError):
+            pretrain(
+                zoo,
+                ["toy"],
+                backbone="tiny-llama4",
+                cfg=PretrainConfig(epochs=1, tune_layers=1, init_heads=(bad,)),
+                out="x",
+                device="cpu",
+            )
+
+
 # ---- the activation cache ----------------------------------------------------------------------------------
 
 

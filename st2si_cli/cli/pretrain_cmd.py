@@ -83,6 +83,12 @@ def pretrain_cmd(
     cache_dtype: str = typer.Option(
         "bf16", "--cache-dtype", help="dtype of the activation cache: bf16 (half the disk) or fp32."
     ),
+    init_head: list[str] = typer.Option(
+        [],
+        "--init-head",
+        help="Start the ILP from this ILP head (trained by `adapt` on the same backbone and dataset) "
+        "instead of random rows; repeat for several domains.",
+    ),
     query_token: QueryToken = query_token_option(
         "dot: the tokenizer's '.'; new: an added [Q] token (saved with the backbone)."
     ),
@@ -175,6 +181,7 @@ def pretrain_cmd(
         tune_layers=tune_layers,
         activation_cache=not no_activation_cache,
         cache_dtype=cache_dtype,
+        init_heads=tuple(init_head),
     )
     main_rank = launch_env()[0] == 0
     reporter = RichReporter(quiet=json_out or not main_rank)
@@ -207,6 +214,9 @@ def pretrain_cmd(
                     "run": result.run.name,
                     "run_id": result.run.id,
                     "best_epoch": run_meta.best_epoch,
+                    "stopped_by": run_meta.stopped_by,
+                    "early_stopped": run_meta.early_stopped,
+                    "history": run_meta.history,
                     "flags": run_meta.flags,
                     "world_size": run_meta.world_size,
                     "timings": run_meta.timings,

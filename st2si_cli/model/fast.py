@@ -105,6 +105,18 @@ class PackedLlama:
 
     def query_states(self, samples: Sequence[Sample]) -> Tensor:
         """Hidden states at the samples' query positions, in sample order: [P, d] (the backbone's dtype)."""
+        return self._run(samples, len(self.layers), queries=True)
+
+    def states_entering(self, samples: Sequence[Sample], k: int) -> Tensor:
+        """The states entering layer k at every token, samples concatenated in order: [T, d] (the
+        activation cache of top-K tuning; k = 0 gives the embeddings)."""
+        if not 0 <= k <= len(self.layers):
+            raise ValueError(f"layer {k} is not in 0..{len(self.layers)}")
+        return self._run(samples, k, queries=False)
+
+    def _run(self, samples: Sequence[Sample], stop: int, queries: bool) -> Tensor:
+        """Layers 0..stop-1 on the packed tokens; with `queries`, all layers, the last one on the query
+        rows only, and the final norm."""
         m = self.model
         device = m.embed_tokens.weight.device
         lengths = [len(s.tokens) for s in samples]
@@ -113,31 +125,33 @@ class PackedLlama:
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
-        queries = torch.tensor(
-            [starts[k] + p for k, s in enumerate(samples) for p in s.query_pos],
-            dtype=torch.long,
-            device=device,
-        )
-        groups = attention_groups(lengths, starts, device)
-
         x = m.embed_tokens(ids)  # [T, d]
+        if stop == 0:
+            return x
+        rows = None
+        if queries:
+            rows = torch.tensor(
+                [starts[k] + p for k, s in enumerate(samples) for p in s.query_pos],
+                dtype=torch.long,
+                device=device,
+            )
+        groups = attention_groups(lengths, starts, device)
         cos, sin = m.rotary_emb(x, pos[None])  # [1, T, hd] each, x's dtype
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, hd]
         h, kv, hd = self.heads, self.kv_heads, self.head_dim
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:stop]):
             y = F.linear(self._norm(x, layer.norm1), layer.qkv, layer.qkv_bias)  # [T, (H + 2 KV) hd]
             q, k, v = y.split([h * hd, kv * hd, kv * hd], dim=-1)
             q = _rope(q.view(-1, h, hd), cos, sin)
             k = _rope(k.view(-1, kv, hd), cos, sin)
             att = self._attention(q, k, v.view(-1, kv, hd), groups)  # [T, H hd]
-            if i == last:  # only the query rows go on
-                att, x = att[queries], x[queries]
+            if rows is not None and i == len(self.layers) - 1:  # only the query rows go on
+                att, x = att[rows], x[rows]
             x = x + F.linear(att, layer.o, layer.o_bias)
             gu = F.linear(self._norm(x, layer.norm2), layer.gate_up, layer.gate_up_bias)
             gate, up = gu.chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
-        return self._norm(x, m.norm.weight)
+        return self._norm(x, m.norm.weight) if queries else x
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, groups: list[_Group]) -> Tensor:
         """Causal attention per sample: packed [T, heads, hd] -> per group of similar lengths, padded

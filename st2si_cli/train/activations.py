@@ -28,6 +28,7 @@ from torch import Tensor
 
 from st2si_cli import __version__
 from st2si_cli.errors import St2siError
+from st2si_cli.model.fast import PackedLlama
 from st2si_cli.model.layers import states_entering
 from st2si_cli.model.samples import Sample, collate, plan_batches
 from st2si_cli.train import distributed as dist
@@ -49,6 +50,7 @@ class CachePlan:
     batch_tokens: int = 16384
     max_batch: int = 64
     shard_tokens: int = 65536  # tokens per shard: the resume granularity
+    packed: bool = False  # the pass runs packed (model/fast.py: Llama family, under bf16/fp16 autocast)
     on_shard: Callable[[int], None] | None = field(default=None, compare=False)  # after each shard (tests)
 
     def key(self) -> str:
@@ -59,6 +61,8 @@ class CachePlan:
             "dtype": self.dtype,
             "precision": self.precision,
         }
+        if self.packed:  # the plain pass keeps the keys it had before the packed one existed
+            spec["pass"] = "packed"
         return hashlib.sha256(canonical_json(spec).encode()).hexdigest()
 
 
@@ -177,6 +181,7 @@ def _build(
     computed = 0
     dtype = DTYPES[plan.dtype]
     device = next(backbone.parameters()).device
+    fast = PackedLlama(backbone) if plan.packed else None
     with torch.no_grad():
         for n in range(info.rank, len(shards), info.world_size):
             path = stage / f"shard-{n:05d}.safetensors"
@@ -184,10 +189,14 @@ def _build(
                 continue
             rows: list[Tensor] = []
             for b in shards[n]:
-                batch = collate([samples[i] for i in b], pad, device)
                 with dist.autocast(str(device), plan.precision):
-                    h = states_entering(backbone, batch.input_ids, plan.first_layer)  # [B, L, d]
-                rows += [h[r, : lengths[i]].to("cpu", dtype) for r, i in enumerate(b)]
+                    if fast is not None:  # [T, d]: the batch's tokens, samples in order
+                        h = fast.states_entering([samples[i] for i in b], plan.first_layer)
+                        rows.append(h.to("cpu", dtype))
+                    else:
+                        batch = collate([samples[i] for i in b], pad, device)
+                        h = states_entering(backbone, batch.input_ids, plan.first_layer)  # [B, L, d]
+                        rows += [h[r, : lengths[i]].to("cpu", dtype) for r, i in enumerate(b)]
                 computed += sum(lengths[i] for i in b)
             write_safetensors_atomic({"hidden": torch.cat(rows)}, path)
             if plan.on_shard is not None:
@@ -226,6 +235,7 @@ def _store(zoo: Zoo, stage: Path, layout: tuple[Any, ...], plan: CachePlan, timi
         "layer": plan.first_layer,
         "dtype": plan.dtype,
         "precision": plan.precision,
+        "pass": "packed" if plan.packed else "plain",
         "samples": len(parents),
         "tokens": sum(lengths),
         "tokens_stored": sum(lengths[i] for i, p in enumerate(parents) if p == i),

@@ -47,6 +47,7 @@ class PretrainConfig:
     tune_layers: int = 0  # 0: every layer (full tuning); K: only the top K layers, the final norm and the ILP
     activation_cache: bool = True  # top-K: cache the frozen layers' output once (False: run them each step)
     cache_dtype: str = "bf16"  # the activation cache's dtype: bf16 (half the disk) or fp32
+    init_heads: tuple[str, ...] = ()  # ILP heads (names or IDs; IDs once the run starts) the ILP starts from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +62,8 @@ class PretrainConfig:
                 d.pop(k)
         elif not self.activation_cache:
             d.pop("cache_dtype")
+        if not self.init_heads:  # a random ILP keeps the keys it had before --init-head existed
+            d.pop("init_heads")
         return d
 
 

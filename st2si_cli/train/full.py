@@ -36,6 +36,7 @@ from st2si_cli.train.corpus import Corpus, build_corpus, steps_per_epoch
 from st2si_cli.train.loop import full_data, make_engine, new_totals, train_epochs
 from st2si_cli.train.result import PretrainResult, store_result
 from st2si_cli.train.top import check_tune_layers, top_module_and_data
+from st2si_cli.train.warm_start import load_init_heads, resolve_init_heads
 from st2si_cli.train.weights import load_trainable
 from st2si_cli.zoo.store import Zoo
 
@@ -70,7 +71,11 @@ def pretrain(
         run.deepspeed, run.out, run.on_step = deepspeed, out, on_step
         run.reporter = reporter if (reporter is not None and info.is_main) else Reporter()
         run.ds_config = _deepspeed_config(run) if deepspeed is not None else None
-        run.cfg = cfg = replace(cfg, tune_layers=check_tune_layers(run))  # K = L is full tuning
+        run.cfg = cfg = replace(
+            cfg,
+            tune_layers=check_tune_layers(run),  # K = L is full tuning
+            init_heads=resolve_init_heads(zoo, cfg.init_heads, run.backbone, run.datasets),
+        )
         run.key = run_key(
             run.backbone, run.datasets, text, cfg, info.world_size, run.ds_config, run.precision
         )
@@ -157,6 +162,8 @@ def _train(run: RunSetup, corpus: Corpus, model: torch.nn.Module, state: RunStat
         module = ST2SI(model, corpus.n_items, pad_id=corpus.pad_id, seed=cfg.seed, split_by_length=True)
         module.to(info.device)
         data = full_data(run, corpus, corpus.pad_id)
+    if cfg.init_heads:
+        load_init_heads(run.zoo, cfg.init_heads, corpus.offsets, run.datasets, module.ilp)
     engine = make_engine(module, run, total_steps)
     totals = new_totals()
     if state.checkpoint is not None:

@@ -47,7 +47,9 @@ def store_result(
     cfg, text, bb_art = run.cfg, run.text, run.backbone
     name = run.out or default_out_name(bb_art.name or bb_art.short_id, corpus.domains, cfg, text)
     flags = run_flags(run)
-    inputs = {"backbone": bb_art.id, "datasets": [a.id for a in run.datasets]}
+    inputs: dict[str, Any] = {"backbone": bb_art.id, "datasets": [a.id for a in run.datasets]}
+    if cfg.init_heads:
+        inputs["init_heads"] = list(cfg.init_heads)
     config = {
         "train": cfg.to_dict(),
         "text": text.to_dict(),
@@ -132,6 +134,7 @@ def run_flags(run: RunSetup) -> dict[str, Any]:
         "world-size": world if world > 1 else None,
         "tune-layers": cfg.tune_layers or None,
         "no-activation-cache": True if cfg.tune_layers and not cfg.activation_cache else None,
+        "init-head": len(cfg.init_heads) or None,
     }
 
 

@@ -67,7 +67,7 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
     train = epoch_samples(corpus, cfg, 1)  # sampling "all": the same samples every epoch
     samples = train + data.valid
     module.eval()
-    plan = _plan(run, first)
+    plan = _plan(run, first, model)
     reused = run.zoo.find(cache_name(plan.key()), kind="features") is not None
     art, cache = open_or_build(run.zoo, model, samples, plan, info)
     run.activations = {
@@ -89,7 +89,7 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
     )
 
 
-def _plan(run: RunSetup, first: int) -> CachePlan:
+def _plan(run: RunSetup, first: int, model: nn.Module) -> CachePlan:
     cfg = run.cfg
     identity = {
         "backbone": run.backbone.id,
@@ -105,7 +105,16 @@ def _plan(run: RunSetup, first: int) -> CachePlan:
         precision=run.precision,
         batch_tokens=cfg.eval_batch_tokens,
         max_batch=cfg.eval_max_batch,
+        packed=packed_pass(model, run.precision),
     )
+
+
+def packed_pass(model: nn.Module, precision: str) -> bool:
+    """The activation pass runs packed for a Llama-family backbone under bf16/fp16 autocast (in fp32
+    the plain forward runs, so the cache is exactly what full tuning's frozen layers compute)."""
+    from st2si_cli.model.fast import supports
+
+    return precision != "fp32" and supports(model)
 
 
 @dataclass
