@@ -2,8 +2,9 @@
 
 Top-K (or full) tuning then begins where `st2si adapt` ended: the backbone unchanged, each domain's
 slice of the union ILP set to that domain's trained ILP head. Tuning then moves the top layers and
-the rows together (linear probing, then fine-tuning). A head qualifies only if it is a plain ILP
-head trained on the run's own backbone, for one of the run's domains, over the same catalog.
+the rows together (linear probing, then fine-tuning). A head qualifies only if it is an ILP head
+(`adapt --head ilp` or `ilp-text`) trained on the run's own backbone, for one of the run's domains,
+over the same catalog.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def resolve_init_heads(
     for ref in refs:
         art = zoo.get(ref, kind="head")
         meta = HeadMeta.of(art)
-        if meta.config_kind != "st2si-ilp-head" or meta.kind != "ilp":
-            raise St2siError(f"--init-head {ref}: a {meta.kind} head; only a plain ILP head can start a run")
+        if meta.config_kind != "st2si-ilp-head" or meta.kind not in ("ilp", "ilp-text"):
+            raise St2siError(f"--init-head {ref}: a {meta.kind} head; only an ILP head can start a run")
         if meta.backbone != backbone.id:
             raise St2siError(
                 f"--init-head {ref}: trained on backbone {meta.backbone_name or meta.backbone}, "
