@@ -155,7 +155,9 @@ def test_k_equal_to_the_layer_count_is_full_tuning(zoo):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_init_head_starts_the_ilp_from_an_adapt_ilp_head(zoo):
+def test_init_head_starts_the_ilp_from_an_adapt_ilp_head(tmp_path):
+    zoo = build_zoo(tmp_path / "zoo", {"toy": synthetic_dataset()})  # its own: no cache shared with others
+    build_tiny(zoo, "tiny-llama4", "llama", layers=4)
     from st2si_cli.adapt import adapt
     from st2si_cli.heads import load_head_tensors
     from st2si_cli.train.head import HeadConfig
