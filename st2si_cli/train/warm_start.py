@@ -35,7 +35,7 @@ def resolve_init_heads(
                 f"--init-head {ref}: trained on backbone {meta.backbone_name or meta.backbone}, "
                 f"not on {backbone.name or backbone.short_id}"
             )
-        k = next((i for i, d in enumerate(datasets) if meta.dataset == d.id), None)
+        k = domain_of(meta, datasets)
         if k is None:
             raise St2siError(f"--init-head {ref}: its dataset is none of {', '.join(names)}")
         if meta.catalog_hash != DatasetMeta.of(datasets[k]).catalog_hash:
@@ -46,6 +46,11 @@ def resolve_init_heads(
     return tuple(by_domain[n] for n in names if n in by_domain)
 
 
+def domain_of(meta: HeadMeta, datasets: Sequence[Artifact]) -> int | None:
+    """The index of the head's dataset among the run's datasets (None: not one of them)."""
+    return next((i for i, d in enumerate(datasets) if meta.dataset == d.id), None)
+
+
 def load_init_heads(
     zoo: Zoo, head_ids: Sequence[str], offsets: Sequence[int], datasets: Sequence[Artifact], ilp: nn.Linear
 ) -> None:
@@ -54,7 +59,8 @@ def load_init_heads(
 
     for head_id in head_ids:
         art = zoo.get(head_id, kind="head")
-        k = next(i for i, d in enumerate(datasets) if HeadMeta.of(art).dataset == d.id)
+        k = domain_of(HeadMeta.of(art), datasets)
+        assert k is not None  # resolve_init_heads checked it
         weight = load_head_tensors(zoo, art)["weight"]
         rows = ilp.weight[offsets[k] : offsets[k] + weight.shape[0]]
         if rows.shape != weight.shape:
