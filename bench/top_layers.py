@@ -7,9 +7,11 @@ For each K it runs `st2si pretrain --domain D --tune-layers K --json` (a child p
 and writes `results/<date>-<machine>-top-layers-<domain>-k<K>.json` and a `.md` beside it. The ILP and
 SASRec figures are read from `results/quality-summary.json` (same split, same metric code); a domain
 missing there gets none. `--epochs` / `--patience` / `--lr` / `--batch-size` / `--precision` /
-`--max-minutes` / `--init-head` pass through; a run not ended by early stopping on validation (the
+`--max-minutes` / `--init-head` / `--valid-every` pass through; a run not ended by early stopping on validation (the
 epoch cap or the clock ended it) is marked NOT CONVERGED. The zoo must hold the domain's dataset; the first K builds its activation
-cache, a rerun with the same K finds it (the file records which).
+cache, a rerun with the same K finds it (the file records which). With `--init-head` the report's ILP
+row is that head (valid and test, from its zoo record), the weights top-K tuning started from.
+`--render FILE.json` writes FILE.md again from a result file.
 """
 
 from __future__ import annotations
@@ -47,11 +49,34 @@ def baselines(domain: str) -> dict[str, Any]:
     }
 
 
+def head_rows(zoo_dir: str | None, refs: list[str]) -> list[dict[str, Any]]:
+    """Each starting head's name, ID and stored valid/test metrics (from its zoo record)."""
+    from st2si_cli.zoo.meta import HeadMeta
+    from st2si_cli.zoo.store import Zoo
+
+    zoo = Zoo(zoo_dir)
+    out = []
+    for ref in refs:
+        head = zoo.get(ref, kind="head")
+        m = HeadMeta.of(head).metrics
+        out.append(
+            {
+                "name": head.name,
+                "id": head.id,
+                "valid_ndcg10": m.valid.get("NDCG@10"),
+                "ndcg10": m.test.get("NDCG@10"),
+                "recall10": m.test.get("Recall@10"),
+                "mrr": m.test.get("MRR"),
+            }
+        )
+    return out
+
+
 def one_run(args: argparse.Namespace, k: int) -> dict[str, Any]:
     argv = [sys.executable, "-m", "st2si_cli"] + (["--zoo", args.zoo] if args.zoo else [])
     argv += ["pretrain", "--domain", args.domain, "--tune-layers", str(k), "--json"]
     argv += ["--out", f"{args.backbone}-st2si-{args.domain}-top{k}", "--backbone", args.backbone]
-    for flag in ("epochs", "patience", "lr", "batch_size", "precision", "max_minutes"):
+    for flag in ("epochs", "patience", "lr", "batch_size", "precision", "max_minutes", "valid_every"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     for head in args.init_head:
@@ -80,6 +105,8 @@ def one_run(args: argparse.Namespace, k: int) -> dict[str, Any]:
         "stopped_by": res["stopped_by"],
         "history": res["history"],
         "init_heads": args.init_head,
+        "init_head_metrics": head_rows(args.zoo, args.init_head),
+        "best_step": res.get("best_step"),
         "precision": args.precision or "auto",
         "epochs": history_epochs,
         "seconds_per_epoch": t["epoch_seconds"],
@@ -97,11 +124,14 @@ def one_run(args: argparse.Namespace, k: int) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     cache = r["activation_cache"] or {}
     base = r["baselines"]
-    rows = [
-        [f"top-{r['tune_layers']} tuning", r["test"]["ndcg10"], r["test"]["recall10"], r["test"]["mrr"]],
-        ["ILP head", *(base.get("st2si_ilp", {}).get(k) for k in ("ndcg10", "recall10", "mrr"))],
-        ["SASRec (converged)", *(base.get("sasrec", {}).get(k) for k in ("ndcg10", "recall10", "mrr"))],
-    ]
+    metrics = ("ndcg10", "recall10", "mrr")
+    valid = r.get("valid", {}).get("NDCG@10")
+    rows = [[f"top-{r['tune_layers']} tuning", *(r["test"][k] for k in metrics), valid]]
+    for h in r.get("init_head_metrics") or []:
+        rows.append([f"its starting ILP head `{h['name']}`", *(h[k] for k in metrics), h["valid_ndcg10"]])
+    ilp = base.get("st2si_ilp", {})
+    rows.append(["paper-faithful ILP head (quality benchmark)", *(ilp.get(k) for k in metrics), None])
+    rows.append(["SASRec (converged)", *(base.get("sasrec", {}).get(k) for k in metrics), None])
     lines = [
         f"# Top-{r['tune_layers']} tuning on {r['domain']} ({r['machine']}, {r['threads']} threads)",
         "",
@@ -110,7 +140,13 @@ def markdown(r: dict[str, Any]) -> str:
         ""
         if r["converged"]
         else f"\n**NOT CONVERGED**: stopped by {r['stopped_by']}, not by early stopping on validation.\n",
-        format_table(["model", "test NDCG@10", "Recall@10", "MRR"], rows),
+        format_table(["model", "test NDCG@10", "Recall@10", "MRR", "valid NDCG@10"], rows),
+        "",
+        "Validation points (the best one's weights are the result):",
+        "",
+        format_table(
+            ["epoch", "step in epoch", "global step", "train loss so far", "valid NDCG@10"], points(r)
+        ),
         "",
         f"- seconds per epoch: {r['seconds_per_epoch']}; {r['epochs']} epochs, best {r['best_epoch']}; "
         f"{r['total_seconds']} s in all; peak RSS {r['child']['peak_rss_mb']} MB",
@@ -124,6 +160,15 @@ def markdown(r: dict[str, Any]) -> str:
         f"- NDCG@10 / converged SASRec: {r['ratio_to_sasrec']:.3f}" if r["ratio_to_sasrec"] else "",
     ]
     return "\n".join(lines) + "\n"
+
+
+def points(r: dict[str, Any]) -> list[list[Any]]:
+    out = []
+    for h in r.get("history", []):
+        epoch = "start" if h["epoch"] == 0 else h["epoch"]
+        step = h.get("step", "end") if not h.get("end", True) else "end"
+        out.append([epoch, step, h["steps"], h["loss"], h["valid_NDCG@10"]])
+    return out
 
 
 def main() -> None:
@@ -144,8 +189,18 @@ def main() -> None:
         "--max-minutes", type=float, default=None, help="stop after the epoch passing this budget"
     )
     ap.add_argument("--init-head", action="append", default=[], help="ILP head the ILP starts from")
+    ap.add_argument("--valid-every", type=int, default=None, help="also validate every N steps")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--render", type=Path, default=None, help="rewrite the .md of this result file and exit")
     args = ap.parse_args()
+    if args.render is not None:
+        record = json.loads(args.render.read_text())
+        if (
+            record.get("init_heads") and "init_head_metrics" not in record
+        ):  # a file from before it was recorded
+            record["init_head_metrics"] = head_rows(args.zoo, record["init_heads"])
+        args.render.with_suffix(".md").write_text(markdown(record))
+        return
     for k in (int(x) for x in args.tune_layers.split(",")):
         record = one_run(args, k)
         path = write_json(result_path(args.out_dir, "top-layers", f"{args.domain}-k{k}"), record)

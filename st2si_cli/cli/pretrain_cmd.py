@@ -47,7 +47,18 @@ def pretrain_cmd(
         30, "--epochs", min=1, help="Most epochs (early stopping usually ends sooner)."
     ),
     patience: int = typer.Option(
-        5, "--patience", min=1, help="Epochs without a better valid NDCG@10 before stopping."
+        5,
+        "--patience",
+        min=1,
+        help="Validation points (epoch ends, and --valid-every points) without a better valid NDCG@10 "
+        "before stopping.",
+    ),
+    valid_every: int = typer.Option(
+        0,
+        "--valid-every",
+        min=0,
+        help="Also validate every N optimizer steps within an epoch (0: at epoch ends only); the best "
+        "point is kept. For runs that overfit within an epoch.",
     ),
     lr: float = typer.Option(
         5e-5, "--lr", callback=check_positive, help="AdamW learning rate (backbone and ILP)."
@@ -182,6 +193,7 @@ def pretrain_cmd(
         activation_cache=not no_activation_cache,
         cache_dtype=cache_dtype,
         init_heads=tuple(init_head),
+        valid_every=valid_every,
     )
     main_rank = launch_env()[0] == 0
     reporter = RichReporter(quiet=json_out or not main_rank)
@@ -214,6 +226,7 @@ def pretrain_cmd(
                     "run": result.run.name,
                     "run_id": result.run.id,
                     "best_epoch": run_meta.best_epoch,
+                    "best_step": run_meta.best_step,
                     "stopped_by": run_meta.stopped_by,
                     "early_stopped": run_meta.early_stopped,
                     "history": run_meta.history,
@@ -226,7 +239,8 @@ def pretrain_cmd(
     rows = {"valid": run_meta.metrics.valid, "test": run_meta.metrics.with_alignment("test")}
     if len(domain) > 1:
         rows.update({f"test {d}": m.test for d, m in run_meta.metrics.domains.items()})
-    out.print(metrics_table(f"{result.backbone.name} (best epoch {run_meta.best_epoch})", rows))
+    best = f"best epoch {run_meta.best_epoch}" if run_meta.best_epoch else "best: the starting weights"
+    out.print(metrics_table(f"{result.backbone.name} ({best})", rows))
     t = run_meta.timings
     err.print(
         f"Stored backbone {result.backbone.name} ({result.backbone.short_id}), heads "

@@ -57,10 +57,16 @@ class RichReporter(Reporter):
             self.progress.advance(self._train, n)
 
     def epoch(self, record: dict[str, Any]) -> None:
+        """One validation point: an epoch end, a point within an epoch (--valid-every) or the start."""
         mark = "*" if record.get("improved") else " "
+        end = record.get("end", True)
+        where = f"epoch {record['epoch']:3d}" if end else f"epoch {record['epoch']:3d} step {record['step']}"
+        if not end and record["epoch"] == 0:
+            where = "start    "
+        loss = "   -  " if record.get("loss") is None else f"{record['loss']:.4f}"
         self.message(
-            f"epoch {record['epoch']:3d}{mark} loss {record['loss']:.4f}  valid NDCG@10 {record['valid_NDCG@10']:.4f}"
+            f"{where}{mark} loss {loss}  valid NDCG@10 {record['valid_NDCG@10']:.4f}"
             f"  Recall@10 {record['valid_Recall@10']:.4f}  ({record['seconds']:.1f}s)"
         )
-        if self._train is not None:
+        if self._train is not None and end:
             self.progress.reset(self._train, total=self._steps, description=f"epoch {record['epoch'] + 1}")

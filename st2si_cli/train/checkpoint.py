@@ -34,9 +34,10 @@ class RunState:
     )
     checkpoint: str | None = None  # folder under checkpoints/ holding the state at (epoch, step)
     best: dict[str, float] | None = None
-    best_epoch: int = 0
-    since_best: int = 0
-    best_file: str | None = None  # best-<epoch>.safetensors: the best epoch's consolidated weights
+    best_epoch: int = 0  # the epoch of the best validation point (0: the starting weights)
+    best_step: int = 0  # its global step
+    since_best: int = 0  # validation points since the best one
+    best_file: str | None = None  # best-<global step>.safetensors: the best point's consolidated weights
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "valid": 0.0})
     world_size: int = 1
@@ -90,7 +91,7 @@ def save_checkpoint(
     engine.save(folder, info)
     dist.torch_save_atomic({"rng": rng_state(), **rank_extra}, folder / f"rank-{info.rank}.pt")
     if improved:
-        best = f"best-{state.best_epoch:04d}.safetensors"
+        best = f"best-{state.best_step:08d}.safetensors"
         sd = engine.consolidated_state_dict(folder)
         if info.is_main:
             write_safetensors_atomic(sd, stage / best)

@@ -48,6 +48,7 @@ class PretrainConfig:
     activation_cache: bool = True  # top-K: cache the frozen layers' output once (False: run them each step)
     cache_dtype: str = "bf16"  # the activation cache's dtype: bf16 (half the disk) or fp32
     init_heads: tuple[str, ...] = ()  # ILP heads (names or IDs; IDs once the run starts) the ILP starts from
+    valid_every: int = 0  # also validate every N optimizer steps within an epoch (0: at epoch ends only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +65,8 @@ class PretrainConfig:
             d.pop("cache_dtype")
         if not self.init_heads:  # a random ILP keeps the keys it had before --init-head existed
             d.pop("init_heads")
+        if not self.valid_every:  # validation at epoch ends only keeps the keys it had before
+            d.pop("valid_every")
         return d
 
 
@@ -108,6 +111,8 @@ def check_config(cfg: PretrainConfig, domains: Sequence[str]) -> None:
         raise St2siError(f"max_minutes must be >= 0 (0: no limit), not {cfg.max_minutes}")
     if cfg.save_every < 0:
         raise St2siError(f"save_every must be >= 0, not {cfg.save_every}")
+    if cfg.valid_every < 0:
+        raise St2siError(f"valid_every must be >= 0 (0: at epoch ends only), not {cfg.valid_every}")
     if cfg.tune_layers < 0:
         raise St2siError(f"tune_layers must be >= 0 (0: all layers), not {cfg.tune_layers}")
     if cfg.cache_dtype not in CACHE_DTYPES:

@@ -1,5 +1,10 @@
 """The full-tuning loop: optimizer and LR schedule, global steps split over ranks and micro-steps,
-validation and early stopping at each epoch end, checkpoints."""
+validation and early stopping, checkpoints.
+
+Validation points: each epoch end; every `valid_every` optimizer steps within an epoch when set; and,
+when the ILP starts from trained heads (`init_heads`), the starting weights before the first step, so a
+run that never beats where it started keeps the start. Early stopping counts validation points, and
+the best point's weights are the result."""
 
 from __future__ import annotations
 
@@ -91,10 +96,14 @@ def train_epochs(
     run.reporter.training_start(steps, run.cfg.epochs)
     if state.step:
         run.reporter.training_step(state.step)  # a resumed epoch's bar starts where it stopped
+    validate_now = lambda: validate(engine, run, data.valid, data.valid_features)  # noqa: E731
+    if run.cfg.init_heads and state.global_step == 0 and not state.history:
+        _start_point(engine, run, state, totals, validate_now)
     engine.train()
     while not state.stopped:
         epoch = state.epoch
         e0 = mark = time.time()
+        valid_in_epoch = 0.0
         samples = data.samples(epoch)
         order = epoch_order(len(samples), run.cfg.seed, epoch)
         for k in range(state.step, steps):
@@ -104,7 +113,12 @@ def train_epochs(
             state.step = k + 1
             state.global_step += 1
             run.reporter.training_step(1)
-            if run.cfg.save_every and state.global_step % run.cfg.save_every == 0 and state.step < steps:
+            every = run.cfg.valid_every
+            if every and state.global_step % every == 0 and state.step < steps:
+                state.seconds["train"] += time.time() - mark
+                valid_in_epoch += _mid_point(engine, run, state, totals, validate_now)
+                mark = time.time()
+            elif run.cfg.save_every and state.global_step % run.cfg.save_every == 0 and state.step < steps:
                 state.seconds["train"] += time.time() - mark
                 mark = time.time()
                 save_checkpoint(run.stage, engine, state, run.info, totals, improved=False)
@@ -119,15 +133,12 @@ def train_epochs(
                         "module": engine.module,
                     }
                 )
+            if state.stopped:  # early stopping at a validation point within the epoch
+                break
+        if state.stopped:
+            break
         state.seconds["train"] += time.time() - mark
-        _end_epoch(
-            engine,
-            run,
-            state,
-            totals,
-            time.time() - e0,
-            lambda: validate(engine, run, data.valid, data.valid_features),
-        )
+        _end_epoch(engine, run, state, totals, time.time() - e0 - valid_in_epoch, validate_now)
 
 
 def _global_step(
@@ -160,6 +171,80 @@ def _global_step(
     return loss
 
 
+def _point(
+    engine: dist.Engine,
+    run: RunSetup,
+    state: RunState,
+    totals: dict[str, Any],
+    validate_now: Callable[[], dict[str, float]],
+) -> tuple[dict[str, Any], bool, float]:
+    """Validate now: (the point's record, whether it is the best so far, validation seconds)."""
+    loss_sum, loss_count, tokens = dist.all_sum(
+        run.info, [totals["loss_sum"], totals["loss_count"], totals["tokens"]]
+    )
+    v0 = time.time()
+    valid = validate_now()
+    valid_seconds = time.time() - v0
+    state.seconds["valid"] += valid_seconds
+    improved = state.best is None or valid["NDCG@10"] > state.best["NDCG@10"]
+    if improved:
+        state.best, state.best_epoch, state.best_step, state.since_best = (
+            valid,
+            state.epoch,
+            state.global_step,
+            0,
+        )
+    else:
+        state.since_best += 1
+    record = {
+        "epoch": state.epoch,
+        "step": state.step,  # optimizer steps done within the epoch
+        "loss": loss_sum / loss_count if loss_count else None,  # the epoch's training loss so far
+        "steps": state.global_step,
+        "lr": engine.lr(),
+        "tokens": int(tokens),
+        **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"},
+        "valid_seconds": round(valid_seconds, 3),
+    }
+    return record, improved, valid_seconds
+
+
+def _start_point(
+    engine: dist.Engine,
+    run: RunSetup,
+    state: RunState,
+    totals: dict[str, Any],
+    validate_now: Callable[[], dict[str, float]],
+) -> None:
+    """The starting weights (trained ILP heads) as validation point 0: kept if nothing beats them."""
+    state.epoch = 0
+    record, improved, _ = _point(engine, run, state, totals, validate_now)
+    state.epoch = 1
+    record.update(end=False, seconds=record["valid_seconds"])
+    state.history.append(record)
+    save_checkpoint(run.stage, engine, state, run.info, totals, improved=improved)
+    run.reporter.epoch({**record, "best_epoch": state.best_epoch, "improved": improved})
+
+
+def _mid_point(
+    engine: dist.Engine,
+    run: RunSetup,
+    state: RunState,
+    totals: dict[str, Any],
+    validate_now: Callable[[], dict[str, float]],
+) -> float:
+    """A validation point within an epoch (`valid_every`): record, early stopping, checkpoint; its seconds."""
+    record, improved, seconds = _point(engine, run, state, totals, validate_now)
+    record.update(end=False, seconds=record["valid_seconds"])
+    state.history.append(record)
+    if state.since_best >= run.cfg.patience:
+        state.stopped, state.stopped_by = True, "patience"
+    save_checkpoint(run.stage, engine, state, run.info, totals, improved=improved)
+    run.reporter.epoch({**record, "best_epoch": state.best_epoch, "improved": improved})
+    engine.train()
+    return seconds
+
+
 def _end_epoch(
     engine: dist.Engine,
     run: RunSetup,
@@ -170,29 +255,12 @@ def _end_epoch(
 ) -> None:
     """Validation, early stopping, the epoch's record and its checkpoint."""
     epoch = state.epoch
-    loss_sum, loss_count, tokens = dist.all_sum(
-        run.info, [totals["loss_sum"], totals["loss_count"], totals["tokens"]]
+    record, improved, valid_seconds = _point(engine, run, state, totals, validate_now)
+    record.update(
+        end=True,
+        train_seconds=round(train_seconds, 3),
+        seconds=round(train_seconds + valid_seconds, 3),
     )
-    v0 = time.time()
-    valid = validate_now()
-    valid_seconds = time.time() - v0
-    state.seconds["valid"] += valid_seconds
-    improved = state.best is None or valid["NDCG@10"] > state.best["NDCG@10"]
-    if improved:
-        state.best, state.best_epoch, state.since_best = valid, epoch, 0
-    else:
-        state.since_best += 1
-    record = {
-        "epoch": epoch,
-        "loss": loss_sum / max(loss_count, 1),
-        "steps": state.global_step,
-        "lr": engine.lr(),
-        "tokens": int(tokens),
-        **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"},
-        "train_seconds": round(train_seconds, 3),
-        "valid_seconds": round(valid_seconds, 3),
-        "seconds": round(train_seconds + valid_seconds, 3),
-    }
     state.history.append(record)
     state.epoch, state.step = epoch + 1, 0
     state.stopped_by = _stop_reason(run, state, epoch)
@@ -200,6 +268,11 @@ def _end_epoch(
     totals.update(new_totals())
     save_checkpoint(run.stage, engine, state, run.info, totals, improved=improved)
     run.reporter.epoch({**record, "best_epoch": state.best_epoch, "improved": improved})
+
+
+def epoch_records(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The epoch-end records of a run's history (validation points within epochs left out)."""
+    return [r for r in history if r.get("end", True)]
 
 
 def _stop_reason(run: RunSetup, state: RunState, epoch: int) -> str | None:
@@ -217,4 +290,12 @@ def _stop_reason(run: RunSetup, state: RunState, epoch: int) -> str | None:
     return None
 
 
-__all__ = ["TrainData", "full_data", "learning_rate_schedule", "make_engine", "new_totals", "train_epochs"]
+__all__ = [
+    "TrainData",
+    "epoch_records",
+    "full_data",
+    "learning_rate_schedule",
+    "make_engine",
+    "new_totals",
+    "train_epochs",
+]

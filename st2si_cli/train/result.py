@@ -19,6 +19,7 @@ from st2si_cli.train.checkpoint import RunState
 from st2si_cli.train.config import RunSetup, default_out_name
 from st2si_cli.train.corpus import Corpus, steps_per_epoch
 from st2si_cli.train.evaluation import final_metrics
+from st2si_cli.train.loop import epoch_records
 from st2si_cli.train.weights import load_trainable, store_backbone
 from st2si_cli.zoo.store import Artifact
 
@@ -40,7 +41,7 @@ def store_result(
 
     t0 = time.time()
     best = load_file(str(run.stage / state.best_file))
-    run.reporter.message(f"Evaluating the best epoch ({state.best_epoch}) on valid and test")
+    run.reporter.message(f"Evaluating the best {_point_name(state)} on valid and test")
     union, per_domain = _final_metrics(run, corpus, best)
     eval_seconds = time.time() - t0
 
@@ -85,13 +86,14 @@ def store_result(
             "versions": {"torch": torch.__version__},
         },
     )
+    ends = epoch_records(state.history)
     timings = {
         "total_seconds": round(elapsed + time.time() - t0, 2),
         "train_seconds": round(state.seconds["train"], 2),
         "valid_seconds": round(state.seconds["valid"], 2),
         "final_eval_seconds": round(eval_seconds, 2),
-        "epochs": len(state.history),
-        "epoch_seconds": round(sum(r["seconds"] for r in state.history) / max(1, len(state.history)), 2),
+        "epochs": len(ends),
+        "epoch_seconds": round(sum(r["seconds"] for r in ends) / max(1, len(ends)), 2),
     }
     if run.activations is not None:
         timings["activation_cache"] = run.activations
@@ -103,6 +105,7 @@ def store_result(
         "metrics": {**union, "domains": per_domain},
         "history": state.history,
         "best_epoch": state.best_epoch,
+        "best_step": state.best_step,
         "stopped_by": state.stopped_by,
         "early_stopped": state.stopped_by == "patience",
         "timings": timings,
@@ -122,6 +125,16 @@ def store_result(
     return PretrainResult(art, new_bb, heads, union, state.history)
 
 
+def _point_name(state: RunState) -> str:
+    """The best validation point in words: the start, an epoch end, or a step within an epoch."""
+    if state.best_step == 0:
+        return "point (the starting weights)"
+    ends = {r["steps"] for r in epoch_records(state.history)}
+    if state.best_step in ends:
+        return f"epoch ({state.best_epoch})"
+    return f"point (epoch {state.best_epoch}, global step {state.best_step})"
+
+
 def run_flags(run: RunSetup) -> dict[str, Any]:
     """The non-default choices (what `st2si zoo ls --kind run` shows); the run's `config` has every setting."""
     cfg, spec, world = run.cfg, run.deepspeed, run.info.world_size
@@ -135,6 +148,7 @@ def run_flags(run: RunSetup) -> dict[str, Any]:
         "tune-layers": cfg.tune_layers or None,
         "no-activation-cache": True if cfg.tune_layers and not cfg.activation_cache else None,
         "init-head": len(cfg.init_heads) or None,
+        "valid-every": cfg.valid_every or None,
     }
 
 
@@ -173,6 +187,7 @@ def _store_heads(run: RunSetup, corpus: Corpus, state: RunState, h: HeadsInput) 
             "metrics": h.per_domain[domain],
             "protocol": {"ties": "pessimistic", "mask_history": False, "ranking": "full"},
             "best_epoch": state.best_epoch,
+            "best_step": state.best_step,
             "stopped_by": state.stopped_by,
             "history": state.history,
             "timings": h.timings,

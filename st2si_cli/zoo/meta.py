@@ -298,6 +298,7 @@ class HeadMeta(_Record):
     metrics: Metrics = _f(Metrics.of)  # measured when it was stored
     protocol: dict[str, Any] = _f(_dict)  # how the metrics were measured (ties, masking, ranking)
     best_epoch: int | None = _f(_int)  # the epoch kept (None for a fusion)
+    best_step: int | None = _f(_int)  # a pretrain head's best validation point (global step; 0: the start)
     stopped_by: str | None = _f(_str)  # a pretrain head's stop reason
     history: list[Any] = _f(_list)  # per-epoch records
     sweep: dict[str, Any] | None = _f(_opt_dict)  # the validation sweep, if one chose the settings
@@ -361,8 +362,9 @@ class RunMeta(_Record):
     flags: dict[str, Any] = _f(_flags)  # the non-default choices (what `zoo ls` shows)
     config: dict[str, Any] = _f(_dict)  # every setting
     metrics: Metrics = _f(Metrics.of)  # union-catalog metrics of the best epoch, and per domain
-    history: list[Any] = _f(_list)  # per-epoch records
-    best_epoch: int | None = _f(_int)  # the epoch kept
+    history: list[Any] = _f(_list)  # per validation point (epoch ends; "end": false within an epoch)
+    best_epoch: int | None = _f(_int)  # the epoch kept (0: the starting weights)
+    best_step: int | None = _f(_int)  # the validation point kept (global step; None before it was recorded)
     stopped_by: str | None = _f(_str)  # patience | epochs | time (None: a run stored before it was recorded)
     early_stopped: bool = _f(_bool(False))  # stopped by patience (False where not recorded)
     timings: dict[str, Any] = _f(_dict)  # seconds spent, epochs, the activation cache's record
