@@ -102,3 +102,29 @@ def test_valid_every_is_part_of_the_run_key_only_when_set():
     assert PretrainConfig(valid_every=50).result_dict()["valid_every"] == 50
     with pytest.raises(St2siError, match="valid_every"):
         check_config(PretrainConfig(valid_every=-1), ["toy"])
+
+
+def test_a_run_killed_after_a_validation_point_resumes_to_the_uninterrupted_result(zoo):
+    opts = FeatureOptions(dtype="fp32")
+    head = adapt(zoo, "toy", backbone="tiny-llama4", head_cfg=HeadConfig(max_epochs=1), feature_opts=opts)
+    cfg = PretrainConfig(
+        epochs=2, lr=1e-3, batch_size=8, tune_layers=1, init_heads=(head.name,), valid_every=3, patience=9
+    )
+    a = pretrain(zoo, ["toy"], backbone="tiny-llama4", cfg=cfg, out="points-a", device="cpu")
+
+    def die(info):
+        if info["global_step"] == 4:  # one step after the point at step 3
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(zoo, ["toy"], backbone="tiny-llama4", cfg=cfg, out="points-b", device="cpu", on_step=die)
+    b = pretrain(zoo, ["toy"], backbone="tiny-llama4", cfg=cfg, out="points-b", device="cpu", resume=True)
+    ha, hb = a.run.meta["history"], b.run.meta["history"]
+    assert [(r["epoch"], r["step"], r["end"]) for r in ha] == [(r["epoch"], r["step"], r["end"]) for r in hb]
+    assert ha[0]["epoch"] == 0 and sum(not r["end"] for r in ha) > 2  # the start and points within epochs
+    for ra, rb in zip(ha, hb):
+        assert ra["valid_NDCG@10"] == pytest.approx(rb["valid_NDCG@10"], abs=1e-9)
+    assert a.run.meta["best_step"] == b.run.meta["best_step"]
+    wa, wb = stored_backbone(zoo, a.backbone), stored_backbone(zoo, b.backbone)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
