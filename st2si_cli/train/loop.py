@@ -98,7 +98,7 @@ def train_epochs(
         run.reporter.training_step(state.step)  # a resumed epoch's bar starts where it stopped
     validate_now = lambda: validate(engine, run, data.valid, data.valid_features)  # noqa: E731
     if run.cfg.init_heads and state.global_step == 0 and not state.history:
-        _start_point(engine, run, state, totals, validate_now)
+        _inner_point(engine, run, state, totals, validate_now, start=True)
     engine.train()
     while not state.stopped:
         epoch = state.epoch
@@ -116,7 +116,7 @@ def train_epochs(
             every = run.cfg.valid_every
             if every and state.global_step % every == 0 and state.step < steps:
                 state.seconds["train"] += time.time() - mark
-                valid_in_epoch += _mid_point(engine, run, state, totals, validate_now)
+                valid_in_epoch += _inner_point(engine, run, state, totals, validate_now)
                 mark = time.time()
             elif run.cfg.save_every and state.global_step % run.cfg.save_every == 0 and state.step < steps:
                 state.seconds["train"] += time.time() - mark
@@ -209,40 +209,40 @@ def _point(
     return record, improved, valid_seconds
 
 
-def _start_point(
+def _inner_point(
     engine: dist.Engine,
     run: RunSetup,
     state: RunState,
     totals: dict[str, Any],
     validate_now: Callable[[], dict[str, float]],
-) -> None:
-    """The starting weights (trained ILP heads) as validation point 0: kept if nothing beats them."""
-    state.epoch = 0
-    record, improved, _ = _point(engine, run, state, totals, validate_now)
-    state.epoch = 1
-    record.update(end=False, seconds=record["valid_seconds"])
-    state.history.append(record)
-    save_checkpoint(run.stage, engine, state, run.info, totals, improved=improved)
-    run.reporter.epoch({**record, "best_epoch": state.best_epoch, "improved": improved})
-
-
-def _mid_point(
-    engine: dist.Engine,
-    run: RunSetup,
-    state: RunState,
-    totals: dict[str, Any],
-    validate_now: Callable[[], dict[str, float]],
+    start: bool = False,
 ) -> float:
-    """A validation point within an epoch (`valid_every`): record, early stopping, checkpoint; its seconds."""
+    """A validation point that ends no epoch: the starting weights (`start`: trained ILP heads, point 0,
+    kept if nothing beats them) or every `valid_every` steps. Record, early stopping, checkpoint; its seconds."""
+    if start:
+        state.epoch = 0
     record, improved, seconds = _point(engine, run, state, totals, validate_now)
+    state.epoch = max(state.epoch, 1)
     record.update(end=False, seconds=record["valid_seconds"])
-    state.history.append(record)
     if state.since_best >= run.cfg.patience:
         state.stopped, state.stopped_by = True, "patience"
-    save_checkpoint(run.stage, engine, state, run.info, totals, improved=improved)
-    run.reporter.epoch({**record, "best_epoch": state.best_epoch, "improved": improved})
+    _keep(engine, run, state, totals, record, improved)
     engine.train()
     return seconds
+
+
+def _keep(
+    engine: dist.Engine,
+    run: RunSetup,
+    state: RunState,
+    totals: dict[str, Any],
+    record: dict[str, Any],
+    improved: bool,
+) -> None:
+    """A point's record into the history, its checkpoint (and best weights if improved), its report."""
+    state.history.append(record)
+    save_checkpoint(run.stage, engine, state, run.info, totals, improved=improved)
+    run.reporter.epoch({**record, "best_epoch": state.best_epoch, "improved": improved})
 
 
 def _end_epoch(
@@ -261,13 +261,11 @@ def _end_epoch(
         train_seconds=round(train_seconds, 3),
         seconds=round(train_seconds + valid_seconds, 3),
     )
-    state.history.append(record)
     state.epoch, state.step = epoch + 1, 0
     state.stopped_by = _stop_reason(run, state, epoch)
     state.stopped = state.stopped_by is not None
     totals.update(new_totals())
-    save_checkpoint(run.stage, engine, state, run.info, totals, improved=improved)
-    run.reporter.epoch({**record, "best_epoch": state.best_epoch, "improved": improved})
+    _keep(engine, run, state, totals, record, improved)
 
 
 def epoch_records(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
