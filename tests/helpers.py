@@ -81,6 +81,15 @@ def build_zoo(root: str | Path, datasets: Mapping[str, Any], backbones: Sequence
     return zoo
 
 
+def toy_zoo_with_llama(root: str | Path) -> Zoo:
+    """A zoo with the synthetic "toy" dataset, tiny-opt (2 layers) and tiny-llama4 (4 layers, rotary)."""
+    from st2si_cli.backbones import build_tiny
+
+    zoo = build_zoo(root, {"toy": synthetic_dataset()})
+    build_tiny(zoo, "tiny-llama4", "llama", layers=4)
+    return zoo
+
+
 # ---- the command line, run as a process ---------------------------------------------------------------
 
 # Run after `prelude` by `run_cli(..., prelude=...)`: the CLI's entry point with the given arguments.

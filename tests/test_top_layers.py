@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, build_zoo, run_cli, synthetic_dataset
+from helpers import REPO, build_zoo, run_cli, toy_zoo_with_llama
 from safetensors.torch import load_file
 
 from st2si_cli.adapt import FeatureOptions, evaluate
-from st2si_cli.backbones import build_tiny
 from st2si_cli.errors import St2siError
 from st2si_cli.model.layers import FrozenBelowST2SI, n_layers, run_from, states_entering
 from st2si_cli.model.text import TextConfig
@@ -35,9 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """tiny-opt (2 layers, learned positions) and a 4-layer tiny Llama (rotary positions)."""
-    z = build_zoo(tmp_path_factory.mktemp("topzoo"), {"toy": synthetic_dataset()})
-    build_tiny(z, "tiny-llama4", "llama", layers=4)
-    return z
+    return toy_zoo_with_llama(tmp_path_factory.mktemp("topzoo"))
 
 
 def weights_of(zoo, art):
@@ -156,8 +153,7 @@ def test_k_equal_to_the_layer_count_is_full_tuning(zoo):
 
 
 def test_init_head_starts_the_ilp_from_an_adapt_ilp_head(tmp_path):
-    zoo = build_zoo(tmp_path / "zoo", {"toy": synthetic_dataset()})  # its own: no cache shared with others
-    build_tiny(zoo, "tiny-llama4", "llama", layers=4)
+    zoo = toy_zoo_with_llama(tmp_path / "zoo")  # its own: no cache shared with others
     from st2si_cli.adapt import adapt
     from st2si_cli.heads import load_head_tensors
     from st2si_cli.train.head import HeadConfig

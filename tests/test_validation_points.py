@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_zoo, synthetic_dataset
+from helpers import toy_zoo_with_llama
 from safetensors.torch import load_file
 
 from st2si_cli.adapt import FeatureOptions, adapt
-from st2si_cli.backbones import build_tiny
 from st2si_cli.errors import St2siError
 from st2si_cli.heads import load_head_tensors
 from st2si_cli.train import loop
@@ -22,13 +21,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    z = build_zoo(tmp_path_factory.mktemp("pointszoo"), {"toy": synthetic_dataset()})
-    build_tiny(z, "tiny-llama4", "llama", layers=4)
-    return z
+    return toy_zoo_with_llama(tmp_path_factory.mktemp("pointszoo"))
 
 
 def scripted(monkeypatch, scores: list[float]) -> list[int]:
-    """Validation returns `scores` in turn; the list returned records each call's global step."""
+    """Validation returns `scores` in turn (the real validation still runs, on 2 users); the list
+    returned grows by one per call."""
     calls: list[int] = []
     real = loop.validate
 

@@ -96,9 +96,9 @@ def train_epochs(
     run.reporter.training_start(steps, run.cfg.epochs)
     if state.step:
         run.reporter.training_step(state.step)  # a resumed epoch's bar starts where it stopped
-    validate_now = lambda: validate(engine, run, data.valid, data.valid_features)  # noqa: E731
+    points = _Points(engine, run, state, totals, data)
     if run.cfg.init_heads and state.global_step == 0 and not state.history:
-        _inner_point(engine, run, state, totals, validate_now, start=True)
+        points.start()
     engine.train()
     while not state.stopped:
         epoch = state.epoch
@@ -116,7 +116,7 @@ def train_epochs(
             every = run.cfg.valid_every
             if every and state.global_step % every == 0 and state.step < steps:
                 state.seconds["train"] += time.time() - mark
-                valid_in_epoch += _inner_point(engine, run, state, totals, validate_now)
+                valid_in_epoch += points.within_epoch()
                 mark = time.time()
             elif run.cfg.save_every and state.global_step % run.cfg.save_every == 0 and state.step < steps:
                 state.seconds["train"] += time.time() - mark
@@ -138,7 +138,7 @@ def train_epochs(
         if state.stopped:
             break
         state.seconds["train"] += time.time() - mark
-        _end_epoch(engine, run, state, totals, time.time() - e0 - valid_in_epoch, validate_now)
+        points.epoch_end(time.time() - e0 - valid_in_epoch)
 
 
 def _global_step(
@@ -171,101 +171,83 @@ def _global_step(
     return loss
 
 
-def _point(
-    engine: dist.Engine,
-    run: RunSetup,
-    state: RunState,
-    totals: dict[str, Any],
-    validate_now: Callable[[], dict[str, float]],
-) -> tuple[dict[str, Any], bool, float]:
-    """Validate now: (the point's record, whether it is the best so far, validation seconds)."""
-    loss_sum, loss_count, tokens = dist.all_sum(
-        run.info, [totals["loss_sum"], totals["loss_count"], totals["tokens"]]
-    )
-    v0 = time.time()
-    valid = validate_now()
-    valid_seconds = time.time() - v0
-    state.seconds["valid"] += valid_seconds
-    improved = state.best is None or valid["NDCG@10"] > state.best["NDCG@10"]
-    if improved:
-        state.best, state.best_epoch, state.best_step, state.since_best = (
-            valid,
-            state.epoch,
-            state.global_step,
-            0,
+@dataclass
+class _Points:
+    """Validation points of one run: each validates, updates the best point and early stopping, and is
+    kept (history record, checkpoint with the best weights if improved, report)."""
+
+    engine: dist.Engine
+    run: RunSetup
+    state: RunState
+    totals: dict[str, Any]  # this rank's sums over the epoch so far
+    data: TrainData
+
+    def _validate(self) -> tuple[dict[str, Any], bool, float]:
+        """(the point's record, whether it is the best so far, validation seconds)."""
+        engine, run, state, totals = self.engine, self.run, self.state, self.totals
+        loss_sum, loss_count, tokens = dist.all_sum(
+            run.info, [totals["loss_sum"], totals["loss_count"], totals["tokens"]]
         )
-    else:
-        state.since_best += 1
-    record = {
-        "epoch": state.epoch,
-        "step": state.step,  # optimizer steps done within the epoch
-        "loss": loss_sum / loss_count if loss_count else None,  # the epoch's training loss so far
-        "steps": state.global_step,
-        "lr": engine.lr(),
-        "tokens": int(tokens),
-        **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"},
-        "valid_seconds": round(valid_seconds, 3),
-    }
-    return record, improved, valid_seconds
+        v0 = time.time()
+        valid = validate(engine, run, self.data.valid, self.data.valid_features)
+        seconds = time.time() - v0
+        state.seconds["valid"] += seconds
+        improved = state.best is None or valid["NDCG@10"] > state.best["NDCG@10"]
+        if improved:
+            state.best, state.best_epoch, state.best_step = valid, state.epoch, state.global_step
+            state.since_best = 0
+        else:
+            state.since_best += 1
+        record = {
+            "epoch": state.epoch,
+            "step": state.step,  # optimizer steps done within the epoch
+            "loss": loss_sum / loss_count if loss_count else None,  # the epoch's training loss so far
+            "steps": state.global_step,
+            "lr": engine.lr(),
+            "tokens": int(tokens),
+            **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"},
+            "valid_seconds": round(seconds, 3),
+        }
+        return record, improved, seconds
 
+    def _keep(self, record: dict[str, Any], improved: bool) -> None:
+        state = self.state
+        state.history.append(record)
+        save_checkpoint(self.run.stage, self.engine, state, self.run.info, self.totals, improved=improved)
+        self.run.reporter.epoch({**record, "best_epoch": state.best_epoch, "improved": improved})
 
-def _inner_point(
-    engine: dist.Engine,
-    run: RunSetup,
-    state: RunState,
-    totals: dict[str, Any],
-    validate_now: Callable[[], dict[str, float]],
-    start: bool = False,
-) -> float:
-    """A validation point that ends no epoch: the starting weights (`start`: trained ILP heads, point 0,
-    kept if nothing beats them) or every `valid_every` steps. Record, early stopping, checkpoint; its seconds."""
-    if start:
-        state.epoch = 0
-    record, improved, seconds = _point(engine, run, state, totals, validate_now)
-    state.epoch = max(state.epoch, 1)
-    record.update(end=False, seconds=record["valid_seconds"])
-    if state.since_best >= run.cfg.patience:
-        state.stopped, state.stopped_by = True, "patience"
-    _keep(engine, run, state, totals, record, improved)
-    engine.train()
-    return seconds
+    def start(self) -> None:
+        """The starting weights (trained ILP heads) as point 0 of epoch 0: kept if nothing beats them."""
+        self.state.epoch = 0
+        record, improved, _ = self._validate()
+        self.state.epoch = 1
+        record.update(end=False, seconds=record["valid_seconds"])
+        self._keep(record, improved)
 
+    def within_epoch(self) -> float:
+        """A point every `valid_every` steps: it may stop the run (patience); its validation seconds."""
+        record, improved, seconds = self._validate()
+        record.update(end=False, seconds=record["valid_seconds"])
+        if self.state.since_best >= self.run.cfg.patience:
+            self.state.stopped, self.state.stopped_by = True, "patience"
+        self._keep(record, improved)
+        self.engine.train()
+        return seconds
 
-def _keep(
-    engine: dist.Engine,
-    run: RunSetup,
-    state: RunState,
-    totals: dict[str, Any],
-    record: dict[str, Any],
-    improved: bool,
-) -> None:
-    """A point's record into the history, its checkpoint (and best weights if improved), its report."""
-    state.history.append(record)
-    save_checkpoint(run.stage, engine, state, run.info, totals, improved=improved)
-    run.reporter.epoch({**record, "best_epoch": state.best_epoch, "improved": improved})
-
-
-def _end_epoch(
-    engine: dist.Engine,
-    run: RunSetup,
-    state: RunState,
-    totals: dict[str, Any],
-    train_seconds: float,
-    validate_now: Callable[[], dict[str, float]],
-) -> None:
-    """Validation, early stopping, the epoch's record and its checkpoint."""
-    epoch = state.epoch
-    record, improved, valid_seconds = _point(engine, run, state, totals, validate_now)
-    record.update(
-        end=True,
-        train_seconds=round(train_seconds, 3),
-        seconds=round(train_seconds + valid_seconds, 3),
-    )
-    state.epoch, state.step = epoch + 1, 0
-    state.stopped_by = _stop_reason(run, state, epoch)
-    state.stopped = state.stopped_by is not None
-    totals.update(new_totals())
-    _keep(engine, run, state, totals, record, improved)
+    def epoch_end(self, train_seconds: float) -> None:
+        """The epoch's point: early stopping, the epoch cap or the clock may stop the run."""
+        state, epoch = self.state, self.state.epoch
+        record, improved, valid_seconds = self._validate()
+        record.update(
+            end=True,
+            train_seconds=round(train_seconds, 3),
+            seconds=round(train_seconds + valid_seconds, 3),
+        )
+        state.epoch, state.step = epoch + 1, 0
+        state.stopped_by = _stop_reason(self.run, state, epoch)
+        state.stopped = state.stopped_by is not None
+        self.totals.update(new_totals())
+        self._keep(record, improved)
 
 
 def epoch_records(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
