@@ -1,22 +1,30 @@
 """Real data on a GPU: full tuning, top-K tuning and ILP heads with the real backbone, in one timed script.
 
     python bench/gpu_real.py --data DATA_DIR --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out OUT --budget 480
+    python bench/gpu_real.py --data SLICE --gguf tiny-llama --backbone tiny --out OUT --device cpu   # smoke
 
 Meant for a GPU machine lent for a few minutes, where every step must count. In a fresh zoo
-(`--zoo`, default a temporary folder) it imports the backbone from the GGUF file, prepares the domain
-from `--data`, then runs these st2si commands in order, each a child process on `--device`:
+(`--zoo`, default a temporary folder) it imports the backbone (`st2si zoo pull`: a GGUF file, or any
+ref it takes, such as tiny-llama for a smoke run), prepares the domain from `--data`, then runs these
+steps in order, each a child process on `--device`:
 
-- `ilp`:   `adapt` (the paper's ILP on the frozen backbone), the same-hardware reference;
-- `full`:  `pretrain` (full tuning: multi-query, ID alignment, every layer), early stopping on valid
-           NDCG@10, and `--max-minutes` from what is left of the budget (the record says what stopped it);
-- `topK`:  `pretrain --tune-layers K` (e.g. `top2`), the same with only the top K layers tuned;
-- `trim`:  `adapt --trim-periods` (ILP; Amazon titles end in '.', so every query reads '..');
-- `attrs`: `adapt --attributes title,brand,category` (ILP).
+- `full`:    `pretrain` (full tuning: multi-query, ID alignment, every layer) with the authors' settings
+             by default (AdamW lr 5e-5, 100 warm-up steps, cosine, effective batch 128 as 64 x 2 micro-
+             batches), early stopping on valid NDCG@10, and `--max-minutes` from what is left of the
+             budget (the record says what stopped it);
+- `topK`:    `pretrain --tune-layers K` (e.g. `top2`), the same with only the top K layers tuned;
+- `ilp`:     `adapt` (the paper's ILP on the frozen backbone), the same-hardware reference;
+- `trim`:    `adapt --trim-periods` (ILP; Amazon titles end in '.', so every query reads '..');
+- `attrs`:   `adapt --attributes title,brand,category` (ILP);
+- `quality`: `bench/quality.py` on the heads the steps before made (no RecBole): per-user test ranks,
+             history unmasked and masked, from st2si's metric code, for paired intervals against the
+             baselines measured elsewhere on the same split (`bench/gpu_compare.py`).
 
-After every step it rewrites `OUT/gpu-real-<domain>.json` (each step's command, seconds, exit status,
-test and valid metrics as st2si printed them) and `OUT/gpu-real-<domain>.log` (the children's stderr),
-so a run cut short still leaves what it did. A step that does not fit in what is left of `--budget` is
-skipped and recorded as skipped. All metrics are st2si's own: test, full ranking, pessimistic ties.
+A `pretrain` step's epoch lines go to the log; its record (history, timings, metrics) is read back with
+`st2si zoo info`. After every step it rewrites `OUT/gpu-real-<domain>.json` (each step's command, seconds,
+exit status and record) and `OUT/gpu-real-<domain>.log` (the children's output), so a run cut short still
+leaves what it did. A step that does not fit in what is left of `--budget` is skipped and recorded as
+skipped. All metrics are st2si's own: full ranking, pessimistic ties.
 """
 
 from __future__ import annotations
@@ -32,9 +40,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-STEPS = ("ilp", "full", "top2", "trim", "attrs")
+STEPS = ("full", "quality", "ilp", "trim", "attrs", "top2")
 # Seconds a step needs at least, besides its training budget (loading, feature pass, final evaluation).
-OVERHEAD = {"ilp": 60, "full": 90, "trim": 60, "attrs": 60}
+OVERHEAD = {"ilp": 60, "full": 90, "trim": 60, "attrs": 60, "quality": 60}
 TOP_OVERHEAD = 90
 
 
@@ -83,9 +91,16 @@ class Driver:
         tmp.write_text(json.dumps(self.record, indent=1))
         os.replace(tmp, path)
 
-    def st2si(self, step: str, argv: list[str], timeout: float) -> dict[str, Any]:
-        cmd = [sys.executable, "-m", "st2si_cli", *argv]
-        entry: dict[str, Any] = {"step": step, "command": "st2si " + " ".join(argv)}
+    def st2si(
+        self, step: str, argv: list[str], timeout: float, stdout_to_log: bool = False
+    ) -> dict[str, Any]:
+        return self.child(step, [sys.executable, "-m", "st2si_cli", *argv], timeout, stdout_to_log)
+
+    def child(self, step: str, cmd: list[str], timeout: float, stdout_to_log: bool = False) -> dict[str, Any]:
+        """Run one command; stderr (and stdout if `stdout_to_log`) to the log, else its JSON into the record."""
+        argv = cmd[3:] if cmd[1:3] == ["-m", "st2si_cli"] else cmd[1:]
+        prog = "st2si" if cmd[1:3] == ["-m", "st2si_cli"] else "python"
+        entry: dict[str, Any] = {"step": step, "command": f"{prog} " + " ".join(argv)}
         print(f"[{time.time() - self.t0:6.0f}s] {step}: {entry['command']}", file=sys.stderr, flush=True)
         s0 = time.time()
         with self.log.open("a") as log:
@@ -93,10 +108,15 @@ class Driver:
             log.flush()
             try:
                 proc = subprocess.run(
-                    cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env, timeout=max(timeout, 1)
+                    cmd,
+                    stdout=log if stdout_to_log else subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                    env=self.env,
+                    timeout=max(timeout, 1),
                 )
                 entry["returncode"] = proc.returncode
-                stdout = proc.stdout
+                stdout = proc.stdout or ""
             except subprocess.TimeoutExpired as e:
                 entry["returncode"] = "timeout"
                 stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -141,10 +161,46 @@ def _short(line: dict[str, Any]) -> str:
     return ", ".join(f"{k} {m[k]:.4f}" for k in ("NDCG@10", "Recall@10", "MRR") if k in m)
 
 
+def pretrain_step(d: Driver, step: str, made: list[str]) -> None:
+    """`full` or `topK`: pretrain with epoch lines in the log, then its run and head records."""
+    args = d.args
+    k = 0 if step == "full" else int(step[3:])
+    left = d.left()
+    overhead = OVERHEAD["full"] if step == "full" else TOP_OVERHEAD
+    minutes = (left * (args.full_share if step == "full" else args.top_share) - overhead) / 60
+    if minutes < 0.5:
+        d.skip(step, f"{left:.0f} s left")
+        return
+    name = f"gpu-{step}"
+    argv = ["pretrain", "--domain", args.domain, "--backbone", args.backbone, "--out", name]
+    argv += ["--epochs", str(args.epochs), "--patience", str(args.patience), "--lr", str(args.lr)]
+    argv += ["--warmup-steps", str(args.warmup_steps), "--batch-size", str(args.batch_size)]
+    argv += ["--grad-accum", str(args.grad_accum), "--eval-batch-tokens", str(args.eval_batch_tokens)]
+    argv += ["--max-minutes", f"{minutes:.2f}", "--device", args.device]
+    if k:
+        argv += ["--tune-layers", str(k)]
+    entry = d.st2si(step, argv, left, stdout_to_log=True)
+    if entry["returncode"] != 0:
+        return
+    head = f"{args.domain}/{name}"
+    made.append(head)
+    for ref in (f"run/{name}", head):
+        info = d.st2si(f"{step}-record", ["zoo", "info", ref, "--json"], 60)
+        meta = (info.get("output") or [{}])[0].get("meta", {})
+        info["output"] = [{k: meta.get(k) for k in RECORD_KEYS if k in meta}]
+        d.write()
+
+
+RECORD_KEYS = ("metrics", "history", "timings", "best_epoch", "best_step", "stopped_by", "early_stopped")
+RECORD_KEYS += ("config", "flags", "train", "pretrain", "dtype")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="the domain's raw data folder (as for st2si prepare)")
-    ap.add_argument("--gguf", required=True, help="the backbone's .gguf file")
+    ap.add_argument(
+        "--gguf", required=True, help="the backbone's .gguf file, or any `st2si zoo pull` ref (tiny-llama)"
+    )
     ap.add_argument("--backbone", default="smollm2-135m", help="the backbone's name in the zoo")
     ap.add_argument("--domain", default="amazon-scientific")
     ap.add_argument("--out", required=True)
@@ -157,7 +213,7 @@ def main() -> int:
     ap.add_argument(
         "--full-share",
         type=float,
-        default=0.45,
+        default=0.7,
         help="share of the budget left at its start that full tuning may take",
     )
     ap.add_argument("--top-share", type=float, default=0.5, help="likewise for each top-K run")
@@ -165,9 +221,20 @@ def main() -> int:
         "--batch-size",
         type=int,
         default=64,
-        help="pretrain samples per step (64: on an H200 a SmolLM2-135M train step took 0.133 s at batch 16 and at 64)",
+        help="pretrain samples per micro-batch (64: padded to the longest of 64 random samples, at most "
+        "65k tokens on amazon-scientific; an H200 ran a SmolLM2-135M train step in 0.133 s at batch 16 "
+        "and at 64)",
     )
-    ap.add_argument("--patience", type=int, default=2, help="pretrain early-stopping patience")
+    ap.add_argument(
+        "--grad-accum", type=int, default=2, help="micro-batches per step (64 x 2: the authors' 128)"
+    )
+    ap.add_argument("--lr", type=float, default=5e-5, help="pretrain learning rate (the authors': 5e-5)")
+    ap.add_argument("--warmup-steps", type=int, default=100, help="the authors': 100")
+    ap.add_argument("--epochs", type=int, default=30, help="pretrain epoch cap (the cosine spans it)")
+    ap.add_argument(
+        "--patience", type=int, default=5, help="pretrain early-stopping patience (the authors': 5)"
+    )
+    ap.add_argument("--eval-batch-tokens", type=int, default=65536, help="padded tokens per validation batch")
     args = ap.parse_args()
     args.zoo = args.zoo or tempfile.mkdtemp(prefix="st2si-gpu-zoo-")
     d = Driver(args)
@@ -181,31 +248,43 @@ def main() -> int:
         return 1
     if d.st2si("prepare", ["prepare", args.data, *dom, "--json"], d.left())["returncode"] != 0:
         return 1
+    made: list[str] = []  # heads the steps stored, for `quality`
     for step in [s.strip() for s in args.steps.split(",") if s.strip()]:
         left = d.left()
-        if step in ("ilp", "trim", "attrs"):
-            if left < OVERHEAD[step]:
-                d.skip(step, f"{left:.0f} s left")
-                continue
+        if step in ("ilp", "trim", "attrs", "quality") and left < OVERHEAD[step]:
+            d.skip(step, f"{left:.0f} s left")
+        elif step in ("ilp", "trim", "attrs"):
             extra = {
                 "ilp": [],
                 "trim": ["--trim-periods"],
                 "attrs": ["--attributes", "title,brand,category"],
             }[step]
-            d.st2si(step, ["adapt", *dom, *extra, "--name", f"gpu-{step}", *dev, "--json"], left)
-        elif step == "full" or step.startswith("top"):
-            k = 0 if step == "full" else int(step[3:])
-            overhead = OVERHEAD["full"] if step == "full" else TOP_OVERHEAD
-            minutes = (left * (args.full_share if step == "full" else args.top_share) - overhead) / 60
-            if minutes < 0.5:
-                d.skip(step, f"{left:.0f} s left")
+            argv = [
+                "adapt",
+                *dom,
+                "--backbone",
+                args.backbone,
+                *extra,
+                "--name",
+                f"gpu-{step}",
+                *dev,
+                "--json",
+            ]
+            entry = d.st2si(step, argv, left)
+            if entry["returncode"] == 0:
+                made.append((entry.get("output") or [{}])[0].get("head", f"gpu-{step}"))
+        elif step == "quality":
+            if not made:
+                d.skip(step, "no heads to score")
                 continue
-            argv = ["pretrain", *dom, "--backbone", args.backbone, "--out", f"gpu-{step}", "--epochs", "30"]
-            argv += ["--patience", str(args.patience), "--batch-size", str(args.batch_size)]
-            argv += ["--max-minutes", f"{minutes:.2f}", *dev, "--json"]
-            if k:
-                argv += ["--tune-layers", str(k)]
-            d.st2si(step, argv, left)
+            cmd = [sys.executable, str(Path(__file__).resolve().parent / "quality.py"), *dom, "--models", ""]
+            cmd += ["--zoo", args.zoo, "--compute-features", *dev, "--out", args.out, "--tag", "gpu"]
+            cmd += ["--summary", str(Path(args.out) / "quality-summary-gpu.json")]
+            for head in made:
+                cmd += ["--head", head]
+            d.child(step, cmd, left, stdout_to_log=True)
+        elif step == "full" or (step.startswith("top") and step[3:].isdigit()):
+            pretrain_step(d, step, made)
         else:
             d.skip(step, "unknown step")
     d.record["total_seconds"] = round(time.time() - d.t0, 1)

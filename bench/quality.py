@@ -87,8 +87,9 @@ def is_paper_ilp(head: Any) -> bool:
     )
 
 
-def head_features(zoo: Any, head: Any, dataset_art: Any, allow_compute: bool) -> Any | None:
-    """The FeatureSet a head scores from: its own cache, the same key recomputed, or None."""
+def head_features(zoo: Any, head: Any, dataset_art: Any, compute_on: str | None) -> Any | None:
+    """The FeatureSet a head scores from: its own cache, the same key recomputed on device `compute_on`,
+    or None (`compute_on` None: never compute)."""
     from st2si_cli.adapt import FeatureOptions, get_features
     from st2si_cli.backbones import resolve_dtype
     from st2si_cli.features import cache_key, cache_name, dtype_name, load_feature_set
@@ -107,7 +108,7 @@ def head_features(zoo: Any, head: Any, dataset_art: Any, allow_compute: bool) ->
         art = zoo.find(cache_name(key), kind="features")
     if art is not None:
         return load_feature_set(zoo, art)
-    if not allow_compute:
+    if compute_on is None:
         return None
     log(f"Computing features for head {head.name} (one forward pass over the dataset)")
     _, fs, _ = get_features(
@@ -115,19 +116,21 @@ def head_features(zoo: Any, head: Any, dataset_art: Any, allow_compute: bool) ->
         head.meta["backbone"],
         dataset_art,
         head_text_config(head),
-        FeatureOptions(dtype=head.meta.get("dtype") or "auto"),
+        FeatureOptions(dtype=head.meta.get("dtype") or "auto", device=compute_on),
     )
     return fs
 
 
-def st2si_row(zoo: Any, head: Any, ds: Any, dataset_art: Any, allow_compute: bool) -> dict[str, Any] | None:
+def st2si_row(
+    zoo: Any, head: Any, ds: Any, dataset_art: Any, compute_on: str | None
+) -> dict[str, Any] | None:
     from st2si_cli.heads import check_compatible, head_kind
     from st2si_cli.metrics import metrics_from_ranks
     from st2si_cli.model.samples import TEST, VALID
     from st2si_cli.ranking import user_ranks
 
     check_compatible(head, dataset=dataset_art)
-    fs = head_features(zoo, head, dataset_art, allow_compute)
+    fs = head_features(zoo, head, dataset_art, compute_on)
     if fs is None:
         log(
             f"head {head.name}: no cached features for its backbone and text settings; skipped "
@@ -589,6 +592,7 @@ def main() -> int:
         action="store_true",
         help="run a forward pass where a head's features are not cached (may take long)",
     )
+    ap.add_argument("--device", default="cpu", help="device of that forward pass (cpu, cuda, cuda:N)")
     ap.add_argument("--seed", type=int, default=2020, help="RecBole seed")
     ap.add_argument(
         "--epoch-cap",
@@ -657,7 +661,7 @@ def main() -> int:
     if not heads:
         log(f"No st2si head for {args.domain}: run `st2si adapt --domain {args.domain}` for the st2si rows")
     for head in heads:
-        row = st2si_row(zoo, head, ds, dataset_art, args.compute_features)
+        row = st2si_row(zoo, head, ds, dataset_art, args.device if args.compute_features else None)
         if row is not None:
             rows.append(row)
 

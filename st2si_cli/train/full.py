@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from st2si_cli.errors import St2siError
-from st2si_cli.model.st2si import ST2SI
+from st2si_cli.model.st2si import ST2SI, length_split_pays
 from st2si_cli.model.text import TextConfig
 from st2si_cli.progress import Reporter
 from st2si_cli.train import distributed as dist
@@ -159,7 +159,13 @@ def _train(run: RunSetup, corpus: Corpus, model: torch.nn.Module, state: RunStat
     if cfg.tune_layers:
         module, data = top_module_and_data(run, corpus, model)
     else:
-        module = ST2SI(model, corpus.n_items, pad_id=corpus.pad_id, seed=cfg.seed, split_by_length=True)
+        module = ST2SI(
+            model,
+            corpus.n_items,
+            pad_id=corpus.pad_id,
+            seed=cfg.seed,
+            split_by_length=length_split_pays(info.device),
+        )
         module.to(info.device)
         data = full_data(run, corpus, corpus.pad_id)
     if cfg.init_heads:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from st2si_cli import __version__
-from st2si_cli.model.st2si import ST2SI
+from st2si_cli.model.st2si import ST2SI, length_split_pays
 from st2si_cli.train import distributed as dist
 from st2si_cli.train.checkpoint import RunState
 from st2si_cli.train.config import RunSetup, default_out_name
@@ -157,7 +157,9 @@ def _final_metrics(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(union, per-domain) metrics of the best weights, loaded into a fresh module."""
     model, _ = load_trainable(run.zoo, run.backbone, run.text.query)
-    module = ST2SI(model, corpus.n_items, pad_id=corpus.pad_id, split_by_length=True)
+    module = ST2SI(
+        model, corpus.n_items, pad_id=corpus.pad_id, split_by_length=length_split_pays(run.info.device)
+    )
     module.load_state_dict(best)
     module.to(run.info.device)
     return final_metrics(module, corpus, run.cfg, run.precision)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from st2si_cli.errors import St2siError
 from st2si_cli.model.layers import FrozenBelowST2SI, TopST2SI, n_layers
 from st2si_cli.model.samples import Sample, collate
+from st2si_cli.model.st2si import length_split_pays
 from st2si_cli.train import distributed as dist
 from st2si_cli.train.activations import ActivationCache, CachePlan, cache_name, open_or_build
 from st2si_cli.train.config import RunSetup
@@ -59,7 +60,14 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
     cfg, info = run.cfg, run.info
     first = n_layers(model) - cfg.tune_layers
     kind = TopST2SI if cfg.activation_cache else FrozenBelowST2SI
-    module = kind(model, corpus.n_items, first, pad_id=corpus.pad_id, seed=cfg.seed, split_by_length=True)
+    module = kind(
+        model,
+        corpus.n_items,
+        first,
+        pad_id=corpus.pad_id,
+        seed=cfg.seed,
+        split_by_length=length_split_pays(info.device),
+    )
     module.to(info.device)
     data = full_data(run, corpus, corpus.pad_id)
     if not cfg.activation_cache:
