@@ -37,8 +37,11 @@ def _ranks(row: dict[str, Any], key: str = "ranks") -> list[int]:
     return [int(x) for x in r.split()] if isinstance(r, str) else list(r)
 
 
-def _sanitize(text: str) -> str:
-    """Scratch folders of the lent machine out of recorded commands."""
+def _sanitize(text: str, paths: dict[str, str] | None = None) -> str:
+    """Scratch folders of the lent machine out of recorded commands: the record's own zoo, output and data
+    paths (`paths`: placeholder -> path), then the temporary folders older records used."""
+    for name, path in sorted((paths or {}).items(), key=lambda kv: -len(kv[1])):
+        text = text.replace(path.rstrip("/"), name)
     text = re.sub(r"/tmp/st2si-gpu-zoo-\w+", "ZOO", text)
     text = re.sub(r"\S*/bench/", "bench/", text)
     text = re.sub(r"/tmp/gpu/data/", "DATA/", text)
@@ -72,6 +75,7 @@ def main() -> int:
     args = ap.parse_args()
 
     record = json.loads(Path(args.gpu_record).read_text())
+    paths = record.get("paths")
     gq = json.loads(Path(args.gpu_quality).read_text())
     base = json.loads(Path(args.baselines).read_text())
     if gq["dataset"]["id"] != base["dataset"]["id"] or gq["dataset"]["users"] != base["dataset"]["users"]:
@@ -157,7 +161,10 @@ def main() -> int:
                     f"{gpu}, frozen SmolLM2-135M",
                     o["valid"]["NDCG@10"],
                     o["metrics"],
-                    {"training": f"best epoch {o.get('best_epoch')}", "command": _sanitize(step["command"])},
+                    {
+                        "training": f"best epoch {o.get('best_epoch')}",
+                        "command": _sanitize(step["command"], paths),
+                    },
                 )
             )
     commands = args.run_command + [None] * (len(args.run) - len(args.run_command))
@@ -234,7 +241,7 @@ def main() -> int:
                 s["step"],
                 f"{s['seconds']:.1f}" if "seconds" in s else "-",
                 s.get("returncode", s.get("skipped", "-")),
-                _sanitize(s.get("command", "")),
+                _sanitize(s.get("command", ""), paths),
             ]
             for s in record["steps"]
         ],
@@ -243,8 +250,8 @@ def main() -> int:
         "part": "gpu-compare",
         "domain": domain,
         "dataset": gq["dataset"],
-        "command": _sanitize("python " + shlex.join(sys.argv)),
-        "gpu_command": _sanitize(record["command"]),
+        "command": _sanitize("python " + shlex.join(sys.argv), paths),
+        "gpu_command": _sanitize(record["command"], paths),
         "environment": record["environment"],
         "gpu_git": gq["provenance"].get("git"),
         "rows": rows,
@@ -256,7 +263,7 @@ def main() -> int:
             "stopped_by": full_record.get("stopped_by"),
             "seconds": full_steps[0].get("seconds") if full_steps else None,
         },
-        "steps": [{**s, "command": _sanitize(s.get("command", ""))} for s in record["steps"]],
+        "steps": [{**s, "command": _sanitize(s.get("command", ""), paths)} for s in record["steps"]],
         "tables": {"comparison": table, "full_tuning_epochs": epochs, "steps": steps},
     }
     date = gq["provenance"]["date"][:10]

@@ -77,6 +77,7 @@ class Driver:
             "domain": args.domain,
             "device": args.device,
             "budget_seconds": args.budget,
+            "paths": {"ZOO": str(args.zoo), "OUT": str(args.out), "DATA": str(args.data)},
             "environment": environment(),
             "steps": [],
         }
