@@ -39,7 +39,7 @@ def length_split_pays(device: Any) -> bool:
     short alignment samples saves work. On a GPU a step of this size is bound by kernel launches, not
     arithmetic (an H200 ran a SmolLM2-135M train step in 0.126 s at batch 1 and 0.133 s at batch 64 of
     256 tokens: bench/results/2026-11-28-intel-xeon-16c-gpu-nvidia-h200.md), so each extra forward
-    costs a whole step and one padded forward is faster.
+    costs about as much as a whole step: one padded forward is faster.
     """
     return str(device).split(":")[0] == "cpu"
 
