@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, format_table, write_json  # noqa: E402
-from quality import paired_diff  # noqa: E402
+from quality import DEFAULT_BACKBONE, paired_diff  # noqa: E402
 
 
 def _ranks(row: dict[str, Any], key: str = "ranks") -> list[int]:
@@ -61,45 +61,28 @@ def _row(name: str, where: str, valid: Any, test: dict[str, Any], extra: dict[st
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gpu-record", required=True)
-    ap.add_argument("--gpu-quality", required=True)
-    ap.add_argument("--run", action="append", default=[], help="`st2si pretrain --json` output (repeat)")
-    ap.add_argument("--run-command", action="append", default=[], help="the command of each --run, in order")
-    ap.add_argument("--baselines", required=True)
-    ap.add_argument("--top", action="append", default=[], help="bench/top_layers.py result (repeat)")
-    ap.add_argument("--name", default="gpu-full")
-    ap.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeat)")
-    ap.add_argument("--out", default=str(RESULTS_DIR))
-    args = ap.parse_args()
+class References:
+    """The converged RecBole baselines of the quality file, and paired differences against them."""
 
-    record = json.loads(Path(args.gpu_record).read_text())
-    paths = record.get("paths")
-    gq = json.loads(Path(args.gpu_quality).read_text())
-    base = json.loads(Path(args.baselines).read_text())
-    if gq["dataset"]["id"] != base["dataset"]["id"] or gq["dataset"]["users"] != base["dataset"]["users"]:
-        raise SystemExit(
-            f"different datasets: {gq['dataset']} on the GPU, {base['dataset']} in the baselines; no comparison"
-        )
-    domain = gq["domain"]
-    by_model = {r["model"]: r for r in base["rows"]}
-    sasrec = by_model["RecBole SASRec"]
-    refs = {"SASRec": sasrec, "GRU4Rec": by_model["RecBole GRU4Rec"]}
-    for r in refs.values():
-        if not r.get("early_stopped"):
-            raise SystemExit(f"{r['model']} did not stop early: not converged, no claim is made against it")
+    def __init__(self, base: dict[str, Any]):
+        by_model = {r["model"]: r for r in base["rows"]}
+        self.refs = {"SASRec": by_model["RecBole SASRec"], "GRU4Rec": by_model["RecBole GRU4Rec"]}
+        for r in self.refs.values():
+            if not r.get("early_stopped"):
+                raise SystemExit(
+                    f"{r['model']} did not stop early: not converged, no claim is made against it"
+                )
 
-    def diffs(row: dict[str, Any]) -> dict[str, Any]:
+    def diffs(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Per-user NDCG@10 of `row` minus each baseline's, history unmasked and masked."""
         out = {}
         for key, masked in (("ranks", ""), ("ranks_masked", "_masked")):
-            for name, ref in refs.items():
+            for name, ref in self.refs.items():
                 out[f"vs_{name}{masked}"] = paired_diff(_ranks(row, key), _ranks(ref, key))
         return out
 
-    rows: list[dict[str, Any]] = []
-    for name, r in refs.items():
-        rows.append(
+    def rows(self) -> list[dict[str, Any]]:
+        return [
             _row(
                 f"RecBole {name}",
                 "CPU (2 cores)",
@@ -107,30 +90,39 @@ def main() -> int:
                 r["metrics"],
                 {"training": f"early stop at epoch {r['epochs_run']}, best {r['best_epoch']}"},
             )
+            for name, r in self.refs.items()
+        ]
+
+
+def cpu_rows(
+    base: dict[str, Any], refs: References, backbone: str, top_files: list[str]
+) -> list[dict[str, Any]]:
+    """The paper's ILP, the best ILP and st2si_best of the CPU benchmark among the heads on `backbone` (the
+    one the GPU run started from), then the top-K results."""
+    st2si = [r for r in base["rows"] if r.get("source") == "st2si" and r.get("backbone") == backbone]
+    paper = next(r for r in st2si if r.get("paper_ilp"))
+    best_ilp = max((r for r in st2si if r["kind"] == "ilp"), key=lambda r: r["valid_metrics"]["NDCG@10"])
+    best = max(st2si, key=lambda r: r["valid_metrics"]["NDCG@10"])
+    rows = [
+        _row(
+            f"st2si {label} [{r['head']}]",
+            f"CPU (2 cores), frozen {backbone}",
+            r["valid_metrics"]["NDCG@10"],
+            r["metrics"],
+            {"diff": refs.diffs(r), "training": r.get("training") or f"best epoch {r.get('best_epoch')}"},
         )
-    st2si_rows = [r for r in base["rows"] if r.get("source") == "st2si"]
-    paper = next(r for r in st2si_rows if r.get("paper_ilp"))
-    best_ilp = max((r for r in st2si_rows if r["kind"] == "ilp"), key=lambda r: r["valid_metrics"]["NDCG@10"])
-    best = max(st2si_rows, key=lambda r: r["valid_metrics"]["NDCG@10"])
-    for label, r in (
-        ("ILP, paper settings", paper),
-        ("ILP, best on valid", best_ilp),
-        ("best on valid (st2si_best)", best),
-    ):
-        rows.append(
-            _row(
-                f"st2si {label} [{r['head']}]",
-                "CPU (2 cores), frozen SmolLM2-135M",
-                r["valid_metrics"]["NDCG@10"],
-                r["metrics"],
-                {"diff": diffs(r), "training": r.get("training") or f"best epoch {r.get('best_epoch')}"},
-            )
+        for label, r in (
+            ("ILP, paper settings", paper),
+            ("ILP, best on valid", best_ilp),
+            ("best on valid (st2si_best)", best),
         )
-    for path in args.top:
+    ]
+    for path in top_files:
         t = json.loads(Path(path).read_text())
+        start = ", ".join(t.get("init_heads") or ["a random ILP"])
         rows.append(
             {
-                "model": f"st2si top-{t['tune_layers']} tuning (from {', '.join(t.get('init_heads') or ['a random ILP'])})",
+                "model": f"st2si top-{t['tune_layers']} tuning (from {start})",
                 "where": "CPU (2 cores)",
                 "valid_ndcg10": t["valid"]["NDCG@10"],
                 "ndcg10": t["test"]["ndcg10"],
@@ -140,61 +132,60 @@ def main() -> int:
                 "source": Path(path).name,
             }
         )
-    gpu = record["environment"].get("gpu", "GPU")
-    for g in gq["rows"]:
-        hist = g.get("history") or []
-        rows.append(
-            _row(
-                f"st2si full tuning [{g['head']}]",
-                gpu,
-                g["valid_metrics"]["NDCG@10"],
-                g["metrics"],
-                {"diff": diffs(g), "training": f"best epoch {g['best_epoch']} of {len(hist)}"},
-            )
+    return rows
+
+
+def gpu_rows(
+    record: dict[str, Any], gq: dict[str, Any], refs: References, runs: list[tuple[str, str | None]]
+) -> list[dict[str, Any]]:
+    """Rows of the GPU machine: the heads with per-user ranks, its ILP steps, and other pretrain runs."""
+    gpu, paths = record["environment"].get("gpu", "GPU"), record.get("paths")
+    rows = [
+        _row(
+            f"st2si full tuning [{g['head']}]",
+            gpu,
+            g["valid_metrics"]["NDCG@10"],
+            g["metrics"],
+            {
+                "diff": refs.diffs(g),
+                "training": f"best epoch {g['best_epoch']} of {len(g.get('history') or [])}",
+            },
         )
+        for g in gq["rows"]
+    ]
     for step in record["steps"]:
         if step.get("step") in ("ilp", "trim", "attrs") and step.get("returncode") == 0:
             o = step["output"][0]
+            extra = {
+                "training": f"best epoch {o.get('best_epoch')}",
+                "command": _sanitize(step["command"], paths),
+            }
             rows.append(
                 _row(
                     f"st2si {step['step']} [{o['head']}]",
-                    f"{gpu}, frozen SmolLM2-135M",
+                    f"{gpu}, frozen backbone",
                     o["valid"]["NDCG@10"],
                     o["metrics"],
-                    {
-                        "training": f"best epoch {o.get('best_epoch')}",
-                        "command": _sanitize(step["command"], paths),
-                    },
+                    extra,
                 )
             )
-    commands = args.run_command + [None] * (len(args.run) - len(args.run_command))
-    for path, command in zip(args.run, commands, strict=True):
+    for path, command in runs:
         o = json.loads(Path(path).read_text().splitlines()[0])
         first = o["history"][0] if o.get("history") else {}
         start = f"start valid {first['valid_NDCG@10']:.4f}; " if first.get("epoch") == 0 else ""
-        rows.append(
-            _row(
-                f"st2si full tuning [{o['head']}]",
-                gpu,
-                o["valid"]["NDCG@10"],
-                o["metrics"],
-                {
-                    "training": f"{start}best epoch {o['best_epoch']}, stopped by {o['stopped_by']}",
-                    "history": o.get("history"),
-                    "timings": o.get("timings"),
-                    "command": command,
-                },
-            )
-        )
-    ref = sasrec["metrics"]["NDCG@10"]
-    for r in rows:
-        r["ratio_to_sasrec"] = r["ndcg10"] / ref if r.get("ndcg10") is not None else None
+        extra = {
+            "training": f"{start}best epoch {o['best_epoch']}, stopped by {o['stopped_by']}",
+            "history": o.get("history"),
+            "timings": o.get("timings"),
+            "command": command,
+        }
+        rows.append(_row(f"st2si full tuning [{o['head']}]", gpu, o["valid"]["NDCG@10"], o["metrics"], extra))
+    return rows
 
-    full_steps = [s for s in record["steps"] if s.get("step") == "full"]
-    full_record = next(
-        (s["output"][0] for s in record["steps"] if s.get("step") == "full-record" and s.get("output")), {}
-    )
-    table = format_table(
+
+def tables(rows: list[dict[str, Any]], record: dict[str, Any], full_record: dict[str, Any]) -> dict[str, str]:
+    """The comparison, full tuning epoch by epoch, and the GPU machine's steps, as markdown."""
+    comparison = format_table(
         [
             "model",
             "where",
@@ -241,14 +232,86 @@ def main() -> int:
                 s["step"],
                 f"{s['seconds']:.1f}" if "seconds" in s else "-",
                 s.get("returncode", s.get("skipped", "-")),
-                _sanitize(s.get("command", ""), paths),
+                _sanitize(s.get("command", ""), record.get("paths")),
             ]
             for s in record["steps"]
         ],
     )
+    return {"comparison": comparison, "full_tuning_epochs": epochs, "steps": steps}
+
+
+def markdown(result: dict[str, Any], notes: list[str]) -> str:
+    env, t, full = result["environment"], result["tables"], result["full_tuning"]
+    gpu, ds = env.get("gpu", "GPU"), result["dataset"]
+    md = [
+        f"# Full tuning on a GPU ({gpu}) next to the CPU runs: {result['domain']}",
+        "",
+        f"command: `{result['command']}`",
+        "",
+        f"GPU run: `{result['gpu_command']}`",
+        "",
+        f"Machine: {gpu} ({env.get('gpu_memory_gb')} GB), {env.get('cpu_count')} CPU cores, Python "
+        f"{env.get('python')}, torch {env.get('torch')}, transformers {env.get('transformers')}. "
+        f"Same dataset as the CPU baselines (ID {ds['id'][:12]}, {ds['users']} users). "
+        "Test, full ranking, pessimistic ties, history unmasked; intervals are paired per user (bootstrap).",
+        "",
+        t["comparison"],
+        "",
+        f"Full tuning, epoch by epoch (stopped by {full.get('stopped_by')}; best epoch {full.get('best_epoch')}):",
+        "",
+        t["full_tuning_epochs"],
+        "",
+        "Steps on the GPU machine:",
+        "",
+        t["steps"],
+        "",
+    ]
+    if notes:
+        md += ["Notes:", "", *[f"- {n}" for n in notes], ""]
+    return "\n".join(md)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu-record", required=True)
+    ap.add_argument("--gpu-quality", required=True)
+    ap.add_argument("--run", action="append", default=[], help="`st2si pretrain --json` output (repeat)")
+    ap.add_argument("--run-command", action="append", default=[], help="the command of each --run, in order")
+    ap.add_argument("--baselines", required=True)
+    ap.add_argument("--top", action="append", default=[], help="bench/top_layers.py result (repeat)")
+    ap.add_argument(
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        help="the backbone the GPU run started from (its CPU heads are shown)",
+    )
+    ap.add_argument("--name", default="gpu-full")
+    ap.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeat)")
+    ap.add_argument("--out", default=str(RESULTS_DIR))
+    args = ap.parse_args()
+
+    record = json.loads(Path(args.gpu_record).read_text())
+    gq = json.loads(Path(args.gpu_quality).read_text())
+    base = json.loads(Path(args.baselines).read_text())
+    if gq["dataset"]["id"] != base["dataset"]["id"] or gq["dataset"]["users"] != base["dataset"]["users"]:
+        raise SystemExit(
+            f"different datasets: {gq['dataset']} on the GPU, {base['dataset']} in the baselines; no comparison"
+        )
+    refs = References(base)
+    commands = args.run_command + [None] * (len(args.run) - len(args.run_command))
+    rows = refs.rows() + cpu_rows(base, refs, args.backbone, args.top)
+    rows += gpu_rows(record, gq, refs, list(zip(args.run, commands, strict=True)))
+    sasrec = refs.refs["SASRec"]["metrics"]["NDCG@10"]
+    for r in rows:
+        r["ratio_to_sasrec"] = r["ndcg10"] / sasrec if r.get("ndcg10") is not None else None
+
+    full_steps = [s for s in record["steps"] if s.get("step") == "full"]
+    full_record = next(
+        (s["output"][0] for s in record["steps"] if s.get("step") == "full-record" and s.get("output")), {}
+    )
+    paths = record.get("paths")
     result = {
         "part": "gpu-compare",
-        "domain": domain,
+        "domain": gq["domain"],
         "dataset": gq["dataset"],
         "command": _sanitize("python " + shlex.join(sys.argv), paths),
         "gpu_command": _sanitize(record["command"], paths),
@@ -264,45 +327,13 @@ def main() -> int:
             "seconds": full_steps[0].get("seconds") if full_steps else None,
         },
         "steps": [{**s, "command": _sanitize(s.get("command", ""), paths)} for s in record["steps"]],
-        "tables": {"comparison": table, "full_tuning_epochs": epochs, "steps": steps},
+        "tables": tables(rows, record, full_record),
     }
-    date = gq["provenance"]["date"][:10]
-    machine = gq["provenance"]["machine"]
-    stem = Path(args.out) / f"{date}-{machine}-{args.name}-{domain}"
+    date, machine = gq["provenance"]["date"][:10], gq["provenance"]["machine"]
+    stem = Path(args.out) / f"{date}-{machine}-{args.name}-{gq['domain']}"
     write_json(stem.with_suffix(".json"), result)
-    env = record["environment"]
-    md = [
-        f"# Full tuning on a GPU ({gpu}) next to the CPU runs: {domain}",
-        "",
-        f"command: `{result['command']}`",
-        "",
-        f"GPU run: `{result['gpu_command']}`",
-        "",
-        f"Machine: {gpu} ({env.get('gpu_memory_gb')} GB), {env.get('cpu_count')} CPU cores, Python "
-        f"{env.get('python')}, torch {env.get('torch')}, transformers {env.get('transformers')}. "
-        f"Same dataset as the CPU baselines (ID {gq['dataset']['id'][:12]}, {gq['dataset']['users']} users). "
-        "Test, full ranking, pessimistic ties, history unmasked; intervals are paired per user (bootstrap).",
-        "",
-        table,
-        "",
-        f"Full tuning, epoch by epoch (stopped by {full_record.get('stopped_by')}; best epoch "
-        f"{full_record.get('best_epoch')}):",
-        "",
-        epochs,
-        "",
-        "Steps on the GPU machine:",
-        "",
-        steps,
-        "",
-    ]
-    if args.note:
-        md += ["Notes:", "", *[f"- {n}" for n in args.note], ""]
-    stem.with_suffix(".md").write_text("\n".join(md))
-    print(table)
-    print()
-    print(epochs)
-    print()
-    print(steps)
+    stem.with_suffix(".md").write_text(markdown(result, args.note))
+    print("\n\n".join(result["tables"].values()))
     print(f"\nwrote {stem}.json and {stem}.md")
     return 0
 

@@ -91,7 +91,7 @@ def test_gpu_compare_sets_the_run_beside_the_baselines_with_paired_intervals(gpu
     report = tmp / "report"
     r = _run(
         "bench/gpu_compare.py", "--gpu-record", out / "gpu-real-toy.json", "--gpu-quality", quality_path,
-        "--baselines", base, "--out", report, "--note", "a note",
+        "--baselines", base, "--out", report, "--note", "a note", "--backbone", "tiny",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(next(report.glob("*-gpu-full-toy.json")).read_text())
