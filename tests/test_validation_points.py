@@ -77,6 +77,17 @@ def test_points_within_epochs_stop_early_and_keep_the_best_point(zoo, monkeypatc
     assert meta["flags"]["valid-every"] == 2
 
 
+def test_the_time_budget_stops_a_run_at_a_point_within_an_epoch(zoo, monkeypatch):
+    calls = scripted(monkeypatch, [0.1, 0.3, 0.2])
+    cfg = PretrainConfig(epochs=5, lr=1e-3, batch_size=8, valid_every=2, patience=5, max_minutes=1e-9)
+    res = pretrain(zoo, ["toy"], backbone="tiny-opt", cfg=cfg, out="points-time", device="cpu")
+    meta = res.run.meta
+    assert meta["config"]["steps_per_epoch"] > 2  # the first point lies within epoch 1
+    assert len(calls) == 1 and [r["steps"] for r in meta["history"]] == [2]
+    assert meta["history"][0]["end"] is False
+    assert meta["stopped_by"] == "time" and not meta["early_stopped"] and meta["best_step"] == 2
+
+
 def test_a_run_from_trained_heads_keeps_the_start_when_nothing_beats_it(zoo, monkeypatch):
     opts = FeatureOptions(dtype="fp32")
     head = adapt(zoo, "toy", backbone="tiny-llama4", head_cfg=HeadConfig(max_epochs=2), feature_opts=opts)

@@ -126,8 +126,9 @@ def pretrain_cmd(
         0.0,
         "--max-minutes",
         min=0.0,
-        help="Stop after the epoch that passes this many minutes of training and validation (0: no limit); "
-        "the best epoch so far is kept and the record says stopped_by: time.",
+        help="Stop at the first validation point (epoch end, or --valid-every point) past this many minutes "
+        "of training and validation (0: no limit); the best point so far is kept and the record says "
+        "stopped_by: time.",
     ),
     save_every: int = typer.Option(
         0, "--save-every", min=0, help="Also checkpoint every N optimizer steps (0: epoch ends only)."

@@ -41,7 +41,7 @@ class PretrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto: bf16 (else fp16 + loss scaler) on GPU, fp32 on CPU
     save_every: int = 0  # checkpoint every N optimizer steps (0: at epoch ends only); not part of the run key
-    max_minutes: float = 0.0  # stop after the epoch that passes this much training + validation time (0: no limit); not part of the run key
+    max_minutes: float = 0.0  # stop at the first validation point past this much training + validation time (0: no limit); not part of the run key
     eval_batch_tokens: int = 16384  # padded tokens per validation batch; not part of the run key
     eval_max_batch: int = 64
     tune_layers: int = 0  # 0: every layer (full tuning); K: only the top K layers, the final norm and the ILP

@@ -225,11 +225,14 @@ class _Points:
         self._keep(record, improved)
 
     def within_epoch(self) -> float:
-        """A point every `valid_every` steps: it may stop the run (patience); its validation seconds."""
+        """A point every `valid_every` steps: it may stop the run (patience, or the time budget, so that a
+        long epoch need not run to its end past --max-minutes); its validation seconds."""
         record, improved, seconds = self._validate()
         record.update(end=False, seconds=record["valid_seconds"])
         if self.state.since_best >= self.run.cfg.patience:
             self.state.stopped, self.state.stopped_by = True, "patience"
+        elif _over_time(self.run, self.state):
+            self.state.stopped, self.state.stopped_by = True, "time"
         self._keep(record, improved)
         self.engine.train()
         return seconds
@@ -256,18 +259,23 @@ def epoch_records(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _stop_reason(run: RunSetup, state: RunState, epoch: int) -> str | None:
-    """Why training ends after `epoch`, or None. The time budget is decided on the summed clocks of all
-    ranks, so every rank stops after the same epoch."""
+    """Why training ends after `epoch`, or None."""
     if state.since_best >= run.cfg.patience:
         return "patience"
     if epoch >= run.cfg.epochs:
         return "epochs"
-    if run.cfg.max_minutes > 0:
-        spent = state.seconds["train"] + state.seconds["valid"]
-        over = dist.all_sum(run.info, [float(spent >= run.cfg.max_minutes * 60)])[0] > 0
-        if over:
-            return "time"
+    if _over_time(run, state):
+        return "time"
     return None
+
+
+def _over_time(run: RunSetup, state: RunState) -> bool:
+    """Whether training and validation have used up --max-minutes, decided on the summed clocks of all
+    ranks, so that every rank stops at the same point."""
+    if run.cfg.max_minutes <= 0:
+        return False
+    spent = state.seconds["train"] + state.seconds["valid"]
+    return dist.all_sum(run.info, [float(spent >= run.cfg.max_minutes * 60)])[0] > 0
 
 
 __all__ = [
