@@ -27,9 +27,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from st2si_cli import DEFAULT_BACKBONE
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, format_table, write_json  # noqa: E402
-from quality import DEFAULT_BACKBONE, paired_diff  # noqa: E402
+from quality import paired_diff  # noqa: E402
 
 
 def _ranks(row: dict[str, Any], key: str = "ranks") -> list[int]:
@@ -120,17 +122,16 @@ def cpu_rows(
     for path in top_files:
         t = json.loads(Path(path).read_text())
         start = ", ".join(t.get("init_heads") or ["a random ILP"])
+        test = {"NDCG@10": t["test"]["ndcg10"], "Recall@10": t["test"]["recall10"], "MRR": t["test"]["mrr"]}
+        training = f"{t['epochs']} epochs, {t['seconds_per_epoch']:.0f} s each; stopped by {t['stopped_by']}"
         rows.append(
-            {
-                "model": f"st2si top-{t['tune_layers']} tuning (from {start})",
-                "where": "CPU (2 cores)",
-                "valid_ndcg10": t["valid"]["NDCG@10"],
-                "ndcg10": t["test"]["ndcg10"],
-                "recall10": t["test"]["recall10"],
-                "mrr": t["test"]["mrr"],
-                "training": f"{t['epochs']} epochs, {t['seconds_per_epoch']:.0f} s each; stopped by {t['stopped_by']}",
-                "source": Path(path).name,
-            }
+            _row(
+                f"st2si top-{t['tune_layers']} tuning (from {start})",
+                "CPU (2 cores)",
+                t["valid"]["NDCG@10"],
+                test,
+                {"training": training, "source": Path(path).name},
+            )
         )
     return rows
 

@@ -162,8 +162,13 @@ def _short(line: dict[str, Any]) -> str:
     return ", ".join(f"{k} {m[k]:.4f}" for k in ("NDCG@10", "Recall@10", "MRR") if k in m)
 
 
+# What a pretrain step keeps of its run record (`st2si zoo info run/NAME`; the head's record repeats it).
+RECORD_KEYS = ("metrics", "history", "timings", "best_epoch", "best_step", "stopped_by", "early_stopped")
+RECORD_KEYS += ("config", "flags")
+
+
 def pretrain_step(d: Driver, step: str, made: list[str]) -> None:
-    """`full` or `topK`: pretrain with epoch lines in the log, then its run and head records."""
+    """`full` or `topK`: pretrain with epoch lines in the log, then its run record."""
     args = d.args
     k = 0 if step == "full" else int(step[3:])
     left = d.left()
@@ -183,17 +188,11 @@ def pretrain_step(d: Driver, step: str, made: list[str]) -> None:
     entry = d.st2si(step, argv, left, stdout_to_log=True)
     if entry["returncode"] != 0:
         return
-    head = f"{args.domain}/{name}"
-    made.append(head)
-    for ref in (f"run/{name}", head):
-        info = d.st2si(f"{step}-record", ["zoo", "info", ref, "--json"], 60)
-        meta = (info.get("output") or [{}])[0].get("meta", {})
-        info["output"] = [{k: meta.get(k) for k in RECORD_KEYS if k in meta}]
-        d.write()
-
-
-RECORD_KEYS = ("metrics", "history", "timings", "best_epoch", "best_step", "stopped_by", "early_stopped")
-RECORD_KEYS += ("config", "flags", "train", "pretrain", "dtype")
+    made.append(f"{args.domain}/{name}")
+    info = d.st2si(f"{step}-record", ["zoo", "info", f"run/{name}", "--json"], 60)
+    meta = (info.get("output") or [{}])[0].get("meta", {})
+    info["output"] = [{key: meta[key] for key in RECORD_KEYS if key in meta}]
+    d.write()
 
 
 def main() -> int:

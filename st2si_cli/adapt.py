@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from st2si_cli import DEFAULT_BACKBONE
 from st2si_cli.errors import St2siError
 from st2si_cli.model.text import TextConfig
 from st2si_cli.progress import Reporter
@@ -78,7 +79,7 @@ def adapt(
     zoo: Zoo,
     domain: str,
     *,
-    backbone: str = "smollm2-135m",
+    backbone: str = DEFAULT_BACKBONE,
     text: TextConfig | None = None,
     head_cfg: Any = None,
     feature_opts: FeatureOptions | None = None,

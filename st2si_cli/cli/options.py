@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-DEFAULT_BACKBONE = "smollm2-135m"
+from st2si_cli import DEFAULT_BACKBONE
 
 
 # ---- the root `--zoo` option ---------------------------------------------------------------------------

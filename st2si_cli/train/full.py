@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from st2si_cli import DEFAULT_BACKBONE
 from st2si_cli.errors import St2siError
 from st2si_cli.model.st2si import ST2SI, length_split_pays
 from st2si_cli.model.text import TextConfig
@@ -45,7 +46,7 @@ def pretrain(
     zoo: Zoo,
     domains: Sequence[str],
     *,
-    backbone: str = "smollm2-135m",
+    backbone: str = DEFAULT_BACKBONE,
     text: TextConfig | None = None,
     cfg: PretrainConfig | None = None,
     out: str | None = None,

@@ -229,10 +229,8 @@ class _Points:
         long epoch need not run to its end past --max-minutes); its validation seconds."""
         record, improved, seconds = self._validate()
         record.update(end=False, seconds=record["valid_seconds"])
-        if self.state.since_best >= self.run.cfg.patience:
-            self.state.stopped, self.state.stopped_by = True, "patience"
-        elif _over_time(self.run, self.state):
-            self.state.stopped, self.state.stopped_by = True, "time"
+        self.state.stopped_by = _stop_reason(self.run, self.state, None)
+        self.state.stopped = self.state.stopped_by is not None
         self._keep(record, improved)
         self.engine.train()
         return seconds
@@ -258,11 +256,12 @@ def epoch_records(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in history if r.get("end", True)]
 
 
-def _stop_reason(run: RunSetup, state: RunState, epoch: int) -> str | None:
-    """Why training ends after `epoch`, or None."""
+def _stop_reason(run: RunSetup, state: RunState, epoch: int | None) -> str | None:
+    """Why training ends at this validation point, or None: after `epoch`, or within an epoch (None),
+    where the epoch cap does not apply."""
     if state.since_best >= run.cfg.patience:
         return "patience"
-    if epoch >= run.cfg.epochs:
+    if epoch is not None and epoch >= run.cfg.epochs:
         return "epochs"
     if _over_time(run, state):
         return "time"
