@@ -180,7 +180,8 @@ def test_rm_yes_removes_the_artifact_and_its_unshared_blobs(populated) -> None:
     with Zoo(root) as zoo:
         assert zoo.find("smol") is None and zoo.find(ids["backbone"]) is None
         assert {a.id for a in zoo.ls()} == {ids["dataset"], ids["head"], ids["run"]}
-        assert verify(zoo).ok and not verify(zoo).orphans
+        report = verify(zoo)  # the head's backbone is gone: a dangling input, reported
+        assert report.dangling == [(ids["head"], ids["backbone"])] and not report.ok and not report.orphans
     human = run_cli(root, "zoo", "rm", "run-1", "--yes")
     assert human.returncode == 0 and "Removed run run-1" in human.stdout
 

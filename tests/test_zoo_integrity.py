@@ -123,6 +123,9 @@ def test_a_reader_that_loses_a_race_with_rm_gets_one_clear_error(adapted: Zoo) -
         adapted.file(head, "head.safetensors")
     backbone = adapted.get("tiny-opt", kind="backbone")
     with Zoo(adapted.root) as other:
+        with pytest.raises(ZooError, match="in use as an input"):  # adapt in `adapted` still holds it
+            execute_rm(other, plan_rm(other, "tiny-opt"))
+        adapted.release_holds()
         with pytest.raises(ZooError, match="input of"):  # the head's feature cache still uses it
             execute_rm(other, plan_rm(other, "tiny-opt"))
         execute_rm(other, plan_rm(other, "tiny-opt"), force=True)

@@ -98,7 +98,7 @@ def rm_cmd(
 
     An artifact that others list as an input (a dataset or backbone with heads) is kept unless --force.
     """
-    zoo = open_zoo()
+    zoo = open_zoo(create=False)
     from st2si_cli.zoo.maintenance import plan_rm
 
     plan = plan_rm(zoo, ref, kind)
@@ -148,6 +148,11 @@ def _verify_dict(zoo: Zoo, report: VerifyReport) -> dict[str, Any]:
         "missing": [blob(sha) for sha in report.missing],
         "orphans": [{"sha256": name, "path": str(zoo.blob_path(name))} for name in report.orphans],
         "broken_views": [str(zoo.root / "views" / name) for name in report.broken_views],
+        "links": report.links,
+        "dangling_inputs": [{"artifact": _brief(zoo.get(a)), "input": ref} for a, ref in report.dangling],
+        "unindexed_manifests": report.unindexed,
+        "bad_manifests": report.bad_manifests,
+        "missing_manifests": report.unmanifested,
     }
 
 
@@ -169,14 +174,25 @@ def verify_cmd(
     repair: bool = typer.Option(
         False,
         "--repair",
-        help="Drop the artifacts whose blobs are corrupted or missing (and say how to make each again), "
-        "and rebuild broken views.",
+        help="Rebuild a lost or damaged index from the artifacts' manifests; re-register artifacts the "
+        "index lost; drop those whose blobs are corrupted or missing or whose inputs are gone (and say "
+        "how to make each again); rebuild broken views. Links are reported, never removed.",
     ),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Re-hash every blob and check the views; report changed and missing blobs and broken views (exit 1)
     and orphan files (a warning; `st2si zoo prune` removes them)."""
-    zoo = open_zoo()
+    from st2si_cli.zoo.store import DamagedIndexError
+
+    try:
+        zoo = open_zoo(create=False)
+    except DamagedIndexError as e:
+        if not repair:
+            raise
+        _rebuild(e, as_json)
+        zoo = open_zoo(create=False)
+    if not zoo.exists:
+        raise St2siError(f"there is no zoo at {zoo.root}")
     report = _run_verify(zoo)
     result = _verify_dict(zoo, report)
     if repair and not report.ok:
@@ -187,6 +203,22 @@ def verify_cmd(
     else:
         for path in result["broken_views"]:
             out.print(f"BROKEN VIEW  {path}", markup=False, soft_wrap=True)
+        for path in report.links:
+            out.print(f"LINK  {path}  (never followed; move it away)", markup=False, soft_wrap=True)
+        for d in result["dangling_inputs"]:
+            a = d["artifact"]
+            out.print(
+                f"DANGLING INPUT  {a['kind']} {a['name'] or a['id'][:12]} lists {d['input'][:12]}, "
+                "which is no longer in the zoo",
+                markup=False,
+                soft_wrap=True,
+            )
+        for art_id in report.unindexed:
+            out.print(f"UNINDEXED  artifact {art_id[:12]} has a manifest but no index rows", markup=False)
+        for path in report.bad_manifests:
+            out.print(f"BAD MANIFEST  {path}", markup=False, soft_wrap=True)
+        if report.unmanifested:
+            out.print(f"MISSING MANIFESTS  {len(report.unmanifested)} artifact(s)", markup=False)
         for problem, key in (("MISMATCH", "mismatched"), ("MISSING", "missing")):
             for b in result[key]:
                 used_by = (
@@ -198,12 +230,18 @@ def verify_cmd(
         out.print(
             f"{status}: checked {report.checked} blob(s) ({human_size(zoo.blobs_total_size())}): "
             f"{len(report.mismatched)} mismatched, {len(report.missing)} missing, "
-            f"{len(report.broken_views)} broken view(s).",
+            f"{len(report.broken_views)} broken view(s), {len(report.links)} link(s), "
+            f"{len(report.dangling)} dangling input(s), {len(report.unindexed) + len(report.bad_manifests)} "
+            "manifest problem(s).",
             markup=False,
             soft_wrap=True,
         )
         if not report.ok:
-            err.print("Run `st2si zoo verify --repair` to drop the damaged artifacts.", markup=False)
+            err.print(
+                "Run `st2si zoo verify --repair` to drop the damaged artifacts and re-register lost ones"
+                + ("; links are never removed: move them away by hand." if report.links else "."),
+                markup=False,
+            )
     if report.orphans:
         err.print(
             f"Warning: {len(report.orphans)} orphan file(s) under {zoo.root / 'blobs'} that no artifact uses "
@@ -217,13 +255,32 @@ def verify_cmd(
         raise typer.Exit(1)
 
 
+def _rebuild(e: Exception, as_json: bool) -> None:
+    """A new index from the manifests of a zoo whose index is missing, empty or damaged."""
+    from st2si_cli.zoo.maintenance import rebuild_index
+
+    root = e.root  # type: ignore[attr-defined]
+    err.print(f"{e}", markup=False, soft_wrap=True)
+    rebuilt = rebuild_index(root)
+    for path, why in rebuilt.skipped:
+        err.print(f"Skipped {path}: {why}", markup=False, soft_wrap=True)
+    moved = f"; the old index is kept as {rebuilt.moved_aside}" if rebuilt.moved_aside else ""
+    err.print(
+        f"Rebuilt the index of {root} from {len(rebuilt.registered)} manifest(s){moved}.",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
 def _repair(zoo: Zoo, report: VerifyReport, result: dict[str, Any], as_json: bool) -> None:
     from st2si_cli.zoo.maintenance import repair
 
     dropped = repair(zoo, report)
     if as_json:
         rows = [{**_brief(a), "rebuild": hint} for a, hint in dropped]
-        print_json({**result, "repaired": True, "dropped": rows})
+        print_json({**result, "repaired": not report.links, "dropped": rows})
+        if report.links:
+            raise typer.Exit(1)
         return
     for art, hint in dropped:
         out.print(f"Dropped {_label(art)}: make it again with: {hint}", markup=False, soft_wrap=True)
@@ -231,6 +288,13 @@ def _repair(zoo: Zoo, report: VerifyReport, result: dict[str, Any], as_json: boo
         out.print(
             f"Removed {len(report.broken_views)} broken view(s); they are rebuilt on use.", markup=False
         )
+    if report.links:
+        err.print(
+            f"Not repaired: {len(report.links)} link(s) inside the zoo; move them away by hand.",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
     out.print(f"Repaired: the zoo at {zoo.root} is consistent again.", markup=False, soft_wrap=True)
 
 
@@ -253,7 +317,7 @@ def prune_cmd(
     """
     from st2si_cli.zoo.maintenance import execute_prune, plan_prune
 
-    zoo = open_zoo()
+    zoo = open_zoo(create=False)
     plan = plan_prune(zoo)
     if plan.remove:
         _confirm_or_refuse("prune", dry_run, yes)

@@ -39,6 +39,7 @@ from st2si_cli.train.result import PretrainResult, store_result
 from st2si_cli.train.top import check_tune_layers, top_module_and_data
 from st2si_cli.train.warm_start import load_init_heads, resolve_init_heads
 from st2si_cli.train.weights import load_trainable
+from st2si_cli.zoo.locks import FileLock
 from st2si_cli.zoo.store import Zoo
 
 
@@ -81,14 +82,39 @@ def pretrain(
             run.backbone, run.datasets, text, cfg, info.world_size, run.ds_config, run.precision
         )
         run.stage = zoo.root / "tmp" / f"run-{run.key[:16]}"
-        state = _open_state(run, resume, restart)
-        model, tokenizer = load_trainable(zoo, run.backbone, text.query)
-        corpus = build_corpus(zoo, run.datasets, tokenizer, text)
-        if not state.stopped:
-            _train(run, corpus, model, state)
-        if not info.is_main:
-            return PretrainResult(None, None, {}, {}, state.history)
-        return store_result(run, corpus, tokenizer, state, time.time() - t_start)
+        claim = _claim_stage(run)
+        try:
+            state = _open_state(run, resume, restart)
+            model, tokenizer = load_trainable(zoo, run.backbone, text.query)
+            corpus = build_corpus(zoo, run.datasets, tokenizer, text)
+            if not state.stopped:
+                _train(run, corpus, model, state)
+            if not info.is_main:
+                return PretrainResult(None, None, {}, {}, state.history)
+            return store_result(run, corpus, tokenizer, state, time.time() - t_start)
+        finally:
+            if claim is not None:
+                claim.release()
+
+
+def _claim_stage(run: RunSetup) -> FileLock | None:
+    """Rank 0 claims the staging folder `run-<key>` with its lock file, as a feature cache is claimed:
+    a second run with the same settings, or a prune, cannot touch it while this run lives. A folder
+    another live run holds stops every rank with one line, before anything is read or written."""
+    lock = None
+    if run.info.is_main:
+        lock = run.zoo.claim(run.stage.name)
+        if not lock.acquire(blocking=False):
+            lock = None
+    held = dist.all_gather_objects(run.info, lock is not None or not run.info.is_main)
+    if not all(held):
+        if lock is not None:
+            lock.release()
+        raise St2siError(
+            f"another pretrain with the same settings is running (it holds {run.stage}.lock): "
+            "wait for it to end; its result is then in the zoo, or rerun with --resume"
+        )
+    return lock
 
 
 def _setup(
@@ -100,10 +126,13 @@ def _setup(
     if info.is_main:
         ensure_backbone(zoo, backbone)
     dist.barrier(info)
+    source = zoo.get(backbone, kind="backbone")
+    datasets = [zoo.get(d, kind="dataset") for d in domains]
+    zoo.hold(source, *datasets)  # `zoo rm` refuses them while this run lives
     return RunSetup(
         zoo=zoo,
-        backbone=zoo.get(backbone, kind="backbone"),
-        datasets=[zoo.get(d, kind="dataset") for d in domains],
+        backbone=source,
+        datasets=datasets,
         text=text,
         cfg=cfg,
         info=info,

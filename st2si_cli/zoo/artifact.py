@@ -88,10 +88,24 @@ class VerifyReport:
     missing: list[str]  # blobs in the index with no file
     orphans: list[str]  # files under blobs/ that no artifact references
     broken_views: list[str] = field(default_factory=list)  # folders under views/ that need rebuilding
+    links: list[str] = field(default_factory=list)  # links that could lead out of the zoo (never followed)
+    dangling: list[tuple[str, str]] = field(default_factory=list)  # (artifact, input it lists that is gone)
+    unindexed: list[str] = field(default_factory=list)  # artifacts with a manifest but no index rows
+    bad_manifests: list[str] = field(default_factory=list)  # manifest files that cannot be read
+    unmanifested: list[str] = field(default_factory=list)  # indexed artifacts without a manifest
 
     @property
     def ok(self) -> bool:
-        return not (self.mismatched or self.missing or self.broken_views)
+        return not (
+            self.mismatched
+            or self.missing
+            or self.broken_views
+            or self.links
+            or self.dangling
+            or self.unindexed
+            or self.bad_manifests
+            or self.unmanifested
+        )
 
 
 def input_ids(meta: Mapping[str, Any]) -> set[str]:

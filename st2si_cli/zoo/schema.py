@@ -13,13 +13,16 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from st2si_cli.errors import ZooError
 from st2si_cli.zoo.locks import FileLock
 
 BUSY_TIMEOUT_S = 120.0
+INDEX = "index.db"
 
 migrations = Migrations("st2si.zoo")
 
@@ -51,16 +54,114 @@ def m003_names_per_kind(db: sqlite_utils.Database) -> None:
     db["names"].create_index(["artifact"])
 
 
-def connect(root: Path) -> sqlite_utils.Database:
-    """Open `root/index.db` (WAL, busy timeout) and apply pending migrations under `root/index.lock`."""
-    conn = sqlite3.connect(str(root / "index.db"), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+class DamagedIndexError(ZooError):
+    """The zoo holds blobs or manifests but its index is missing, empty or not a SQLite database.
+
+    Nothing is written to such a zoo: an empty index would make every blob look unreferenced."""
+
+    def __init__(self, root: Path, why: str):
+        self.root = root
+        super().__init__(
+            f"the zoo at {root} is damaged: {why}; nothing was changed. "
+            "Rebuild the index from the artifacts' manifests with `st2si zoo verify --repair`"
+        )
+
+
+def holds_content(root: Path) -> bool:
+    """Whether the folder has any blob or manifest file: then it is a zoo, whatever its index says."""
+    for sub in ("blobs", "manifests"):
+        folder = root / sub
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for d in folder.iterdir():
+            if d.is_file() or (d.is_dir() and any(True for _ in d.iterdir())):
+                return True
+    return False
+
+
+def _tables(db: sqlite_utils.Database, root: Path) -> set[str]:
+    """The index's table names; DamagedIndexError if the file is not a readable SQLite database."""
+    try:
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if names:
+            problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(problem)
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            raise
+        raise DamagedIndexError(
+            root, f"its index {root / INDEX} is not a valid SQLite database ({e})"
+        ) from None
+    return names
+
+
+def _empty_index_check(names: set[str], root: Path) -> None:
+    if "artifacts" not in names and holds_content(root):
+        raise DamagedIndexError(root, f"it holds blobs but its index {root / INDEX} is empty")
+
+
+def _open_file(path: Path, *, read_only: bool) -> sqlite3.Connection:
+    if not read_only:
+        return sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    uri = f"file:{quote(str(path))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.OperationalError:
+        # A WAL index in a folder nobody may write: SQLite cannot make its shared-memory file. Nobody
+        # can change the index either, so it may be read as immutable.
+        conn.close()
+        conn = sqlite3.connect(uri + "&immutable=1", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    return conn
+
+
+def connect(root: Path, *, read_only: bool = False, rebuild: bool = False) -> sqlite_utils.Database:
+    """Open `root/index.db` (WAL, busy timeout) and apply pending migrations under `root/index.lock`.
+
+    `read_only`: open the existing index without any lock or write (a zoo in a folder this process may
+    not write, or one a reading command must not change); migrations must then be applied already.
+    A zoo that holds blobs but whose index is empty or not a database raises DamagedIndexError
+    (`rebuild`: a new, empty index is wanted there, to be filled from the manifests).
+    """
+    path = root / INDEX
+    if (
+        not rebuild and not path.exists() and holds_content(root)
+    ):  # checked before SQLite makes an empty file there
+        raise DamagedIndexError(root, f"it holds blobs but has no index ({path} is missing)")
+    conn = _open_file(path, read_only=read_only)
     conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
     db = sqlite_utils.Database(conn)
-    with FileLock(root / "index.lock"):
-        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            db.execute("PRAGMA journal_mode=WAL")
-        if migrations.pending(db):
-            migrations.apply(db)
+    try:
+        if read_only:
+            names = _tables(db, root)
+            _empty_index_check(names, root)
+            if "artifacts" not in names:
+                raise DamagedIndexError(root, f"its index {path} is empty")
+            if migrations.pending(db):
+                raise ZooError(
+                    f"the zoo at {root} was written by an older st2si and this command may not upgrade it: "
+                    "run a writing command (e.g. `st2si zoo prune --dry-run` where the folder is writable)"
+                )
+            return db
+        with FileLock(root / "index.lock"):
+            names = _tables(db, root)
+            if not rebuild:
+                _empty_index_check(names, root)
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            if migrations.pending(db):
+                migrations.apply(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def empty_index() -> sqlite_utils.Database:
+    """An in-memory index with the current schema: what a reading command sees where no zoo exists."""
+    db = sqlite_utils.Database(memory=True)
+    migrations.apply(db)
     return db
 
 

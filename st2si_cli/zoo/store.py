@@ -5,26 +5,34 @@ Layout under the root:
     index.db                SQLite index (sqlite-utils), schema by named migrations
     blobs/ab/abcdef...      file contents, stored once by sha256
     views/<artifact id>/    folders of links to blobs, for loaders that want a directory
+    manifests/ab/abcdef.json  each artifact's index rows as a file: what the index is rebuilt from
     tmp/                    staging for atomic writes and resumable work
 
 An artifact is a set of named files plus metadata (config, inputs, versions, metrics). Its ID is the
 sha256 of its kind, its file manifest and an optional identity dict, so the same content gives the
 same ID. Names point at artifacts (one artifact per name; a name can move to a newer artifact).
 Blobs are written to a temp file and renamed; index rows are written in one transaction.
+
+Only writing commands make a zoo (`Zoo(root)`); reading ones open it with `create=False`, which
+creates nothing (a missing zoo reads as empty) and reads a zoo in a folder it may not write without
+any lock. A folder that holds blobs but no valid index is damaged: it is refused, never reset.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from st2si_cli.errors import ZooError
+from st2si_cli.zoo import manifests
 from st2si_cli.zoo.artifact import (
     CHUNK,
     Artifact,
@@ -36,14 +44,15 @@ from st2si_cli.zoo.artifact import (
 )
 from st2si_cli.zoo.integrity import check_blob, stat_key
 from st2si_cli.zoo.locks import FileLock, tmp_prefix
-from st2si_cli.zoo.schema import connect, migrations, write_txn
-from st2si_cli.zoo.views import build_view
+from st2si_cli.zoo.schema import DamagedIndexError, connect, empty_index, migrations, write_txn
+from st2si_cli.zoo.views import build_private_view, build_view
 
 KINDS = ("dataset", "catalog", "backbone", "head", "features", "run")
 ENV_HOME = "ST2SI_HOME"
 __all__ = [
     "KINDS",
     "Artifact",
+    "DamagedIndexError",
     "RemovalPlan",
     "VerifyReport",
     "Zoo",
@@ -63,6 +72,12 @@ def default_root() -> Path:
     return Path(user_data_dir("st2si", appauthor=False))
 
 
+def _may_write(root: Path) -> bool:
+    """Whether this process may change the zoo: write its folder and its index."""
+    index = root / "index.db"
+    return os.access(root, os.W_OK) and (not index.exists() or os.access(index, os.W_OK))
+
+
 def resolve_root(path: str | Path | None = None) -> Path:
     """`--zoo PATH` > `$ST2SI_HOME` > the platform's user data dir."""
     # Absolute, so that the links under views/ still resolve when the caller changes directory.
@@ -75,19 +90,67 @@ def resolve_root(path: str | Path | None = None) -> Path:
 
 
 class Zoo:
-    """The local store. Cheap to open: creates the folders and applies pending migrations."""
+    """The local store. Cheap to open: `Zoo(root)` creates the folders and applies pending migrations.
 
-    def __init__(self, root: str | Path | None = None):
+    `create=False` (the reading commands, and rm/prune/verify): nothing is created. A missing zoo reads
+    as an empty one; a zoo in a folder this process may not write is opened read-only, with no lock,
+    and the writing methods refuse with one line.
+    """
+
+    def __init__(self, root: str | Path | None = None, *, create: bool = True):
         self.root = resolve_root(root)
         if self.root.exists() and not self.root.is_dir():
             raise ZooError(f"{self.root}: the zoo must be a folder, and this is a file")
+        self.exists = (self.root / "index.db").exists()
+        self.read_only = False
+        self._written: set[str] = set()  # blobs this process wrote (and so hashed) since the last put
+        self._held: dict[str, FileLock] = {}  # artifacts this process uses as inputs (see `hold`)
+        if not create and not self.exists:
+            if self.root.is_dir():
+                from st2si_cli.zoo.schema import holds_content
+
+                if holds_content(self.root):
+                    raise DamagedIndexError(
+                        self.root, f"it holds blobs but has no index ({self.root / 'index.db'})"
+                    )
+            self.read_only = True
+            self.db = empty_index()
+            return
+        if not create and not _may_write(self.root):
+            self.read_only = True
+            self.db = connect(self.root, read_only=True)
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         for sub in ("blobs", "views", "tmp"):
-            (self.root / sub).mkdir(exist_ok=True)
+            folder = self.root / sub
+            if folder.exists() and (folder.is_symlink() or not folder.is_dir()):
+                what = "a link" if folder.is_symlink() else "not a folder"
+                raise ZooError(
+                    f"{folder} is {what}: the zoo's {sub}/ must be a folder inside it; move it away"
+                )
+            folder.mkdir(exist_ok=True)
         self.db = connect(self.root)
-        self._written: set[str] = set()  # blobs this process wrote (and so hashed) since the last put
+        self.exists = True
+        if not (self.root / manifests.FOLDER).exists():
+            with FileLock(self.root / "index.lock"):
+                manifests.backfill(self.root, self.db)
+
+    def require_writable(self, what: str) -> None:
+        """Refuse, in one line, to `what` in a zoo this process may not (or must not) change."""
+        if not self.read_only:
+            return
+        if not self.exists:
+            raise ZooError(f"there is no zoo at {self.root}: nothing to {what}")
+        raise ZooError(f"the zoo at {self.root} is read-only: cannot {what}")
+
+    def release_holds(self) -> None:
+        """Drop this process's claims on its inputs (`hold`); closing the zoo does it too."""
+        for lock in self._held.values():
+            lock.release()
+        self._held.clear()
 
     def close(self) -> None:
+        self.release_holds()
         self.db.close()
 
     def __enter__(self) -> Zoo:
@@ -104,7 +167,31 @@ class Zoo:
 
     def claim(self, key: str) -> FileLock:
         """The lock of the shared work `key` (its staging folder tmp/KEY): hold it while computing."""
+        self.require_writable("compute and store new work")
         return FileLock(self.root / "tmp" / f"{key}.lock")
+
+    def hold_lock(self, art_id: str) -> FileLock:
+        """The lock a process holds (shared) on an artifact it uses as an input; `zoo rm` takes it
+        exclusively, so an input in use is not removed."""
+        return FileLock(self.root / "tmp" / f"input-{art_id}.lock", shared=True)
+
+    def hold(self, *arts: Artifact) -> None:
+        """Claim artifacts as inputs of this process's work until the zoo is closed (or the process
+        ends): `zoo rm` refuses to remove them meanwhile. An artifact removed before the claim was
+        taken raises ZooError. A read-only zoo cannot be changed by anyone: nothing to claim."""
+        if self.read_only:
+            return
+        for art in arts:
+            if art.id in self._held:
+                continue
+            lock = self.hold_lock(art.id)
+            lock.acquire()
+            self._held[art.id] = lock
+            if self._by_id(art.id) is None:
+                self._held.pop(art.id).release()
+                raise ZooError(
+                    f"{art.kind} {art.name or art.short_id} was removed from the zoo while this command ran"
+                )
 
     # ---- blobs -----------------------------------------------------------------------------------
     def blob_path(self, sha: str) -> Path:
@@ -126,11 +213,12 @@ class Zoo:
             sha = hashlib.sha256(source).hexdigest()
             if not self.blob_path(sha).exists():
                 fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=tmp_prefix("blob"))
-                with os.fdopen(fd, "wb") as f:
-                    f.write(source)
-                    f.flush()
-                    os.fsync(f.fileno())
-                self._place(tmp, sha)
+                with _removed_on_failure(tmp):
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(source)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    self._place(tmp, sha)
             return sha, len(source)
         source = Path(source)
         size = source.stat().st_size
@@ -140,24 +228,27 @@ class Zoo:
             return sha, size
         fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=tmp_prefix("blob"))
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            while chunk := src.read(CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        sha = h.hexdigest()
-        self._place(tmp, sha)
+        with _removed_on_failure(tmp):
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+                while chunk := src.read(CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            sha = h.hexdigest()
+            self._place(tmp, sha)
         return sha, size
 
     def staging_dir(self, key: str) -> Path:
         """A folder under tmp/ for work in progress that a later run may resume (hold `claim(key)`)."""
+        self.require_writable("stage work")
         path = self.root / "tmp" / key
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     def private_dir(self, kind: str) -> Path:
         """A new folder under tmp/ that only this process uses (`KIND-PID-random`)."""
+        self.require_writable("stage work")
         return Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix=tmp_prefix(kind)))
 
     # ---- artifacts -------------------------------------------------------------------------------
@@ -180,12 +271,16 @@ class Zoo:
         """
         if kind not in KINDS:
             raise ValueError(f"unknown artifact kind {kind!r}")
+        self.require_writable(f"store a {kind}")
         if name and not replace_name and all(isinstance(v, (bytes, bytearray)) for v in files.values()):
             manifest = {f: hashlib.sha256(v).hexdigest() for f, v in sorted(files.items())}  # type: ignore[arg-type]
             self._name(name, kind, self.artifact_id(kind, manifest, identity), replace=False, check_only=True)
         with self.gc_lock(shared=True):
             self._written = set()
-            stored = {fname: self._store_blob(src, move=move) for fname, src in files.items()}
+            try:
+                stored = {fname: self._store_blob(src, move=move) for fname, src in files.items()}
+            except OSError as e:
+                raise _write_error(self.root, e) from e
             manifest = {fname: sha for fname, (sha, _) in sorted(stored.items())}
             art_id = self.artifact_id(kind, manifest, identity)
             blob_rows = []
@@ -195,10 +290,29 @@ class Zoo:
                     _, row["mtime_ns"], row["inode"] = stat_key(self.blob_path(sha).stat())
                 blob_rows.append(row)
             with write_txn(self.db):
+                self._check_inputs(meta)
                 self._register(kind, art_id, manifest, meta, domain, blob_rows)
-                if name:
-                    self._name(name, kind, art_id, replace_name)
+                displaced = self._name(name, kind, art_id, replace_name) if name else None
+            self._sync_manifests(art_id, displaced)
         return self.get(art_id)
+
+    def _check_inputs(self, meta: Mapping[str, Any]) -> None:
+        """Inside the put's transaction: every input the meta names must still be in the zoo (`zoo rm`
+        checks dependents in its own transaction, so an input and its dependent never cross)."""
+        for ref in sorted(input_ids(meta)):
+            if len(ref) != 64 or not all(c in "0123456789abcdef" for c in ref):
+                continue
+            if self.db.execute("SELECT 1 FROM artifacts WHERE id = ?", [ref]).fetchone() is None:
+                raise ZooError(
+                    f"an input of this command ({ref[:12]}) was removed from the zoo while it ran; "
+                    "nothing was stored"
+                )
+
+    def _sync_manifests(self, *ids: str | None) -> None:
+        try:
+            manifests.sync(self.root, self.db, [i for i in ids if i])
+        except OSError as e:
+            raise _write_error(self.root, e) from e
 
     @staticmethod
     def artifact_id(kind: str, manifest: Mapping[str, str], identity: Mapping[str, Any] | None) -> str:
@@ -235,30 +349,36 @@ class Zoo:
 
     def _name(
         self, name: str, kind: str, art_id: str, replace: bool = True, check_only: bool = False
-    ) -> None:
-        if not replace:
-            sql = "SELECT artifact FROM names WHERE kind = ? AND name = ?"
-            row = self.db.execute(sql, [kind, name]).fetchone()
-            if row is not None and row[0] != art_id:
-                raise NameTakenError(f"{kind} {name!r} already holds another artifact ({row[0][:12]})")
+    ) -> str | None:
+        """Point the name at the artifact; the ID of the artifact it pointed at before, if another."""
+        row = self.db.execute(
+            "SELECT artifact FROM names WHERE kind = ? AND name = ?", [kind, name]
+        ).fetchone()
+        if not replace and row is not None and row[0] != art_id:
+            raise NameTakenError(f"{kind} {name!r} already holds another artifact ({row[0][:12]})")
         if check_only:
-            return
+            return None
         self.db["names"].upsert(
             {"name": name, "artifact": art_id, "kind": kind, "updated": time.time()}, pk=("kind", "name")
         )
+        return row[0] if row is not None and row[0] != art_id else None
 
     def update_meta(self, art: Artifact, **changes: Any) -> Artifact:
+        self.require_writable(f"change {art.kind} {art.name or art.short_id}")
         with write_txn(self.db):
             row = self.db.execute("SELECT meta FROM artifacts WHERE id = ?", [art.id]).fetchone()
             if row is None:
                 raise ZooError(f"{art.kind} {art.name or art.short_id} was removed from the zoo")
             meta = {**json.loads(row[0]), **changes}
             self.db["artifacts"].update(art.id, {"meta": canonical_json(meta)})
+        self._sync_manifests(art.id)
         return self.get(art.id)
 
     def set_name(self, name: str, art: Artifact) -> None:
+        self.require_writable(f"name {art.kind} {art.short_id}")
         with write_txn(self.db):
-            self._name(name, art.kind, art.id)
+            displaced = self._name(name, art.kind, art.id)
+        self._sync_manifests(art.id, displaced)
 
     def _row_to_artifact(self, row: Mapping[str, Any]) -> Artifact:
         files = {r["name"]: r["blob"] for r in self.db["files"].rows_where("artifact = ?", [row["id"]])}
@@ -352,19 +472,52 @@ class Zoo:
         return self._checked(art, fname, sha)
 
     def read_json(self, art: Artifact, fname: str) -> Any:
-        return json.loads(self.file(art, fname).read_text("utf-8"))
+        """A JSON file of the artifact; bytes that no longer decode are a ZooError naming it."""
+        from st2si_cli.zoo.decoding import decoding
+
+        path = self.file(art, fname)
+        with decoding(art, fname):
+            return json.loads(path.read_text("utf-8"))
 
     def view(self, art: Artifact) -> Path:
         """A folder whose entries link (relatively) to the artifact's checked blobs (for `from_pretrained`)."""
         for fname, sha in art.files.items():
             self._checked(art, fname, sha)
+        if self.read_only:
+            return build_private_view(self.root, art.id, art.files)
         return build_view(self.root, art.id, art.files)
 
     # ---- removal, verification, pruning: st2si_cli.zoo.maintenance (functions taking the zoo) ----
     def iter_blob_files(self) -> Iterator[Path]:
-        for sub in sorted((self.root / "blobs").iterdir()):
-            if sub.is_dir():
-                yield from sorted(sub.iterdir())
+        """The files under blobs/<xx>/; links (to folders or files) are not followed nor listed."""
+        blobs = self.root / "blobs"
+        if not blobs.is_dir() or blobs.is_symlink():
+            return
+        for sub in sorted(blobs.iterdir()):
+            if sub.is_dir() and not sub.is_symlink():
+                yield from sorted(p for p in sub.iterdir() if not p.is_symlink())
+
+    def links(self) -> list[Path]:
+        """Links inside the zoo that could lead out of it: anything under blobs/, manifests/ or tmp/
+        that is a link, and the zoo's own folders where they are links (views/ holds links by design)."""
+        found = [
+            self.root / sub
+            for sub in ("blobs", "views", "tmp", "manifests")
+            if (self.root / sub).is_symlink()
+        ]
+        for sub in ("blobs", "manifests"):
+            folder = self.root / sub
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            for entry in sorted(folder.iterdir()):
+                if entry.is_symlink():
+                    found.append(entry)
+                elif entry.is_dir():
+                    found += [p for p in sorted(entry.iterdir()) if p.is_symlink()]
+        tmp = self.root / "tmp"
+        if tmp.is_dir() and not tmp.is_symlink():
+            found += [p for p in sorted(tmp.iterdir()) if p.is_symlink()]
+        return found
 
     def blobs_total_size(self) -> int:
         """Bytes that `verify` will read (the indexed size of every blob)."""
@@ -374,3 +527,20 @@ class Zoo:
         """IDs of the artifacts that list this blob, each once."""
         rows = self.db.execute("SELECT DISTINCT artifact FROM files WHERE blob = ? ORDER BY artifact", [sha])
         return [artifact for (artifact,) in rows.fetchall()]
+
+
+@contextmanager
+def _removed_on_failure(path: str | Path) -> Iterator[None]:
+    """Remove a temp file if the block that writes it fails (a full disk leaves nothing under tmp/)."""
+    try:
+        yield
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
+
+
+def _write_error(root: Path, e: OSError) -> Exception:
+    """A full disk as one line naming the zoo; any other OSError as it was."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ZooError(f"no space left on the device of the zoo at {root}: nothing was stored")
+    return e

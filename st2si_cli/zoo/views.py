@@ -4,6 +4,7 @@ whose links are missing, absolute or dangling is rebuilt on use and reported by 
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -60,3 +61,19 @@ def broken_views(root: Path, artifacts: Mapping[str, Mapping[str, str]]) -> list
         if files is None or not folder.is_dir() or not view_is_sound(root, folder, files):
             bad.append(folder.name)
     return bad
+
+
+def build_private_view(root: Path, art_id: str, files: Mapping[str, str]) -> Path:
+    """The artifact's view where views/ may not be written (a read-only zoo): the sound one if it is
+    there, else a folder of absolute links outside the zoo, removed when the process ends."""
+    target = root / "views" / art_id
+    if target.is_dir() and view_is_sound(root, target, files):
+        return target
+    folder = Path(tempfile.mkdtemp(prefix=f"st2si-view-{art_id[:12]}-"))
+    atexit.register(shutil.rmtree, folder, True)
+    blobs = root.resolve() / "blobs"
+    for fname, sha in files.items():
+        dest = folder / fname
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(blobs / sha[:2] / sha, dest)
+    return folder
