@@ -19,6 +19,7 @@ from typing import Any
 
 from st2si_cli.data.catalog import read_item_file, retired_items, store_version
 from st2si_cli.data.dataset import Dataset, canonical_attributes, natural_key
+from st2si_cli.data.formats._io import lone_surrogate, surrogate_message
 from st2si_cli.errors import InputError, St2siError, ZooError
 from st2si_cli.zoo.meta import FeaturesMeta, Inputs
 from st2si_cli.zoo.store import Artifact, Zoo
@@ -88,6 +89,9 @@ def update_items(
     change: dict[str, Any] = {"change": "update", "updated": len(ids)}
     items = ds.items
     if attributes:
+        for name, value in attributes.items():
+            if lone_surrogate(value) is not None:  # e.g. bytes that are not UTF-8 on a command line
+                raise InputError(None, f"attribute {name!r}: {surrogate_message(value)}")
         attrs = canonical_attributes(attributes)
         if "title" in attributes and "title" not in attrs:
             raise St2siError("a title cannot be empty")

@@ -2,8 +2,9 @@
 
 `line_batches` reads a file descriptor directly: it hands back what has arrived as soon as no more
 input is ready (or a batch is full), so a pipe or FIFO gets answers for its first lines before it is
-closed. Each line comes with its 1-based number; a line that is not UTF-8 comes as None (the caller
-reports it with the number). A byte-order mark on line 1 and a CR before each LF are dropped.
+closed. Each line comes with its 1-based number; a line that is not UTF-8 comes as None, and a line
+over `MAX_LINE_BYTES` as a `TooLong` (never held in memory whole; the caller reports either with
+the number). A byte-order mark on line 1 and a CR before each LF are dropped.
 
 `Shard` keeps the non-blank lines of part i of n: contiguous blocks, so the outputs of parts 0..n-1
 concatenated are the output of the whole input, in order.
@@ -18,9 +19,24 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-NumberedLine = tuple[int, str | None]
-
 READ_SIZE = 1 << 16
+# The longest input line: one history (hundreds of items with their texts) takes a few tens of KB; a
+# line costs a few hundred bytes of memory per byte once parsed and tokenised, so longer lines are
+# refused rather than read.
+MAX_LINE_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class TooLong:
+    """A line longer than `limit` bytes, skipped without being kept."""
+
+    limit: int
+
+    def message(self) -> str:
+        return f"line longer than {self.limit / (1 << 20):g} MiB (the most one history line may hold)"
+
+
+NumberedLine = tuple[int, str | TooLong | None]
 
 
 def _decode(raw: bytes, n: int) -> str | None:
@@ -53,19 +69,12 @@ def line_batches(stream: IO[Any], max_lines: int) -> Iterator[list[NumberedLine]
     as the input has nothing more ready. A stream without a file descriptor (io.StringIO) is read as text."""
     fd = _fileno(stream)
     if fd is None:
-        batch: list[NumberedLine] = []
-        for n, line in enumerate(stream, start=1):
-            text = line.rstrip("\n").rstrip("\r") if isinstance(line, str) else _decode(line.rstrip(b"\n"), n)
-            if isinstance(text, str) and n == 1:
-                text = text.removeprefix("\ufeff")
-            batch.append((n, text))
-            if len(batch) >= max_lines:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        yield from _object_batches(stream, max_lines)
         return
-    buf, n, batch = b"", 0, []
+    limit = MAX_LINE_BYTES
+    parts: list[bytes] = []  # the line read so far (none once it is over the limit)
+    size, n = 0, 0
+    batch: list[NumberedLine] = []
     while True:
         if batch and not _ready(fd):
             yield batch
@@ -73,22 +82,56 @@ def line_batches(stream: IO[Any], max_lines: int) -> Iterator[list[NumberedLine]
         chunk = os.read(fd, READ_SIZE)
         if not chunk:
             break
-        *lines, buf = (buf + chunk).split(b"\n")
-        for raw in lines:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            size += len(piece)
+            if size <= limit:
+                parts.append(piece)
+            else:
+                parts = []
+            if end < 0:
+                break
             n += 1
-            batch.append((n, _decode(raw, n)))
+            batch.append((n, _decode(b"".join(parts), n) if size <= limit else TooLong(limit)))
+            parts, size, start = [], 0, end + 1
             if len(batch) >= max_lines:
                 yield batch
                 batch = []
-    if buf:
+    if size:
         n += 1
-        batch.append((n, _decode(buf, n)))
+        batch.append((n, _decode(b"".join(parts), n) if size <= limit else TooLong(limit)))
+    if batch:
+        yield batch
+
+
+def _object_batches(stream: Any, max_lines: int) -> Iterator[list[NumberedLine]]:
+    """`line_batches` of a stream without a file descriptor (io.StringIO, io.BytesIO): whole lines."""
+    limit = MAX_LINE_BYTES
+    batch: list[NumberedLine] = []
+    for n, line in enumerate(stream, start=1):
+        text: str | TooLong | None
+        if isinstance(line, str):
+            text = line.rstrip("\n").rstrip("\r")
+            size = len(text) if len(text) * 4 <= limit else len(text.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                text = TooLong(limit)
+            elif n == 1:
+                text = text.removeprefix("\ufeff")
+        else:
+            raw = line.rstrip(b"\n")
+            text = _decode(raw, n) if len(raw.removesuffix(b"\r")) <= limit else TooLong(limit)
+        batch.append((n, text))
+        if len(batch) >= max_lines:
+            yield batch
+            batch = []
     if batch:
         yield batch
 
 
 def is_blank(line: NumberedLine) -> bool:
-    return line[1] is not None and not line[1].strip()
+    return isinstance(line[1], str) and not line[1].strip()
 
 
 @dataclass

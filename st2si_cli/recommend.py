@@ -57,7 +57,7 @@ def title_index(catalog: list[dict[str, Any]]) -> dict[str, list[int]]:
 
 
 def parse_requests(
-    lines: Iterable[str] | Iterable[tuple[int, str | None]],
+    lines: Iterable[str] | Iterable[tuple[int, Any]],
     source: str,
     catalog: list[dict[str, Any]],
     *,
@@ -67,22 +67,34 @@ def parse_requests(
 ) -> list[Request | BadLine]:
     """Validate every line before any work: a bad line raises (or, with skip_bad, becomes a BadLine).
 
-    `lines` are texts (numbered from 1) or (number, text) pairs; a None text is a line that is not UTF-8.
+    `lines` are texts (numbered from 1) or (number, text) pairs; a None text is a line that is not UTF-8,
+    a `line_stream.TooLong` one that was too long to read. A string anywhere in a line that holds a lone
+    surrogate (JSON "\\ud800": not Unicode text, so it cannot be tokenised or written out) makes it bad.
     """
+    from st2si_cli.data.formats._io import lone_surrogate, surrogate_message
+    from st2si_cli.line_stream import TooLong
+
     index = index if index is not None else {item["id"]: i for i, item in enumerate(catalog)}
     titles = titles if titles is not None else title_index(catalog)
     out: list[Request | BadLine] = []
     for n, raw in (x if isinstance(x, tuple) else (i, x) for i, x in enumerate(lines, start=1)):
-        if raw is not None and not raw.strip():
+        if isinstance(raw, str) and not raw.strip():
             continue
         user = None
         try:
             if raw is None:
                 raise ValueError("not UTF-8 text")
+            if isinstance(raw, TooLong):
+                raise ValueError(raw.message())
             obj = _loads(raw)
             if not isinstance(obj, dict):
                 raise ValueError("expected a JSON object with a history")
             user = obj.get("user", obj.get("user_id"))
+            bad = lone_surrogate(obj)
+            if bad is not None:
+                if lone_surrogate(user) is not None:
+                    user = None
+                raise ValueError(surrogate_message(bad))
             request = _request(n, user, obj.get("history"), catalog, index, titles)
         except ValueError as e:
             if not skip_bad:
@@ -211,7 +223,9 @@ class Recommender:
             if self._loader is None:
                 self._model = RecommendModel(self.zoo, self.head, self.opts)
                 return
-            with Zoo(self.zoo.root) as zoo:  # a SQLite connection serves only the thread that opened it
+            with Zoo(
+                self.zoo.root, create=False
+            ) as zoo:  # a SQLite connection serves only the thread that opened it
                 self._model = RecommendModel(zoo, self.head, self.opts)
         except BaseException as e:  # handed to the thread that needs the model
             self._load_error = e

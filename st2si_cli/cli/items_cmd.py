@@ -7,8 +7,8 @@ from typing import Any
 
 import typer
 
-from st2si_cli.cli.options import device_option, json_option, open_zoo
-from st2si_cli.cli.output import out, print_json
+from st2si_cli.cli.options import Placement, device_option, json_option, open_zoo
+from st2si_cli.cli.output import out, print_json, safe_text
 from st2si_cli.zoo.meta import DatasetMeta, HeadMeta
 
 app = typer.Typer(
@@ -38,19 +38,21 @@ def _report(change: Any, as_json: bool) -> None:
         )
         return
     out.print(
-        f"Catalog {ds.name} version {info.version} ({ds.short_id}): {info.items} items, "
-        f"{info.retired} retired; {len(change.items)} changed",
+        safe_text(
+            f"Catalog {ds.name} version {info.version} ({ds.short_id}): {info.items} items, "
+            f"{info.retired} retired; {len(change.items)} changed"
+        ),
         markup=False,
     )
     for old, new in change.heads:
         c = HeadMeta.of(new).catalog
-        out.print(
+        line = (
             f"  head {new.name} ({old.short_id} -> {new.short_id}): {c.trained_items} trained, "
-            f"{c.text_items} from text ({c.placement.get('method')})",
-            markup=False,
+            f"{c.text_items} from text ({c.placement.get('method')})"
         )
+        out.print(safe_text(line), markup=False)
     for head, why in change.skipped:
-        out.print(f"  head {head.name} ({head.short_id}) not extended: {why}", markup=False)
+        out.print(safe_text(f"  head {head.name} ({head.short_id}) not extended: {why}"), markup=False)
 
 
 @app.command(
@@ -63,8 +65,8 @@ def add_cmd(
         ..., help="Item file, JSONL or CSV: an item key (item, item_id, id, ...), a title, ..."
     ),
     domain: str = typer.Option(..., "--domain", help="Dataset name in the zoo."),
-    placement: str = typer.Option(
-        "auto",
+    placement: Placement = typer.Option(
+        Placement.auto,
         "--placement",
         help="How new items get their rows: auto (each head's own map: ridge for the paper's ILP, text for "
         "ilp-text; new items then rank below the top), ridge, text, or neighbour (what training gave the "
@@ -77,7 +79,9 @@ def add_cmd(
     """Add items to a catalog as a new version; every head of the domain gets rows for them from their text."""
     from st2si_cli.items import ItemsOptions, add_items
 
-    _report(add_items(open_zoo(), domain, file, ItemsOptions(placement=placement, device=device)), as_json)
+    _report(
+        add_items(open_zoo(), domain, file, ItemsOptions(placement=placement.value, device=device)), as_json
+    )
 
 
 @app.command(

@@ -14,6 +14,16 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
+def safe_text(value: Any) -> str:
+    """`value` as text fit for a terminal: control characters (escape sequences, line breaks, bidirectional
+    overrides) shown as visible escapes such as `\\x1b`, so that names and titles from data cannot move the
+    cursor, recolour or retitle the terminal. Every table cell and message that shows user data goes
+    through it; print the result with markup off (or as a rich `Text`)."""
+    from st2si_cli.names import escape_controls
+
+    return escape_controls(value if isinstance(value, str) else str(value))
+
+
 def debug_enabled() -> bool:
     return os.environ.get("ST2SI_DEBUG", "") not in ("", "0")
 
@@ -72,16 +82,18 @@ def make_progress(transient: bool = True):
 def metrics_table(title: str, rows: dict[str, dict[str, float]]):
     """A rich Table: one row per split (or domain), one column per metric; counts (n_*) left out."""
     from rich.table import Table
+    from rich.text import Text
 
     keys: list[str] = []
     for m in rows.values():
         keys += [k for k in m if k not in keys and k != "n_users" and not k.startswith("n_")]
-    table = Table(title=title)
+    table = Table(title=Text(safe_text(title)))
     table.add_column("")
     for k in keys:
-        table.add_column(k, justify="right")
+        table.add_column(Text(safe_text(k)), justify="right")
     for name, m in rows.items():
         table.add_row(
-            name, *(f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys)
+            Text(safe_text(name)),
+            *(f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys),
         )
     return table

@@ -12,8 +12,8 @@ from typing import Any
 
 import typer
 
-from st2si_cli.cli.options import open_zoo
-from st2si_cli.cli.output import err, out, print_json
+from st2si_cli.cli.options import check_new_name, open_zoo
+from st2si_cli.cli.output import err, out, print_json, safe_text
 
 FORMAT_HELP = (
     "Input format: amazon-raw, recformer, json-lists, recbole, recbole-unisrec, generic (default: detect)."
@@ -27,18 +27,19 @@ def _report_lines(report: dict[str, Any]) -> list[str]:
         if key in skip:
             continue
         shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
-        lines.append(f"  {key.replace('_', ' ')}: {shown}")
+        lines.append(safe_text(f"  {key.replace('_', ' ')}: {shown}"))
     return lines
 
 
 def _print_table(name: str, art_id: str, fmt: str, stats: dict[str, Any], report: dict[str, Any]) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"Dataset {name} ({fmt})", title_justify="left")
+    table = Table(title=Text(safe_text(f"Dataset {name} ({fmt})")), title_justify="left")
     for col in ("Dataset", "#Users", "#Items", "#Interactions", "Avg. length", "Density"):
         table.add_column(col, justify="left" if col == "Dataset" else "right")
     table.add_row(
-        name,
+        Text(safe_text(name)),
         f"{stats['users']:,}",
         f"{stats['items']:,}",
         f"{stats['interactions']:,}",
@@ -58,12 +59,18 @@ def _report_replaced(zoo: Any, old: Any, art: Any) -> None:
 
     if old is None or old.id == art.id:
         return
-    err.print(f"Replaced dataset {art.name}: {old.short_id} -> {art.short_id}.", markup=False, soft_wrap=True)
+    err.print(
+        safe_text(f"Replaced dataset {art.name}: {old.short_id} -> {art.short_id}."),
+        markup=False,
+        soft_wrap=True,
+    )
     stale = stale_heads(zoo, art)
     if stale:
         names = ", ".join(f"{h.name or h.short_id} ({h.short_id})" for h in stale)
         err.print(
-            f"{len(stale)} head(s) of {art.name} were trained on other data and no longer match it: {names}",
+            safe_text(
+                f"{len(stale)} head(s) of {art.name} were trained on other data and no longer match it: {names}"
+            ),
             markup=False,
             soft_wrap=True,
         )
@@ -76,7 +83,10 @@ def prepare(
         help="Folder holding the raw files (or one of its files). Format detected from the file names.",
     ),
     domain: str | None = typer.Option(
-        None, "--domain", help="Dataset name in the zoo (default with --source: the index's domain)."
+        None,
+        "--domain",
+        callback=check_new_name,
+        help="Dataset name in the zoo (default with --source: the index's domain).",
     ),
     format: str | None = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
     source_name: str | None = typer.Option(

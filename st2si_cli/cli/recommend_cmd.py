@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from st2si_cli.cli.options import Dtype, device_option, head_ref_option, open_zoo
-from st2si_cli.cli.output import err, print_jsonl
+from st2si_cli.cli.output import err, print_jsonl, safe_text
 from st2si_cli.errors import InputError
 
 HELP = """Top-k items for each history, one JSON object per input line, answered as lines arrive.
@@ -84,14 +84,14 @@ def recommend_cmd(
         device=device,
         max_batch=batch_lines,
     )
-    rec = Recommender(open_zoo(), domain, opts)
+    rec = Recommender(open_zoo(create=False), domain, opts)
     regular = stream is None and Path(source).is_file()
     if regular and not skip_bad:  # a file can be checked whole first: a bad line then costs no work
         with open(source, "rb") as f:
             for batch in line_batches(f, 4096):
                 rec.parse(batch, source)
     if head is None:
-        err.print(rec.choice.describe(), markup=False, soft_wrap=True)
+        err.print(safe_text(rec.choice.describe()), markup=False, soft_wrap=True)
     rec.preload()  # the model loads while the first lines are on their way
     try:
         with open(source, "rb") if stream is None else nullcontext(stream) as f:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from st2si_cli.cli.options import open_zoo, state
-from st2si_cli.cli.output import err, human_size, out, print_json
+from st2si_cli.cli.output import err, human_size, out, print_json, safe_text
 from st2si_cli.data.catalog import catalog_lines, catalog_summary
 from st2si_cli.errors import St2siError
 from st2si_cli.head_choice import default_head
@@ -108,14 +108,17 @@ def ls_cmd(
 ) -> None:
     """List artifacts, newest first."""
     _require_kind(kind)
-    zoo = open_zoo()
+    zoo = open_zoo(create=False)
     arts = zoo.ls(kind=kind, domain=domain)
     if as_json:
         print_json([{**a.to_dict(), "names": zoo.names_of(a)} for a in arts])
         return
     if not arts:
         what = " ".join(x for x in (kind and f"kind={kind}", domain and f"domain={domain}") if x)
-        err.print(f"No artifacts{' with ' + what if what else ''} in the zoo at {zoo.root}.", markup=False)
+        err.print(
+            safe_text(f"No artifacts{' with ' + what if what else ''} in the zoo at {zoo.root}."),
+            markup=False,
+        )
         return
     from rich.table import Table
     from rich.text import Text
@@ -130,7 +133,7 @@ def ls_cmd(
     table.add_column("SUMMARY")
     for a in arts:  # Text cells: names and meta are data, never rich markup
         cells = (a.name or "", a.kind, a.domain or "", a.short_id, human_size(a.size), _local_time(a.created))
-        table.add_row(*(Text(c) for c in cells), Text(summarize(a)))
+        table.add_row(*(Text(safe_text(c)) for c in (*cells, summarize(a))))
     out.print(table)
     total = sum(a.size for a in arts)
     err.print(
@@ -138,7 +141,8 @@ def ls_cmd(
         markup=False,
     )
     if domain and kind in (None, "head") and (choice := default_head(zoo, domain)):  # eval's and recommend's
-        err.print(f"Default head: {choice.head.name or choice.head.short_id}, {choice.reason}.", markup=False)
+        shown = safe_text(f"Default head: {choice.head.name or choice.head.short_id}, {choice.reason}.")
+        err.print(shown, markup=False)
 
 
 def _inputs(zoo: Zoo, art: Artifact) -> list[dict[str, Any]]:
@@ -189,7 +193,7 @@ def info_cmd(
 ) -> None:
     """Everything about one artifact: files, meta (config, inputs, versions, metrics), names, dependents."""
     _require_kind(kind)
-    zoo = open_zoo()
+    zoo = open_zoo(create=False)
     art = zoo.get(ref, kind)
     info = _info_dict(zoo, art)
     if as_json:
@@ -201,25 +205,25 @@ def info_cmd(
     head = Table(box=None, show_header=False, pad_edge=False)
     head.add_column(style="bold", no_wrap=True)
     head.add_column(overflow="fold")
-    head.add_row("id", Text(art.id))
-    head.add_row("kind", art.kind)
-    head.add_row("names", Text(", ".join(info["names"]) or "(none)"))
-    head.add_row("domain", Text(art.domain or ""))
+    head.add_row("id", Text(safe_text(art.id)))
+    head.add_row("kind", Text(safe_text(art.kind)))
+    head.add_row("names", Text(safe_text(", ".join(info["names"]) or "(none)")))
+    head.add_row("domain", Text(safe_text(art.domain or "")))
     head.add_row("created", f"{_local_time(art.created)} ({info['created']})")
     head.add_row("size", f"{human_size(art.size)} ({art.size:,} bytes)")
     summary = summarize(art)
     if summary:
-        head.add_row("summary", Text(summary))
+        head.add_row("summary", Text(safe_text(summary)))
     out.print(head)
     for line in catalog_lines(info["catalog"]):
-        out.print(line, markup=False)
+        out.print(safe_text(line), markup=False)
 
     files = Table(title="Files", title_justify="left", box=None, pad_edge=False)
     files.add_column("FILE", overflow="fold")
     files.add_column("SIZE", justify="right", no_wrap=True)
     files.add_column("BLOB", no_wrap=True)
     for f in info["file_details"]:
-        files.add_row(Text(f["name"]), human_size(f["size"] or 0), f["sha256"][:12])
+        files.add_row(Text(safe_text(f["name"])), human_size(f["size"] or 0), f["sha256"][:12])
     out.print()
     out.print(files)
 
@@ -228,14 +232,13 @@ def info_cmd(
         out.print("Inputs", style="bold")
         for i in info["inputs"]:
             where = f"{i['kind']} {i['name'] or ''}".strip() if i["present"] else "MISSING from the zoo"
-            out.print(f"  {i['role']}: {i['id'][:12]}  {where}", markup=False, soft_wrap=True)
+            out.print(safe_text(f"  {i['role']}: {i['id'][:12]}  {where}"), markup=False, soft_wrap=True)
     out.print()
     out.print("Used by", style="bold")
     if info["dependents"]:
         for d in info["dependents"]:
-            out.print(
-                f"  {d['kind']} {d['name'] or d['id'][:12]} ({d['id'][:12]})", markup=False, soft_wrap=True
-            )
+            line = f"  {d['kind']} {d['name'] or d['id'][:12]} ({d['id'][:12]})"
+            out.print(safe_text(line), markup=False, soft_wrap=True)
     else:
         out.print("  (nothing in the zoo lists it as an input)", markup=False)
     meta = {k: v for k, v in art.meta.items() if k != "inputs"}  # the record as stored, shown whole
@@ -244,4 +247,6 @@ def info_cmd(
 
         out.print()
         out.print("Meta", style="bold")
-        out.print(json.dumps(meta, indent=2, ensure_ascii=False, default=str), markup=False, soft_wrap=True)
+        # escaped line by line, so that the layout's newlines stay
+        shown = json.dumps(meta, indent=2, ensure_ascii=False, default=str)
+        out.print("\n".join(map(safe_text, shown.split("\n"))), markup=False, soft_wrap=True)

@@ -16,6 +16,7 @@ from st2si_cli import __version__
 from st2si_cli.data import formats
 from st2si_cli.data.dataset import MIN_USER_INTERACTIONS, Dataset, build_dataset
 from st2si_cli.errors import InputError, St2siError, ZooError
+from st2si_cli.names import check_name
 from st2si_cli.zoo.store import Artifact, Zoo
 
 CATALOG_FILE = "catalog.jsonl"
@@ -48,7 +49,7 @@ def locate_source(
         if source is not None:
             raise St2siError("give either SOURCE or --items/--interactions, not both")
         if item_file is None or interactions_file is None:
-            raise St2siError("--items and --interactions go together: give both")
+            raise InputError(None, "--items and --interactions go together: give both")
         return formats.locate_files(Path(interactions_file), Path(item_file), format)
     if source is None:
         raise St2siError(
@@ -195,6 +196,10 @@ def prepare_dataset(
     """
     if not domain:
         raise St2siError("a dataset needs a domain name")
+    try:
+        check_name(domain)
+    except ValueError as e:
+        raise InputError(None, f"domain {e}") from None
     ds, fmt = parse_dataset(
         source,
         format=format,
@@ -222,4 +227,11 @@ def load_dataset(zoo: Zoo, domain_or_ref: str) -> Dataset:
         )
     catalog = zoo.file(art, CATALOG_FILE).read_bytes()
     sequences = zoo.file(art, SEQUENCES_FILE).read_bytes()
-    return Dataset.from_bytes(catalog, sequences, report=art.meta.get("report"))
+    from st2si_cli.zoo.decoding import DECODE_ERRORS, changed_files, corrupt_file
+
+    try:
+        return Dataset.from_bytes(catalog, sequences, report=art.meta.get("report"))
+    except DECODE_ERRORS as e:  # bytes changed in place, past the stat check: name the file
+        raise corrupt_file(
+            art, ", ".join(changed_files(zoo, art)) or f"{CATALOG_FILE} or {SEQUENCES_FILE}", e
+        ) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +18,14 @@ from typing import Any
 ALIGNMENT_PROMPT = "Please give the index of the following item: "
 NEW_QUERY_TOKEN = "[Q]"
 _SPACES = re.compile(r"\s+")
+# An attribute's text is cut to this many characters per token of `max_attr_tokens` before it is
+# tokenised (8192 for the default 32 tokens). No vocabulary's tokens come near 256 characters on
+# average, so the cut never changes the tokens kept; it bounds what tokenising one long value costs
+# (a tokenizer needs a few hundred bytes per character of its input).
+ATTR_CHARS_PER_TOKEN = 256
+# Characters tokenised in one call, at most (a batch is cut early when its texts add up to more).
+BATCH_CHARS = 1 << 20
+_warned_cut = False
 _LATER_FIELDS = {
     "trim_periods": False,
     "positions": "all",
@@ -104,9 +113,9 @@ class ItemTokenizer:
                 if parts is not None:
                     texts.append(parts)
                     owners.append(i)
-            for start in range(0, len(texts), batch):
-                ids = self.tokenizer(texts[start : start + batch], add_special_tokens=False)["input_ids"]
-                for owner, tok in zip(owners[start : start + batch], ids):
+            for lo, hi in _chunks(texts, batch, BATCH_CHARS):
+                ids = self.tokenizer(texts[lo:hi], add_special_tokens=False)["input_ids"]
+                for owner, tok in zip(owners[lo:hi], ids):
                     out[owner].extend(tok[: self.cfg.max_attr_tokens])
         for i, ids in enumerate(out):
             if not ids:  # an item with none of the chosen attributes still needs a token
@@ -165,18 +174,55 @@ class ItemTokenizer:
         return [*self.prompt_ids, *ids, self.query_id]
 
 
+def _chunks(texts: Sequence[str], most: int, chars: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of `texts`: at most `most` texts each, and at most `chars` characters unless one
+    text alone is longer."""
+    out, lo, size = [], 0, 0
+    for i, t in enumerate(texts):
+        if i > lo and (i - lo >= most or size + len(t) > chars):
+            out.append((lo, i))
+            lo, size = i, 0
+        size += len(t)
+    if lo < len(texts):
+        out.append((lo, len(texts)))
+    return out
+
+
+def attr_char_cap(cfg: TextConfig) -> int:
+    """The most characters of one attribute's value that are tokenised (`ATTR_CHARS_PER_TOKEN`)."""
+    return max(1, cfg.max_attr_tokens) * ATTR_CHARS_PER_TOKEN
+
+
+def _warn_cut(length: int, cap: int) -> None:
+    """Report the first attribute cut in a process on stderr, once."""
+    global _warned_cut
+    if not _warned_cut:
+        _warned_cut = True
+        sys.stderr.write(
+            f"Warning: an item attribute of {length:,} characters was cut to its first {cap:,} before "
+            "tokenising (the model reads only its first tokens); later cuts are not reported.\n"
+        )
+
+
 def _one_part(item: Mapping[str, Any], cfg: TextConfig, a: int) -> str | None:
     name = cfg.attributes[a]
     value = item.get(name)
     if value is None or value == "":
         return None
+    cap = attr_char_cap(cfg)
     value = str(value)
+    length = len(value)
+    if length > 16 * cap:  # cleaning is not run over more than real text could shrink to the cap
+        value = value[: 16 * cap]
     if cfg.clean:
         value = clean_text(value)
     if cfg.trim_periods:
         value = value.rstrip(" .")
     if not value:
         return None
+    if len(value) > cap or length > 16 * cap:
+        _warn_cut(length, cap)
+        value = value[:cap]
     return value if a == 0 else f" {name}: {value}"
 
 

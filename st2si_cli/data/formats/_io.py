@@ -16,6 +16,53 @@ from typing import Any
 
 from st2si_cli.errors import InputError
 
+# The longest line an input file may have. No item or interaction needs anything near it (an item's text
+# is read to 32 tokens per attribute); refusing longer lines bounds what one line can cost in memory.
+MAX_LINE_BYTES = 16 << 20
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# A surrogate escape with the low half that may follow it: a lone one is a match without a pair.
+_SURROGATE_PAIR = re.compile(r"\\u([dD][89a-fA-F][0-9a-fA-F]{2})(\\u[dD][c-fC-F][0-9a-fA-F]{2})?")
+
+
+def lone_surrogate(obj: Any) -> str | None:
+    """The first string (value or key) anywhere in a parsed JSON value that holds a lone surrogate
+    (JSON `"\\ud800"` with no partner: not Unicode text, so it can be neither stored nor tokenised);
+    None if there is none."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if _SURROGATE.search(x):
+                return x
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return None
+
+
+def surrogate_message(text: str) -> str:
+    """What to say about a string that `lone_surrogate` found."""
+    found = _SURROGATE.search(text)
+    code = f"\\u{ord(found.group()):04x}" if found else "a surrogate"
+    return f"lone surrogate {code} in a string: not valid Unicode text"
+
+
+def may_hold_surrogate(text: str) -> bool:
+    """Whether a JSON text has a surrogate escape (cheap: only then is the parsed value searched)."""
+    return "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None
+
+
+def _lone_escape_line(text: str) -> int | None:
+    """The line of the first surrogate escape in a JSON text that is not half of a pair."""
+    for m in _SURROGATE_PAIR.finditer(text):
+        if m.group(2) is None or m.group(1)[1] not in "89abAB":
+            return text.count("\n", 0, m.start()) + 1
+    return None
+
 
 def missing(path: Path) -> InputError:
     return InputError(path, "no such file or directory")
@@ -24,8 +71,8 @@ def missing(path: Path) -> InputError:
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text with its newline) of a UTF-8 text file, gunzipped on the fly for `.gz`.
 
-    Streams: the file is never held in memory. Raises InputError for a missing or empty file, bytes
-    that are not UTF-8, and a truncated or corrupt gzip stream.
+    Streams: the file is never held in memory. Raises InputError for a missing or empty file, a line
+    over `MAX_LINE_BYTES`, bytes that are not UTF-8, and a truncated or corrupt gzip stream.
     """
     gz = path.name.endswith(".gz")
     n = 0
@@ -38,7 +85,11 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise InputError(path, f"cannot read: {e.strerror or e}") from None
     try:
         with f:
-            for n, raw in enumerate(f, 1):
+            for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+                if len(raw) > MAX_LINE_BYTES:
+                    raise InputError(
+                        path, f"line longer than {_mib(MAX_LINE_BYTES)} (the most one line may hold)", n
+                    )
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -60,6 +111,10 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise InputError(path, f"cannot read: {e.strerror or e}") from None
     if not content:
         raise InputError(path, "empty file")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
 
 
 def read_text(path: Path) -> str:
@@ -120,13 +175,19 @@ def read_json(path: Path) -> tuple[Any, str]:
     """One JSON document and its text. Duplicate keys with different values are an error."""
     text = read_text(path)
     try:
-        return json.loads(text, object_pairs_hook=_pairs_hook), text
+        data = json.loads(text, object_pairs_hook=_pairs_hook)
     except json.JSONDecodeError as e:
         raise InputError(path, f"malformed JSON: {e.msg} (column {e.colno})", e.lineno) from None
     except _DuplicateKey as e:
         raise InputError(
             path, f"key {e.key!r} appears twice with different values", key_line(text, e.key, 2)
         ) from None
+    except RecursionError:
+        raise InputError(path, "JSON nested too deeply") from None
+    bad = lone_surrogate(data) if may_hold_surrogate(text) else None
+    if bad is not None:
+        raise InputError(path, surrogate_message(bad), _lone_escape_line(text))
+    return data, text
 
 
 def json_object(path: Path, what: str) -> tuple[dict[str, Any], str]:
@@ -169,6 +230,11 @@ def iter_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     n,
                 ) from None
             raise InputError(path, f"malformed JSON: {e.msg} (column {e.colno})", n) from None
+        except RecursionError:
+            raise InputError(path, "JSON nested too deeply", n) from None
+        bad = lone_surrogate(obj) if may_hold_surrogate(s) else None
+        if bad is not None:
+            raise InputError(path, surrogate_message(bad), n)
         if not isinstance(obj, dict):
             raise InputError(path, f"expected a JSON object, found {type(obj).__name__}", n)
         yield n, obj

@@ -9,6 +9,7 @@ the whole input before anything is written anywhere, and every problem with the 
 from __future__ import annotations
 
 import bisect
+import math
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -128,10 +129,16 @@ def has_title(attrs: Mapping[str, Any]) -> bool:
 
 
 def timestamp(path: Path, line: int, value: Any) -> float:
+    """A timestamp as a float: a finite number (NaN and infinities would order a history arbitrarily)."""
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        if isinstance(value, bool):
+            raise TypeError
+        t = float(value)
+    except (TypeError, ValueError, OverflowError):
         raise InputError(path, f"timestamp {value!r} is not a number", line) from None
+    if not math.isfinite(t):
+        raise InputError(path, f"timestamp {value!r} is not a finite number", line)
+    return t
 
 
 class ItemTable:
