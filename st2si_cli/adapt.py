@@ -9,7 +9,7 @@ training settings, per-epoch validation metrics, and its validation and test met
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from st2si_cli import DEFAULT_BACKBONE
@@ -21,11 +21,26 @@ from st2si_cli.zoo.store import Artifact, Zoo
 
 @dataclass
 class FeatureOptions:
-    dtype: str = "auto"
+    dtype: str | None = "auto"  # None: the head's own (evaluate), else "auto"
     device: str = "cpu"
     batch_tokens: int = 16384
     max_batch: int = 64
     alignment: bool = True
+
+
+def read_dataset(zoo: Zoo, ref: str) -> Any:
+    """`load_dataset(zoo, ref)`, where bytes changed in place in the zoo are a ZooError naming the
+    dataset and its file (and pointing at `st2si zoo verify --repair`), not a JSON decoder's message."""
+    from st2si_cli.data.prepare import load_dataset
+    from st2si_cli.zoo.decoding import DECODE_ERRORS, changed_files, corrupt_file
+
+    try:
+        return load_dataset(zoo, ref)
+    except DECODE_ERRORS as e:
+        art = zoo.find(ref, kind="dataset") or zoo.newest("dataset", ref)
+        if art is None:
+            raise
+        raise corrupt_file(art, ", ".join(changed_files(zoo, art) or sorted(art.files)), e) from None
 
 
 def get_features(
@@ -42,20 +57,21 @@ def get_features(
     `ds` is the loaded dataset of `dataset_art` where the caller has it already.
     """
     from st2si_cli.backbones import ensure_backbone, load_backbone, resolve_dtype
-    from st2si_cli.data.prepare import load_dataset
     from st2si_cli.features import cache_key, cache_name, compute_features, dtype_name, load_feature_set
 
     reporter = reporter or Reporter()
     bb_art = ensure_backbone(zoo, backbone_ref)
+    zoo.hold(dataset_art, bb_art)  # `zoo rm` refuses them while this command uses them
+    dtype = opts.dtype or "auto"
     key = cache_key(
-        bb_art.id, dataset_art.id, text, dtype_name(resolve_dtype(opts.dtype, opts.device)), opts.alignment
+        bb_art.id, dataset_art.id, text, dtype_name(resolve_dtype(dtype, opts.device)), opts.alignment
     )
     cached = zoo.find(cache_name(key), kind="features")
     if cached is not None:
         reporter.message(f"Using cached features {cached.name} ({cached.meta.get('positions')} positions)")
         return cached, load_feature_set(zoo, cached), bb_art
-    backbone = load_backbone(zoo, bb_art.id, dtype=opts.dtype, device=opts.device, query=text.query)
-    ds = ds if ds is not None else load_dataset(zoo, dataset_art.id)
+    backbone = load_backbone(zoo, bb_art.id, dtype=dtype, device=opts.device, query=text.query)
+    ds = ds if ds is not None else read_dataset(zoo, dataset_art.id)
     reporter.message(
         f"Computing features with {bb_art.name or bb_art.short_id} ({dtype_name(backbone.dtype)})"
     )
@@ -95,7 +111,6 @@ def adapt(
     plus ID embeddings). `sweep_trials`: train that many points of the kind's sweep grid (0: all of
     them) and keep the best on validation; None: no sweep.
     """
-    from st2si_cli.data.prepare import load_dataset
     from st2si_cli.heads import HeadOrigin, save_head
     from st2si_cli.train.adapter import AdapterConfig
 
@@ -105,7 +120,7 @@ def adapt(
         raise St2siError("the sequence adapter reads every position of a history: positions must be 'all'")
     feature_opts = feature_opts or FeatureOptions()
     dataset_art = zoo.get(domain, kind="dataset")
-    ds = load_dataset(zoo, dataset_art.id)
+    ds = read_dataset(zoo, dataset_art.id)
     t0 = time.time()
     feat_art, fs, bb_art = get_features(zoo, backbone, dataset_art, text, feature_opts, reporter, ds=ds)
     t_features = time.time() - t0
@@ -200,8 +215,10 @@ def evaluate(
     seeds: int = 20,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a head on the validation or test targets of its domain."""
-    from st2si_cli.data.prepare import load_dataset
+    """Metrics of a head on the validation or test targets of its domain.
+
+    The features are computed in `feature_opts.dtype`; None (and no `feature_opts`): the dtype the head
+    was trained on, so the head's own feature cache is used and its recorded metrics are reproduced."""
     from st2si_cli.heads import (
         check_compatible,
         find_head,
@@ -213,6 +230,7 @@ def evaluate(
     from st2si_cli.model.samples import TEST, VALID
     from st2si_cli.ranking import user_ranks
     from st2si_cli.train.head import alignment_accuracy, history_exclusions
+    from st2si_cli.zoo.meta import DatasetMeta
 
     if split not in ("valid", "test"):
         raise St2siError(f"split must be valid or test, not {split!r}")
@@ -224,8 +242,13 @@ def evaluate(
     bb_art = zoo.get(bb_ref, kind="backbone")
     check_compatible(head, backbone=bb_art, dataset=dataset_art)
     text = head_text_config(head)
-    opts = feature_opts or FeatureOptions(alignment=True)
-    ds = load_dataset(zoo, dataset_art.id)
+    opts = feature_opts or FeatureOptions(dtype=None, alignment=True)
+    if opts.dtype is None:
+        opts = replace(opts, dtype=head.meta.get("dtype") or "auto")
+    n_items = DatasetMeta.of(dataset_art).catalog.items
+    if candidates is not None and n_items and candidates > n_items:
+        raise St2siError(f"protocol {protocol}: the catalog of {domain} has only {n_items} items")
+    ds = read_dataset(zoo, dataset_art.id)
     _, fs, _ = get_features(zoo, bb_art.id, dataset_art, text, opts, reporter, ds=ds)
     role = VALID if split == "valid" else TEST
     kind = head_kind(head)
@@ -247,9 +270,12 @@ def evaluate(
         rows = fs.rows(role)
         scores = fs.feats[rows] @ weight.float().T
         histories = history_exclusions(fs, rows, ds.sequences, role)
-        result["metrics"] = candidate_hit_ratio(
-            scores, fs.targets[rows], histories, n_candidates=candidates, seeds=range(seeds), ties=ties
-        )
+        try:
+            result["metrics"] = candidate_hit_ratio(
+                scores, fs.targets[rows], histories, n_candidates=candidates, seeds=range(seeds), ties=ties
+            )
+        except ValueError as e:  # a user with fewer items outside their history than N - 1
+            raise St2siError(f"protocol {protocol} on {domain}: {e}") from None
     if kind not in ("adapter", "fusion"):
         result["metrics"].update(alignment_accuracy(load_head_weight(zoo, head), fs))
     result["seconds"] = round(time.time() - t0, 2)

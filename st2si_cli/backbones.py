@@ -75,6 +75,32 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> Any:
     return torch.bfloat16 if native else torch.float32
 
 
+def device_problem(device: str) -> str | None:
+    """Why torch cannot compute on `device` here (a CUDA device without a CUDA build or a visible GPU,
+    a GPU index out of range, MPS missing); None: it can, or `device` is not a GPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            return f"CUDA is not available in this torch build (torch {torch.__version__}, CPU only): use --device cpu"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f"CUDA is not available: torch {torch.__version__} sees no GPU on this machine; use --device cpu"
+        _, _, n = device.partition(":")
+        if n.isdigit() and int(n) >= count:
+            return f"{device} is not a GPU here: torch sees {count} (cuda:0 to cuda:{count - 1})"
+    elif device == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available on this machine or in this torch build: use --device cpu"
+    return None
+
+
+def check_device(device: str) -> None:
+    """A St2siError (one line) when torch cannot compute on `device` here."""
+    why = device_problem(device)
+    if why is not None:
+        raise St2siError(why)
+
+
 def load_backbone(
     zoo: Zoo, ref: str, *, dtype: str = "auto", device: str = "cpu", query: str = "dot"
 ) -> Backbone:
@@ -85,6 +111,7 @@ def load_backbone(
     quiet_transformers()
     from transformers import AutoModel, AutoTokenizer
 
+    check_device(device)
     art = zoo.get(ref, kind="backbone")
     folder = zoo.view(art)
     torch_dtype = resolve_dtype(dtype, device)
@@ -201,8 +228,14 @@ def import_folder(zoo: Zoo, folder: Path, name: str) -> Artifact:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf.refuse_custom_code(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+    hf.check_model_type(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # transformers' many-line texts
+        raise St2siError(
+            f"{folder}: not a causal LM that transformers can load: {hf.first_line(e)}"
+        ) from None
     with tempfile.TemporaryDirectory(dir=zoo.root / "tmp", prefix=tmp_prefix("import")) as tmp:
         _save_hf(model, tokenizer, Path(tmp))
         meta = {"source": {"type": "folder", "path": str(folder)}, **_describe(model)}

@@ -299,9 +299,14 @@ def resume_shards(stage: Any, batches: list[list[int]], first_row: Any, matrix: 
 
 
 def load_feature_set(zoo: Zoo, art: Artifact) -> FeatureSet:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return FeatureSet.from_tensors(load_file(str(zoo.file(art, "features.safetensors"))))
+    from st2si_cli.zoo.decoding import decoding
+
+    path = zoo.file(art, "features.safetensors")
+    with decoding(art, "features.safetensors", (SafetensorError, RuntimeError)):
+        return FeatureSet.from_tensors(load_file(str(path)))
 
 
 class LiveFeatures:

@@ -48,3 +48,38 @@ def refuse_custom_code(folder: Path) -> None:
                 f"{path}: asks for custom modelling code (auto_map); st2si never runs code shipped with "
                 "a model, so it only takes architectures that transformers implements itself"
             )
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of an exception's message (transformers' run to several)."""
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def check_model_type(folder: Path) -> None:
+    """A folder whose config.json names no model_type, or one this transformers does not implement, is
+    refused in one line naming the folder and the model_type (transformers would explain in four)."""
+    import json
+
+    from st2si_cli.errors import St2siError
+
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise St2siError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise St2siError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise St2siError(
+            f"{folder}: config.json names no model_type, so transformers cannot tell the architecture"
+        )
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise St2siError(
+            f"{folder}: model_type {model_type!r} in config.json is not an architecture transformers "
+            f"{transformers.__version__} knows (a newer one, or a typo)"
+        )

@@ -69,6 +69,32 @@ def _write_bad_files(data: Path) -> None:
     (nocol / "items.csv").write_text("id,title\n1,One\n")
     (nocol / "interactions.csv").write_text("user,thing,timestamp\nu1,1,1\n")
     (data / "empty").mkdir()
+    deep = data / "deep-generic"  # line 2 of interactions.jsonl nests deeper than the recursion limit
+    deep.mkdir()
+    (deep / "items.csv").write_text("item,title\n1,One\n")
+    (deep / "interactions.jsonl").write_text('{"user": "u", "item": "1"}\n' + '{"a": ' * 100_000 + "\n")
+    (data / "unknown-model").mkdir()  # a model folder whose architecture transformers does not know
+    (data / "unknown-model" / "config.json").write_text('{"model_type": "nosuchmodel", "hidden_size": 8}\n')
+    for name, ts in (
+        ("nan-ts", "nan"),
+        ("inf-ts", "inf"),
+        ("neginf-ts", "-inf"),
+    ):  # line 3 of interactions.csv
+        (data / name).mkdir()
+        (data / name / "items.csv").write_text("item,title\n1,One\n2,Two\n")
+        (data / name / "interactions.csv").write_text(f"user,item,timestamp\nu1,1,1\nu1,2,{ts}\nu1,1,3\n")
+    (data / "jsonl-ts").mkdir()  # JSON's NaN literal on line 2
+    (data / "jsonl-ts" / "items.csv").write_text("item,title\n1,One\n")
+    (data / "jsonl-ts" / "interactions.jsonl").write_text(
+        '{"user":"u","item":"1","timestamp":1}\n{"user":"u","item":"1","timestamp":NaN}\n'
+    )
+    (data / "surrogate").mkdir()  # a lone surrogate in the title on line 2 of items.jsonl
+    (data / "surrogate" / "items.jsonl").write_text(
+        '{"item":"new1","title":"Fine"}\n{"item":"new2","title":"x\\ud800"}\n'
+    )
+    (data / "surrogate" / "interactions.csv").write_text(
+        "user,item,timestamp\nu1,new1,1\nu1,new2,2\nu1,new1,3\n"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,9 @@ from st2si_cli.cli.options import (
     attributes_option,
     backbone_option,
     check_attributes,
+    check_candidates,
+    check_finite,
+    check_new_name,
     check_positive,
     check_protocol,
     device_option,
@@ -27,6 +30,7 @@ from st2si_cli.cli.options import (
     no_multi_query_option,
     open_zoo,
     query_token_option,
+    seed_option,
 )
 from st2si_cli.cli.output import err, metrics_table, out, print_jsonl
 from st2si_cli.cli.reporting import RichReporter
@@ -78,23 +82,29 @@ def adapt_cmd(
         help="Epochs without a better valid NDCG@10 before stopping (ILP 5, adapter 10).",
     ),
     weight_decay: float | None = typer.Option(
-        None, "--weight-decay", min=0.0, help="AdamW weight decay (default 0)."
+        None, "--weight-decay", min=0.0, callback=check_finite, help="AdamW weight decay (default 0)."
     ),
     schedule: Schedule = typer.Option(
         Schedule.constant, "--schedule", help="constant or cosine (to 0 at --epochs)."
     ),
     warmup: float = typer.Option(
-        0.0, "--warmup", min=0.0, max=1.0, help="Fraction of the schedule spent warming up."
+        0.0,
+        "--warmup",
+        min=0.0,
+        max=1.0,
+        callback=check_finite,
+        help="Fraction of the schedule spent warming up.",
     ),
     dropout: float | None = typer.Option(
         None,
         "--dropout",
         min=0.0,
         max=0.95,
+        callback=check_finite,
         help="ILP: dropout on the features while training (0); adapter: hidden and attention dropout (0.5).",
     ),
     hidden: int | None = typer.Option(None, "--hidden", min=8, help="Adapter width (64)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = seed_option(),
     attributes: str = attributes_option(
         "Item attributes in order, comma-separated (e.g. title,brand,category)."
     ),
@@ -134,7 +144,9 @@ def adapt_cmd(
     batch_tokens: int = typer.Option(
         16384, "--batch-tokens", min=64, help="Padded tokens per forward batch."
     ),
-    name: str | None = typer.Option(None, "--name", help="Name of the new head (default DOMAIN/BACKBONE)."),
+    name: str | None = typer.Option(
+        None, "--name", help="Name of the new head (default DOMAIN/BACKBONE).", callback=check_new_name
+    ),
     json_out: bool = json_option("Print the head's record as JSON."),
 ) -> None:
     """Train a new head for a domain on a frozen backbone (features cached in the zoo).
@@ -157,6 +169,16 @@ def adapt_cmd(
     if hidden is not None and head_kind is not HeadKind.adapter:
         raise typer.BadParameter(
             "sets the adapter's width: use it with --head adapter", param_hint="'--hidden'"
+        )
+    if stride is not None and stride > max_items:
+        raise typer.BadParameter(
+            f"{stride} is more than --max-items ({max_items}): windows would skip positions",
+            param_hint="'--stride'",
+        )
+    if head_kind is HeadKind.adapter and (schedule is not Schedule.constant or warmup):
+        raise typer.BadParameter(
+            "sets the ILP's learning-rate schedule: the sequence adapter does not use it",
+            param_hint="'--schedule'" if schedule is not Schedule.constant else "'--warmup'",
         )
     zoo = open_zoo()
     check_attributes(zoo, [domain], attribute_list(attributes))
@@ -252,7 +274,9 @@ def eval_cmd(
     ),
     mask_history: bool = typer.Option(False, "--mask-history", help="Never rank items the user already has."),
     backbone: str | None = typer.Option(None, "--backbone", help="Backbone to use (must be the head's)."),
-    dtype: Dtype = dtype_option(),
+    dtype: Dtype | None = typer.Option(
+        None, "--dtype", help="Backbone dtype of the features (default: the head's, as it was trained)."
+    ),
     device: str = device_option(),
     json_out: bool = json_option(),
 ) -> None:
@@ -268,7 +292,8 @@ def eval_cmd(
     from st2si_cli.adapt import FeatureOptions, evaluate
     from st2si_cli.head_choice import choose_head, metrics_record
 
-    zoo = open_zoo()
+    zoo = open_zoo(create=False)
+    check_candidates(zoo, domain, protocol)
     choice = choose_head(zoo, domain, head)
     if head is None:
         err.print(choice.describe(), markup=False, soft_wrap=True)
@@ -283,7 +308,7 @@ def eval_cmd(
             ties=ties.value,
             mask_history=mask_history,
             backbone=backbone,
-            feature_opts=FeatureOptions(dtype=dtype.value, device=device),
+            feature_opts=FeatureOptions(dtype=dtype.value if dtype else None, device=device),
             reporter=reporter,
         )
     finally:
@@ -308,7 +333,9 @@ def fuse_cmd(
         "--adapter",
         help="Adapter head of the same features (name or ID); repeat it to average several (an ensemble).",
     ),
-    name: str | None = typer.Option(None, "--name", help="Name of the new head (default DOMAIN/BACKBONE)."),
+    name: str | None = typer.Option(
+        None, "--name", help="Name of the new head (default DOMAIN/BACKBONE).", callback=check_new_name
+    ),
     json_out: bool = json_option("Print the head's record as JSON."),
 ) -> None:
     """Fuse an ILP head and adapter heads: log-probabilities mixed with a weight chosen on validation.

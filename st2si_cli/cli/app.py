@@ -9,7 +9,6 @@ deepspeed) are imported inside the command functions, so `st2si --help` stays fa
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import typer
 
@@ -25,7 +24,7 @@ from st2si_cli.cli import (
     zoo_cmd,
     zoo_tidy_cmd,
 )
-from st2si_cli.cli.options import state
+from st2si_cli.cli.options import state, zoo_option_value
 from st2si_cli.cli.output import debug_enabled, err
 from st2si_cli.errors import St2siError
 
@@ -71,9 +70,10 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    zoo: Path | None = typer.Option(
+    zoo: str | None = typer.Option(
         None,
         "--zoo",
+        metavar="PATH",
         help="Zoo folder (default: $ST2SI_HOME, else the platform's user data dir).",
         envvar=None,
     ),
@@ -81,7 +81,7 @@ def root(
         False, "--version", callback=_version, is_eager=True, help="Print the version."
     ),
 ) -> None:
-    state.zoo_path = zoo
+    state.zoo_path = zoo_option_value(zoo)
 
 
 def _example(*lines: str) -> str:
@@ -166,6 +166,34 @@ def hoist_zoo(argv: list[str]) -> list[str]:
     return front + out
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of an error that no command turned into a St2siError: the file it concerns where the
+    exception names one, one line always (C++ backtraces and multi-line library texts cut to the first)."""
+    import json
+
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    first = lines[0] if lines else ""
+    hint = " (set ST2SI_DEBUG=1 for a traceback)"
+    if isinstance(e, OSError) and e.filename is not None:
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+        return f"{where}: {e.strerror or type(e).__name__}"
+    if isinstance(e, json.JSONDecodeError):
+        return (
+            f"a file is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); if it is in the zoo, "
+            f"run `st2si zoo verify --repair`{hint}"
+        )
+    if isinstance(e, UnicodeDecodeError):
+        return (
+            f"a file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); if it is in "
+            f"the zoo, run `st2si zoo verify --repair`{hint}"
+        )
+    if isinstance(e, RecursionError):
+        return f"input nested too deeply to read{hint}"
+    if isinstance(e, MemoryError):
+        return f"out of memory{hint}"
+    return f"{type(e).__name__}: {first}{hint}"
+
+
 def run(argv: list[str]) -> int:
     """Run the command line `argv` (without the program name); the exit status. Errors print one line."""
     try:
@@ -189,11 +217,7 @@ def run(argv: list[str]) -> int:
             return e.exit_code
         if debug_enabled():
             raise
-        err.print(
-            f"Error: {type(e).__name__}: {e} (set ST2SI_DEBUG=1 for a traceback)",
-            markup=False,
-            soft_wrap=True,
-        )
+        err.print(f"Error: {_one_line(e)}", markup=False, soft_wrap=True)
         return 1
     return exit_code if isinstance(exit_code, int) else 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from st2si_cli.cli.options import json_option, open_zoo
+from st2si_cli.cli.options import check_new_name, json_option, open_zoo
 from st2si_cli.cli.output import err, human_size, print_json
 
 
@@ -13,7 +13,7 @@ def pull_cmd(
         ...,
         help="smollm2-135m (offline default), tiny-opt, tiny-llama, a hub id, a .gguf file or an HF folder.",
     ),
-    name: str | None = typer.Option(None, "--name", help="Name in the zoo."),
+    name: str | None = typer.Option(None, "--name", help="Name in the zoo.", callback=check_new_name),
     json_out: bool = json_option(),
 ) -> None:
     """Build or download a backbone and store it in the zoo."""

@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from st2si_cli.cli.options import backbone_option, open_zoo
+from st2si_cli.cli.options import backbone_option, check_new_name, open_zoo
 from st2si_cli.cli.output import err, metrics_table, out
 from st2si_cli.cli.reporting import RichReporter
 from st2si_cli.zoo.meta import DatasetMeta, HeadMeta
@@ -16,7 +16,9 @@ QUICKSTART_MAX_ITEMS = 20  # newest items per history: keeps the feature pass to
 
 def quickstart_cmd(
     backbone: str = backbone_option("Backbone (built offline if known)."),
-    domain: str = typer.Option("ml-100k", "--domain", help="Name of the dataset in the zoo."),
+    domain: str = typer.Option(
+        "ml-100k", "--domain", help="Name of the dataset in the zoo.", callback=check_new_name
+    ),
     max_items: int = typer.Option(
         QUICKSTART_MAX_ITEMS, "--max-items", min=1, help="Newest history items per user."
     ),
