@@ -31,6 +31,14 @@ def main() -> int:
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         print(f"no shared-memory comm op for accelerator {get_accelerator()._name}: nothing to warm")
         return 0
+    from st2si_cli.errors import St2siError
+    from st2si_cli.train.distributed.op_lock import check_op_locks
+
+    try:  # a killed earlier build leaves a lock that torch would wait on forever, silently
+        check_op_locks([builder.name])
+    except St2siError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
     builder.load(verbose=False)
     print(f"DeepSpeed op {builder.NAME} ready in {time.time() - t0:.1f}s")
     return 0

@@ -47,6 +47,7 @@ Environment variables:
   ST2SI_HOME         the zoo folder when --zoo is not given
   ST2SI_DEBUG=1      show tracebacks instead of one-line errors
   ST2SI_NO_PROGRESS  no progress bars (they are drawn only when stderr is a terminal)
+  ST2SI_OP_BUILD_WAIT_S  seconds to wait for another process's DeepSpeed op build (default 300)
 """
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}

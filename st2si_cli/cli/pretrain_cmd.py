@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from st2si_cli.cli.options import (
+    CacheDtype,
     Precision,
     QueryToken,
     Sampling,
@@ -13,6 +14,8 @@ from st2si_cli.cli.options import (
     attributes_option,
     backbone_option,
     check_attributes,
+    check_finite,
+    check_new_name,
     check_positive,
     device_option,
     json_option,
@@ -21,6 +24,7 @@ from st2si_cli.cli.options import (
     no_multi_query_option,
     open_zoo,
     query_token_option,
+    seed_option,
 )
 from st2si_cli.cli.output import err, metrics_table, out, print_jsonl
 from st2si_cli.cli.reporting import RichReporter
@@ -41,7 +45,10 @@ def pretrain_cmd(
     ),
     backbone: str = backbone_option("Backbone name or ID to start from."),
     out_name: str | None = typer.Option(
-        None, "--out", help="Name of the new backbone (default BACKBONE-st2si-DOMAINS)."
+        None,
+        "--out",
+        help="Name of the new backbone (default BACKBONE-st2si-DOMAINS).",
+        callback=check_new_name,
     ),
     epochs: int = typer.Option(
         30, "--epochs", min=1, help="Most epochs (early stopping usually ends sooner)."
@@ -63,7 +70,7 @@ def pretrain_cmd(
     lr: float = typer.Option(
         5e-5, "--lr", callback=check_positive, help="AdamW learning rate (backbone and ILP)."
     ),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0, callback=check_finite),
     warmup_steps: int = typer.Option(
         100,
         "--warmup-steps",
@@ -72,7 +79,9 @@ def pretrain_cmd(
     ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Samples per micro-batch per process."),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", min=0.0, help="Gradient clipping (0: off)."),
+    max_grad_norm: float = typer.Option(
+        1.0, "--max-grad-norm", min=0.0, callback=check_finite, help="Gradient clipping (0: off)."
+    ),
     sampling: Sampling = typer.Option(
         Sampling.all,
         "--sampling",
@@ -91,8 +100,8 @@ def pretrain_cmd(
         "--no-activation-cache",
         help="With --tune-layers: run the frozen layers at every step instead of caching their output.",
     ),
-    cache_dtype: str = typer.Option(
-        "bf16", "--cache-dtype", help="dtype of the activation cache: bf16 (half the disk) or fp32."
+    cache_dtype: CacheDtype = typer.Option(
+        CacheDtype.bf16, "--cache-dtype", help="dtype of the activation cache: bf16 (half the disk) or fp32."
     ),
     init_head: list[str] = typer.Option(
         [],
@@ -109,7 +118,7 @@ def pretrain_cmd(
         1024, "--max-tokens", min=16, help="Token budget of a history, newest first."
     ),
     no_clean: bool = no_clean_option(),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = seed_option(),
     device: str = device_option(
         "auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, cuda:N."
     ),
@@ -120,12 +129,14 @@ def pretrain_cmd(
         None,
         "--deepspeed",
         callback=check_deepspeed,
-        help="zero0, zero1, zero2, zero3 or a DeepSpeed JSON config.",
+        help="zero0, zero1, zero2, zero3 or a DeepSpeed JSON config. On first use DeepSpeed builds an op; "
+        "a run waits for another process's build at most $ST2SI_OP_BUILD_WAIT_S seconds (default 300).",
     ),
     max_minutes: float = typer.Option(
         0.0,
         "--max-minutes",
         min=0.0,
+        callback=check_finite,
         help="Stop at the first validation point (epoch end, or --valid-every point) past this many minutes "
         "of training and validation (0: no limit); the best point so far is kept and the record says "
         "stopped_by: time.",
@@ -164,6 +175,10 @@ def pretrain_cmd(
 
     if resume and restart:
         raise typer.BadParameter("--resume and --restart exclude each other", param_hint="'--restart'")
+    if no_activation_cache and not tune_layers:
+        raise typer.BadParameter(
+            "the activation cache is used only with --tune-layers K", param_hint="'--no-activation-cache'"
+        )
     zoo = open_zoo()
     check_attributes(zoo, list(domain), attribute_list(attributes))
     text = TextConfig(
@@ -192,7 +207,7 @@ def pretrain_cmd(
         eval_batch_tokens=eval_batch_tokens,
         tune_layers=tune_layers,
         activation_cache=not no_activation_cache,
-        cache_dtype=cache_dtype,
+        cache_dtype=cache_dtype.value,
         init_heads=tuple(init_head),
         valid_every=valid_every,
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from st2si_cli.errors import St2siError
+from st2si_cli.train.distributed.op_lock import check_deepspeed_op_locks, stderr_line
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -125,7 +126,14 @@ def init_processes(device: str = "auto", use_deepspeed: bool = False) -> DistInf
     if use_deepspeed:
         if not dev.startswith("cuda"):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        deepspeed = import_deepspeed()
+        try:
+            deepspeed = import_deepspeed()
+            # DeepSpeed may JIT-build an op here, behind a lock file it waits on forever if a killed
+            # build left it: look at the lock first (a line on stderr, a bounded wait, a clear error).
+            check_deepspeed_op_locks(notify=stderr_line if local == 0 else None)
+        except BaseException:
+            _restore_env(env_set)
+            raise
         owned = not dist.is_initialized()
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed print()s while building its comm op
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -153,9 +161,14 @@ def shutdown(info: DistInfo) -> None:
             setattr(ds_groups, name, dict(value) if isinstance(value, dict) else value)
     info.backend = None
     info.owned = False
-    for k in info.env_set:
-        os.environ.pop(k, None)
+    _restore_env(info.env_set)
     info.env_set = []
+
+
+def _restore_env(names: list[str]) -> None:
+    """Drop the launcher variables set here for a one-process group, so a later run starts afresh."""
+    for k in names:
+        os.environ.pop(k, None)
 
 
 @contextlib.contextmanager
