@@ -18,7 +18,7 @@ from helpers import build_zoo, quick_head, synthetic_dataset
 
 from st2si_cli.cli.app import run
 from st2si_cli.errors import St2siError, ZooError
-from st2si_cli.zoo import store
+from st2si_cli.zoo import schema, store
 from st2si_cli.zoo.maintenance import execute_rm, plan_prune, plan_rm, verify
 from st2si_cli.zoo.store import DamagedIndexError, Zoo
 
@@ -288,7 +288,7 @@ def test_a_read_only_zoo_answers_ls_eval_and_recommend(served_zoo, capsys, monke
     """In-process, with the zoo taken as one this process may not write: no lock, no file written."""
     make_read_only(served_zoo)
     before = tree(served_zoo)
-    monkeypatch.setattr(store, "_may_write", lambda root: False)
+    monkeypatch.setattr(schema, "may_write", lambda root: False)
     code, out, err = cli(capsys, "--zoo", str(served_zoo), "zoo", "ls")
     assert code == 0 and "toy/tiny-opt" in out, err
     code, out, err = cli(
@@ -374,9 +374,9 @@ def test_a_full_disk_leaves_nothing_under_tmp(tmp_path, monkeypatch):
 # ---- 15. a pretrain's staging folder is claimed --------------------------------------------------------
 def test_pretrain_staging_folder_is_claimed(tmp_path):
     from st2si_cli.model.text import TextConfig
-    from st2si_cli.train.config import PretrainConfig, RunSetup
-    from st2si_cli.train.distributed import DistInfo
-    from st2si_cli.train.full import _claim_stage
+    from st2si_cli.pretrain.config import PretrainConfig, RunSetup
+    from st2si_cli.pretrain.distributed import DistInfo
+    from st2si_cli.pretrain.full import _claim_stage
 
     zoo, ds_id, _ = small_zoo(tmp_path / "zoo")
     ds = zoo.get(ds_id)

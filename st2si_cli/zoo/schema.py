@@ -9,6 +9,7 @@ the busy timeout makes writers queue instead of failing with "database is locked
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -180,3 +181,39 @@ def write_txn(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
             db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def may_write(root: Path) -> bool:
+    """Whether this process may change the zoo: write its folder and its index."""
+    index = root / INDEX
+    return os.access(root, os.W_OK) and (not index.exists() or os.access(index, os.W_OK))
+
+
+def open_index(root: Path, *, create: bool) -> tuple[sqlite_utils.Database, bool, bool]:
+    """(index, whether the zoo exists, whether it is read-only) for `Zoo(root, create=...)`.
+
+    create=True makes the zoo's folders and index where there are none (writing commands). create=False
+    makes nothing: no zoo reads as an empty in-memory index; a zoo this process may not write is opened
+    read-only, without locks. A folder that holds blobs but no valid index raises DamagedIndexError.
+    """
+    exists = (root / INDEX).exists()
+    if not create and not exists:
+        if root.is_dir() and holds_content(root):
+            raise DamagedIndexError(root, f"it holds blobs but has no index ({root / INDEX})")
+        return empty_index(), False, True
+    if not create and not may_write(root):
+        return connect(root, read_only=True), True, True
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("blobs", "views", "tmp"):
+        folder = root / sub
+        if folder.exists() and (folder.is_symlink() or not folder.is_dir()):
+            what = "a link" if folder.is_symlink() else "not a folder"
+            raise ZooError(f"{folder} is {what}: the zoo's {sub}/ must be a folder inside it; move it away")
+        folder.mkdir(exist_ok=True)
+    db = connect(root)
+    if not (root / "manifests").exists():
+        from st2si_cli.zoo.manifests import backfill
+
+        with FileLock(root / "index.lock"):
+            backfill(root, db)
+    return db, True, False

@@ -20,31 +20,28 @@ any lock. A folder that holds blobs but no valid index is damaged: it is refused
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from st2si_cli.errors import ZooError
-from st2si_cli.zoo import manifests
+from st2si_cli.zoo import blobs, manifests
 from st2si_cli.zoo.artifact import (
-    CHUNK,
     Artifact,
     RemovalPlan,
     VerifyReport,
     canonical_json,
     input_ids,
-    sha256_file,
 )
 from st2si_cli.zoo.integrity import check_blob, stat_key
 from st2si_cli.zoo.locks import FileLock, tmp_prefix
-from st2si_cli.zoo.schema import DamagedIndexError, connect, empty_index, migrations, write_txn
+from st2si_cli.zoo.lookup import Lookups
+from st2si_cli.zoo.schema import DamagedIndexError, migrations, open_index, write_txn
 from st2si_cli.zoo.views import build_private_view, build_view
 
 KINDS = ("dataset", "catalog", "backbone", "head", "features", "run")
@@ -72,12 +69,6 @@ def default_root() -> Path:
     return Path(user_data_dir("st2si", appauthor=False))
 
 
-def _may_write(root: Path) -> bool:
-    """Whether this process may change the zoo: write its folder and its index."""
-    index = root / "index.db"
-    return os.access(root, os.W_OK) and (not index.exists() or os.access(index, os.W_OK))
-
-
 def resolve_root(path: str | Path | None = None) -> Path:
     """`--zoo PATH` > `$ST2SI_HOME` > the platform's user data dir."""
     # Absolute, so that the links under views/ still resolve when the caller changes directory.
@@ -89,7 +80,7 @@ def resolve_root(path: str | Path | None = None) -> Path:
     return default_root().absolute()
 
 
-class Zoo:
+class Zoo(Lookups):
     """The local store. Cheap to open: `Zoo(root)` creates the folders and applies pending migrations.
 
     `create=False` (the reading commands, and rm/prune/verify): nothing is created. A missing zoo reads
@@ -101,39 +92,9 @@ class Zoo:
         self.root = resolve_root(root)
         if self.root.exists() and not self.root.is_dir():
             raise ZooError(f"{self.root}: the zoo must be a folder, and this is a file")
-        self.exists = (self.root / "index.db").exists()
-        self.read_only = False
         self._written: set[str] = set()  # blobs this process wrote (and so hashed) since the last put
         self._held: dict[str, FileLock] = {}  # artifacts this process uses as inputs (see `hold`)
-        if not create and not self.exists:
-            if self.root.is_dir():
-                from st2si_cli.zoo.schema import holds_content
-
-                if holds_content(self.root):
-                    raise DamagedIndexError(
-                        self.root, f"it holds blobs but has no index ({self.root / 'index.db'})"
-                    )
-            self.read_only = True
-            self.db = empty_index()
-            return
-        if not create and not _may_write(self.root):
-            self.read_only = True
-            self.db = connect(self.root, read_only=True)
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        for sub in ("blobs", "views", "tmp"):
-            folder = self.root / sub
-            if folder.exists() and (folder.is_symlink() or not folder.is_dir()):
-                what = "a link" if folder.is_symlink() else "not a folder"
-                raise ZooError(
-                    f"{folder} is {what}: the zoo's {sub}/ must be a folder inside it; move it away"
-                )
-            folder.mkdir(exist_ok=True)
-        self.db = connect(self.root)
-        self.exists = True
-        if not (self.root / manifests.FOLDER).exists():
-            with FileLock(self.root / "index.lock"):
-                manifests.backfill(self.root, self.db)
+        self.db, self.exists, self.read_only = open_index(self.root, create=create)
 
     def require_writable(self, what: str) -> None:
         """Refuse, in one line, to `what` in a zoo this process may not (or must not) change."""
@@ -195,48 +156,12 @@ class Zoo:
 
     # ---- blobs -----------------------------------------------------------------------------------
     def blob_path(self, sha: str) -> Path:
-        return self.root / "blobs" / sha[:2] / sha
-
-    def _place(self, tmp: str | Path, sha: str) -> None:
-        final = self.blob_path(sha)
-        final.parent.mkdir(exist_ok=True)
-        if final.exists():
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, final)
-            self._written.add(sha)
+        return blobs.blob_path(self.root, sha)
 
     def _store_blob(self, source: Path | bytes, move: bool = False) -> tuple[str, int]:
-        """Copy (or move) a file or bytes into blobs/, atomically. Returns (sha256, size)."""
-        tmp_dir = self.root / "tmp"
-        if isinstance(source, (bytes, bytearray)):
-            sha = hashlib.sha256(source).hexdigest()
-            if not self.blob_path(sha).exists():
-                fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=tmp_prefix("blob"))
-                with _removed_on_failure(tmp):
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(source)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    self._place(tmp, sha)
-            return sha, len(source)
-        source = Path(source)
-        size = source.stat().st_size
-        if move and source.resolve().is_relative_to(tmp_dir.resolve()):
-            sha = sha256_file(source)
-            self._place(source, sha)
-            return sha, size
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=tmp_prefix("blob"))
-        h = hashlib.sha256()
-        with _removed_on_failure(tmp):
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-                while chunk := src.read(CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            sha = h.hexdigest()
-            self._place(tmp, sha)
+        sha, size, written = blobs.store_blob(self.root, source, move)
+        if written:
+            self._written.add(sha)
         return sha, size
 
     def staging_dir(self, key: str) -> Path:
@@ -280,7 +205,7 @@ class Zoo:
             try:
                 stored = {fname: self._store_blob(src, move=move) for fname, src in files.items()}
             except OSError as e:
-                raise _write_error(self.root, e) from e
+                raise blobs.write_error(self.root, e) from e
             manifest = {fname: sha for fname, (sha, _) in sorted(stored.items())}
             art_id = self.artifact_id(kind, manifest, identity)
             blob_rows = []
@@ -312,7 +237,7 @@ class Zoo:
         try:
             manifests.sync(self.root, self.db, [i for i in ids if i])
         except OSError as e:
-            raise _write_error(self.root, e) from e
+            raise blobs.write_error(self.root, e) from e
 
     @staticmethod
     def artifact_id(kind: str, manifest: Mapping[str, str], identity: Mapping[str, Any] | None) -> str:
@@ -380,82 +305,6 @@ class Zoo:
             displaced = self._name(name, art.kind, art.id)
         self._sync_manifests(art.id, displaced)
 
-    def _row_to_artifact(self, row: Mapping[str, Any]) -> Artifact:
-        files = {r["name"]: r["blob"] for r in self.db["files"].rows_where("artifact = ?", [row["id"]])}
-        names = self.names_of(row["id"])
-        return Artifact(
-            id=row["id"],
-            kind=row["kind"],
-            name=names[0] if names else None,
-            domain=row["domain"],
-            created=row["created"],
-            size=row["size"],
-            meta=json.loads(row["meta"]),
-            files=files,
-        )
-
-    def _by_id(self, art_id: str) -> Artifact | None:
-        row = next(self.db["artifacts"].rows_where("id = ?", [art_id]), None)
-        return self._row_to_artifact(row) if row is not None else None
-
-    def get(self, ref: str, kind: str | None = None) -> Artifact:
-        """Find an artifact by name, full ID or unique ID prefix (>= 6 characters)."""
-        art = self.find(ref, kind)
-        if art is None:
-            what = f"{kind} " if kind else ""
-            others = sorted({k for (k,) in self.db.execute("SELECT kind FROM names WHERE name = ?", [ref])})
-            hint = f" (there is a {' and a '.join(others)} with that name)" if kind and others else ""
-            raise ZooError(f"no {what}artifact named {ref!r} in the zoo at {self.root}{hint}")
-        return art
-
-    def find(self, ref: str, kind: str | None = None) -> Artifact | None:
-        """Names are per kind: without `kind`, a name that several kinds use is ambiguous."""
-        sql, args = "SELECT kind, artifact FROM names WHERE name = ?", [ref]
-        if kind:
-            sql, args = sql + " AND kind = ?", [ref, kind]
-        rows = self.db.execute(sql + " ORDER BY kind", args).fetchall()
-        if len(rows) > 1:
-            kinds = " and a ".join(k for k, _ in rows)
-            raise ZooError(f"{ref!r} names a {kinds}: say which with --kind")
-        if rows:
-            art = self._by_id(rows[0][1])
-            if art is not None:
-                return art
-        if len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref):
-            id_rows = list(self.db["artifacts"].rows_where("id LIKE ?", [ref + "%"]))
-            if kind:
-                id_rows = [r for r in id_rows if r["kind"] == kind]
-            if len(id_rows) == 1:
-                return self._row_to_artifact(id_rows[0])
-            if len(id_rows) > 1:
-                raise ZooError(f"ID prefix {ref!r} is ambiguous ({len(id_rows)} artifacts)")
-        return None
-
-    def ls(self, kind: str | None = None, domain: str | None = None) -> list[Artifact]:
-        where, args = [], []
-        if kind:
-            where.append("kind = ?")
-            args.append(kind)
-        if domain:
-            where.append("domain = ?")
-            args.append(domain)
-        rows = self.db["artifacts"].rows_where(" AND ".join(where) or None, args, order_by="created desc, id")
-        return [self._row_to_artifact(r) for r in rows]
-
-    def names_of(self, art: Artifact | str) -> list[str]:
-        """Every name that points at the artifact, most recently set first."""
-        art_id = art if isinstance(art, str) else art.id
-        rows = self.db["names"].rows_where("artifact = ?", [art_id], order_by="updated desc, name")
-        return [r["name"] for r in rows]
-
-    def dependents(self, art: Artifact) -> list[Artifact]:
-        """Artifacts whose meta["inputs"] lists this one's ID."""
-        return [a for a in self.ls() if a.id != art.id and art.id in input_ids(a.meta)]
-
-    def newest(self, kind: str, domain: str) -> Artifact | None:
-        arts = self.ls(kind=kind, domain=domain)
-        return arts[0] if arts else None
-
     def _checked(self, art: Artifact, fname: str, sha: str) -> Path:
         def describe() -> str:
             return f"{art.kind} {art.name or art.short_id} ({art.short_id}, file {fname})"
@@ -489,58 +338,7 @@ class Zoo:
 
     # ---- removal, verification, pruning: st2si_cli.zoo.maintenance (functions taking the zoo) ----
     def iter_blob_files(self) -> Iterator[Path]:
-        """The files under blobs/<xx>/; links (to folders or files) are not followed nor listed."""
-        blobs = self.root / "blobs"
-        if not blobs.is_dir() or blobs.is_symlink():
-            return
-        for sub in sorted(blobs.iterdir()):
-            if sub.is_dir() and not sub.is_symlink():
-                yield from sorted(p for p in sub.iterdir() if not p.is_symlink())
+        return blobs.iter_blob_files(self.root)
 
     def links(self) -> list[Path]:
-        """Links inside the zoo that could lead out of it: anything under blobs/, manifests/ or tmp/
-        that is a link, and the zoo's own folders where they are links (views/ holds links by design)."""
-        found = [
-            self.root / sub
-            for sub in ("blobs", "views", "tmp", "manifests")
-            if (self.root / sub).is_symlink()
-        ]
-        for sub in ("blobs", "manifests"):
-            folder = self.root / sub
-            if not folder.is_dir() or folder.is_symlink():
-                continue
-            for entry in sorted(folder.iterdir()):
-                if entry.is_symlink():
-                    found.append(entry)
-                elif entry.is_dir():
-                    found += [p for p in sorted(entry.iterdir()) if p.is_symlink()]
-        tmp = self.root / "tmp"
-        if tmp.is_dir() and not tmp.is_symlink():
-            found += [p for p in sorted(tmp.iterdir()) if p.is_symlink()]
-        return found
-
-    def blobs_total_size(self) -> int:
-        """Bytes that `verify` will read (the indexed size of every blob)."""
-        return self.db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0]
-
-    def artifacts_using_blob(self, sha: str) -> list[str]:
-        """IDs of the artifacts that list this blob, each once."""
-        rows = self.db.execute("SELECT DISTINCT artifact FROM files WHERE blob = ? ORDER BY artifact", [sha])
-        return [artifact for (artifact,) in rows.fetchall()]
-
-
-@contextmanager
-def _removed_on_failure(path: str | Path) -> Iterator[None]:
-    """Remove a temp file if the block that writes it fails (a full disk leaves nothing under tmp/)."""
-    try:
-        yield
-    except BaseException:
-        Path(path).unlink(missing_ok=True)
-        raise
-
-
-def _write_error(root: Path, e: OSError) -> Exception:
-    """A full disk as one line naming the zoo; any other OSError as it was."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ZooError(f"no space left on the device of the zoo at {root}: nothing was stored")
-    return e
+        return blobs.links(self.root)
