@@ -1,14 +1,14 @@
 """Cold-start benchmark: items a head never trained on, placed from their text by `st2si items add`.
 
-    python bench/coldstart.py --zoo ZOO --domain amazon-scientific --backbone smollm2-135m --compute-features
-    python bench/coldstart.py --zoo ZOO --domain amazon-scientific --heads adapter --tag adapter
-    python bench/coldstart.py --zoo ZOO --domain amazon-scientific --heads none --tag sasrec   # after quality.py
+    python -m bench.coldstart --zoo ZOO --domain amazon-scientific --backbone smollm2-135m --compute-features
+    python -m bench.coldstart --zoo ZOO --domain amazon-scientific --heads adapter --tag adapter
+    python -m bench.coldstart --zoo ZOO --domain amazon-scientific --heads none --tag sasrec   # after quality.py
 
 1. Cold items: those whose first interaction falls in the test split (`--cold test-only`: items that only
    ever appear as a user's last item), or a seeded random fraction of the catalog (`--cold random`, default
    10%) with all their training interactions removed: the domain's sequences lose every non-test
    occurrence of a cold item, so a cold item appears only as a test target. This cold split is stored as
-   its own domain, `<domain>-cold<fraction>`, so `bench/quality.py --domain <that>` trains SASRec on
+   its own domain, `<domain>-cold<fraction>`, so `python -m bench.quality --domain <that>` trains SASRec on
    exactly the same data (it then sees cold items only as test targets: their embeddings never get a
    positive update, i.e. SASRec scores them near their initial value).
 2. Warm training data: the cold split without the users whose test target is cold and without the cold
@@ -31,117 +31,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_DIR, RESULTS_DIR, format_table, log, provenance, result_path, write_json  # noqa: E402
+from bench.coldstart_split import cold_items, cold_split, in_grown_catalog, store_cache, warm_part
+from bench.common import BENCH_DIR, RESULTS_DIR, format_table, log, provenance, result_path, write_json
 
 KS = (10,)
 
 
-def cold_items(ds: Any, how: str, fraction: float, seed: int) -> list[int]:
-    """Item IDs held out: only-in-test items, or a seeded random fraction of the catalog."""
-    if how == "test-only":
-        seen = {i for seq in ds.sequences for i in seq[:-1]}
-        return sorted({seq[-1] for seq in ds.sequences} - seen)
-    rng = random.Random(seed)
-    return sorted(rng.sample(range(ds.n_items), max(1, round(fraction * ds.n_items))))
-
-
-def cold_split(ds: Any, cold: set[int]) -> Any:
-    """The dataset with every non-test occurrence of a cold item removed (users left with < 3 items dropped)."""
-    from st2si_cli.data.dataset import Dataset
-
-    users, seqs = [], []
-    for u, seq in zip(ds.users, ds.sequences):
-        kept = [i for i in seq[:-1] if i not in cold] + [seq[-1]]
-        if len(kept) >= 3:
-            users.append(u)
-            seqs.append(kept)
-    return Dataset(ds.items, users, seqs, report={**ds.report, "cold_split": len(cold)})
-
-
-def warm_part(ds: Any, fs: Any, cold: set[int]) -> tuple[Any, Any]:
-    """(dataset, FeatureSet) without the cold items and the users whose test target is cold; the rows are
-    the cold split's own (same samples), renumbered."""
-    import torch
-
-    from st2si_cli.data.dataset import Dataset
-    from st2si_cli.model.samples import ALIGN
-
-    warm_items = [i for i in range(ds.n_items) if i not in cold]
-    imap = torch.full((ds.n_items,), -1, dtype=torch.long)
-    imap[warm_items] = torch.arange(len(warm_items))
-    warm_users = [u for u, seq in enumerate(ds.sequences) if seq[-1] not in cold]
-    umap = torch.full((ds.n_users,), -1, dtype=torch.long)
-    umap[warm_users] = torch.arange(len(warm_users))
-    align = fs.roles == ALIGN
-    item_of = imap[fs.targets]  # every row's target in the warm catalog (-1: cold)
-    user_of = torch.full_like(fs.owner, -1)
-    user_of[~align] = umap[fs.owner[~align]]
-    keep = (item_of >= 0) & (align | (user_of >= 0))
-    rows = torch.nonzero(keep).flatten()
-    owner = torch.where(align[rows], item_of[rows], user_of[rows])  # an ALIGN row's owner is its item
-    _, sample = torch.unique(fs.sample[rows], return_inverse=True)
-    warm_fs = type(fs)(fs.feats[rows], imap[fs.targets[rows]], fs.roles[rows], owner, sample)
-    items = [ds.items[i] for i in warm_items]
-    seqs = [[int(imap[i]) for i in ds.sequences[u]] for u in warm_users]
-    return Dataset(items, [ds.users[u] for u in warm_users], seqs, report=ds.report), warm_fs
-
-
-def in_grown_catalog(ds: Any, fs: Any, grown: Any) -> tuple[Any, list[list[int]]]:
-    """The cold split's FeatureSet and sequences with item IDs of the grown catalog (warm items, then the
-    cold ones as `items add` appended them)."""
-    import torch
-
-    from st2si_cli.model.samples import ALIGN
-
-    gid = {item["id"]: i for i, item in enumerate(grown.items)}
-    to_grown = torch.tensor([gid[item["id"]] for item in ds.items])
-    align = fs.roles == ALIGN
-    owner = torch.where(align, to_grown[fs.targets], fs.owner)
-    grown_fs = type(fs)(fs.feats, to_grown[fs.targets], fs.roles, owner, fs.sample)
-    return grown_fs, [[gid[ds.items[i]["id"]] for i in seq] for seq in ds.sequences]
-
-
-def store_cache(zoo: Any, fs: Any, like: Any, dataset_art: Any) -> Any:
-    """Store `fs` as the feature cache of `dataset_art` under the key `compute_features` would use."""
-    import torch
-    from safetensors.torch import save
-
-    from st2si_cli.features import cache_key, cache_name
-    from st2si_cli.model.text import TextConfig
-
-    meta = dict(like.meta)
-    key = cache_key(
-        meta["inputs"]["backbone"], dataset_art.id, TextConfig.from_dict(meta["text"]), meta["dtype"], True
-    )
-    if zoo.find(cache_name(key), kind="features") is not None:
-        return zoo.find(cache_name(key), kind="features")
-    t = fs.tensors()
-    t["feats"] = t["feats"].to(getattr(torch, meta["dtype"]))
-    meta.update(
-        key=key,
-        inputs={"backbone": meta["inputs"]["backbone"], "dataset": dataset_art.id, "features": like.id},
-        positions=int(fs.targets.numel()),
-        samples=int(fs.sample.max()) + 1,
-        cut_from=like.id,
-    )
-    blob = save({k: v.contiguous() for k, v in t.items()})
-    return zoo.put(
-        "features", {"features.safetensors": blob}, meta, name=cache_name(key), identity={"key": key}
-    )
-
-
 def head_configs(names: list[str], max_epochs: int) -> dict[str, Any]:
-    from st2si_cli.train.adapter import AdapterConfig
-    from st2si_cli.train.head import HeadConfig
+    from st2si_cli import AdapterConfig, HeadConfig
 
     known = {
         "ilp": HeadConfig(max_epochs=max_epochs),
@@ -157,7 +60,7 @@ def head_configs(names: list[str], max_epochs: int) -> dict[str, Any]:
 def popularity_ranks(ds: Any, rows_users: list[int], targets: Any) -> Any:
     import torch
 
-    from st2si_cli.metrics import rank_of_target
+    from st2si_cli import rank_of_target
 
     counts = torch.zeros(ds.n_items)
     for seq in ds.sequences:
@@ -171,11 +74,11 @@ def sasrec_ranks(ds: Any, folder: Path, users: list[int]) -> Any | None:
     import numpy as np
     import torch
 
-    from st2si_cli.metrics import rank_of_target
+    from st2si_cli import rank_of_target
 
     if not (folder / "test_scores.npy").exists():
         return None
-    from quality import check_split
+    from bench.quality_recbole import check_split
 
     # Only the test rows are scored here, so only they must be st2si's, user by user. (On the random-10%
     # cold split of amazon-scientific, RecBole's validation split leaves out 154 of the 8,309 users, all
@@ -205,19 +108,24 @@ def rows_for_heads(
     the seconds `items add` took (None without heads)."""
     if not kinds:
         return None
-    from st2si_cli.adapt import FeatureOptions, adapt
-    from st2si_cli.data.prepare import load_dataset, store_dataset
-    from st2si_cli.items import ItemsOptions, add_items
-    from st2si_cli.metrics import metrics_from_ranks
-    from st2si_cli.model.samples import TEST
-    from st2si_cli.model.text import TextConfig
-    from st2si_cli.ranking import user_ranks
+    from st2si_cli import (
+        TEST,
+        FeatureOptions,
+        ItemsOptions,
+        TextConfig,
+        adapt_head,
+        add_items,
+        load_dataset,
+        metrics_from_ranks,
+        store_dataset,
+        user_ranks,
+    )
 
     split, fs, cold = source
     heads = {}
     for kind, cfg in head_configs(kinds, args.max_epochs).items():
         log(f"training {kind} on {warm.domain} ({warm.ds.n_items} items, {warm.ds.n_users} users)")
-        heads[kind] = adapt(
+        heads[kind] = adapt_head(
             zoo,
             warm.domain,
             backbone=args.backbone,
@@ -310,14 +218,21 @@ def main() -> int:
 
     import torch
 
-    from st2si_cli.adapt import FeatureOptions, get_features
-    from st2si_cli.backbones import ensure_backbone, resolve_dtype
-    from st2si_cli.data.dataset import Dataset
-    from st2si_cli.data.prepare import load_dataset, store_dataset
-    from st2si_cli.features import cache_key, cache_name, dtype_name
-    from st2si_cli.metrics import metrics_from_ranks
-    from st2si_cli.model.text import TextConfig
-    from st2si_cli.zoo.store import Zoo
+    from st2si_cli import (
+        Dataset,
+        FeatureOptions,
+        TextConfig,
+        Zoo,
+        cache_key,
+        cache_name,
+        dtype_name,
+        ensure_backbone,
+        get_features,
+        load_dataset,
+        metrics_from_ranks,
+        resolve_dtype,
+        store_dataset,
+    )
 
     t0 = time.time()
     prov = provenance()
@@ -383,7 +298,7 @@ def main() -> int:
         )
     else:
         sasrec_note = (
-            f"not run: python bench/quality.py --zoo {args.zoo} --domain {cold_domain} --models sasrec "
+            f"not run: python -m bench.quality --zoo {args.zoo} --domain {cold_domain} --models sasrec "
             "--threads 1 --check-splits test --summary bench/.work/quality-summary-coldsplit.json"
         )
 

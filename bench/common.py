@@ -57,7 +57,11 @@ def today() -> str:
 
 
 def command_line() -> str:
-    """The command that is running, as a user would type it from the repository root."""
+    """The command that is running, as a user would type it from the repository root
+    (`python -m bench.quality ...` for a module run with -m)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return shlex.join(["python", "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]])
     script = Path(sys.argv[0]).resolve()
     try:
         shown = str(script.relative_to(REPO_ROOT))

@@ -1,6 +1,6 @@
 """Time to the first `st2si recommend` answer through a FIFO: the line written at once, or after a delay.
 
-    python bench/first_line.py --zoo ZOO --domain DOMAIN [--delay SECONDS] [--history ID ...]
+    python -m bench.first_line --zoo ZOO --domain DOMAIN [--delay SECONDS] [--history ID ...]
 
 Prints the seconds from process start to the first answer line, and from the write to the answer (with a
 delay, the model has loaded meanwhile, so the second figure is what a waiting stream sees).

@@ -1,8 +1,8 @@
 """GPU variant: seconds per instance and peak GPU memory for forward, recommend and full-tuning steps.
 
-    python bench/gpu.py                          # on a CUDA device: SmolLM2-135M's architecture, bf16
-    python bench/gpu.py --zoo ZOO                # take the architecture from the zoo's smollm2-135m config.json
-    python bench/gpu.py --device cpu --tiny      # smoke test anywhere (a tiny Llama, CPU)
+    python -m bench.gpu                          # on a CUDA device: SmolLM2-135M's architecture, bf16
+    python -m bench.gpu --zoo ZOO                # take the architecture from the zoo's smollm2-135m config.json
+    python -m bench.gpu --device cpu --tiny      # smoke test anywhere (a tiny Llama, CPU)
 
 A randomly initialised Llama with SmolLM2-135M's architecture (hidden 576, 30 layers, 9 heads, 3 KV heads,
 intermediate 1536, vocab 49152; weights do not change the timing) and a synthetic ILP over 4,344 items
@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, format_table, load_average, log, provenance, result_path, write_json  # noqa: E402
+from bench.common import RESULTS_DIR, format_table, load_average, log, provenance, result_path, write_json
 
 SMOLLM2_135M = {  # HuggingFaceTB/SmolLM2-135M(-Instruct) config.json, the fields that shape compute
     "hidden_size": 576,
@@ -74,7 +73,7 @@ N_ITEMS = 4344  # amazon-scientific
 def zoo_config(zoo_path: str | None, backbone: str) -> tuple[dict[str, Any] | None, str]:
     """The backbone's config.json from the zoo (read only), or None."""
     try:
-        from st2si_cli.zoo.store import Zoo
+        from st2si_cli import Zoo
 
         zoo = Zoo(zoo_path)
         art = zoo.find(backbone, kind="backbone")
@@ -176,7 +175,7 @@ def main() -> int:
     if args.device is None:
         if not torch.cuda.is_available():
             print(
-                "No CUDA device here. Run on a GPU machine, or smoke-test with: python bench/gpu.py --device cpu --tiny",
+                "No CUDA device here. Run on a GPU machine, or smoke-test with: python -m bench.gpu --device cpu --tiny",
                 file=sys.stderr,
             )
             return 2

@@ -1,6 +1,6 @@
 """GPU runs next to the CPU ones: one table on the same split, with paired intervals against the baselines.
 
-    python bench/gpu_compare.py --gpu-record gpu-real-amazon-scientific.json \\
+    python -m bench.gpu_compare --gpu-record gpu-real-amazon-scientific.json \\
         --gpu-quality 2026-11-28-intel-xeon-16c-quality-amazon-scientific-gpu.json \\
         --run init.json --baselines bench/results/2026-11-28-amd-epyc-2c-quality-amazon-scientific.json \\
         --top bench/results/2026-11-28-amd-epyc-2c-top-layers-amazon-scientific-k2.json --name gpu-full
@@ -12,7 +12,7 @@ GRU4Rec trained to early stopping, st2si's heads), `--top` (repeatable) `bench/t
 
 The split must be the same: the dataset IDs of both quality files are compared (the ID hashes the prepared
 interactions), and so are the user counts. Paired per-user differences of NDCG@10 and their 95% bootstrap
-intervals use `bench/quality.py`'s code, for rows that have per-user ranks. The st2si heads of the CPU
+intervals use `bench/quality_stats.py`'s code, for rows that have per-user ranks. The st2si heads of the CPU
 benchmark in the table are the paper's ILP, the best ILP and `st2si_best` (best validation). Writes
 `<out>/<date>-<gpu machine>-<name>-<domain>.{json,md}`.
 """
@@ -27,11 +27,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.common import RESULTS_DIR, format_table, write_json
+from bench.quality_stats import paired_diff
 from st2si_cli import DEFAULT_BACKBONE
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, format_table, write_json  # noqa: E402
-from quality import paired_diff  # noqa: E402
 
 
 def _ranks(row: dict[str, Any], key: str = "ranks") -> list[int]:

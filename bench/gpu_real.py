@@ -1,7 +1,7 @@
 """Real data on a GPU: full tuning, top-K tuning and ILP heads with the real backbone, in one timed script.
 
-    python bench/gpu_real.py --data DATA_DIR --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out OUT --budget 480
-    python bench/gpu_real.py --data SLICE --gguf tiny-llama --backbone tiny --out OUT --device cpu   # smoke
+    python -m bench.gpu_real --data DATA_DIR --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out OUT --budget 480
+    python -m bench.gpu_real --data SLICE --gguf tiny-llama --backbone tiny --out OUT --device cpu   # smoke
 
 Meant for a GPU machine lent for a few minutes, where every step must count. In a fresh zoo
 (`--zoo`, default a temporary folder) it imports the backbone (`st2si zoo pull`: a GGUF file, or any
@@ -16,7 +16,7 @@ steps in order, each a child process on `--device`:
 - `ilp`:     `adapt` (the paper's ILP on the frozen backbone), the same-hardware reference;
 - `trim`:    `adapt --trim-periods` (ILP; Amazon titles end in '.', so every query reads '..');
 - `attrs`:   `adapt --attributes title,brand,category` (ILP);
-- `quality`: `bench/quality.py` on the heads the steps before made (no RecBole): per-user test ranks,
+- `quality`: `python -m bench.quality` on the heads the steps before made (no RecBole): per-user test ranks,
              history unmasked and masked, from st2si's metric code, for paired intervals against the
              baselines measured elsewhere on the same split (`bench/gpu_compare.py`).
 
@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.common import command_line
 
 STEPS = ("full", "quality", "ilp", "trim", "attrs", "top2")
 # Seconds a step needs at least, besides its training budget (loading, feature pass, final evaluation).
@@ -73,7 +75,7 @@ class Driver:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = self.out / f"gpu-real-{args.domain}.log"
         self.record: dict[str, Any] = {
-            "command": " ".join(sys.argv),
+            "command": command_line(),
             "domain": args.domain,
             "device": args.device,
             "budget_seconds": args.budget,
@@ -277,7 +279,7 @@ def main() -> int:
             if not made:
                 d.skip(step, "no heads to score")
                 continue
-            cmd = [sys.executable, str(Path(__file__).resolve().parent / "quality.py"), *dom, "--models", ""]
+            cmd = [sys.executable, "-m", "bench.quality", *dom, "--models", ""]  # from the repository root
             cmd += ["--zoo", args.zoo, "--compute-features", *dev, "--out", args.out, "--tag", "gpu"]
             cmd += ["--summary", str(Path(args.out) / "quality-summary-gpu.json")]
             for head in made:

@@ -1,6 +1,6 @@
 """A synthetic catalog of a million items with text, and users over it: adapt, eval and recommend on it.
 
-    python bench/speed.py --million 1000000 --million-only        # via speed.py, which records it
+    python -m bench.speed --million 1000000 --million-only        # via speed.py, which records it
 
 The catalog and histories are generated here from a seed (titles from a made-up vocabulary, item
 popularity Zipf-like) into a scratch zoo that is removed afterwards; nothing is committed. The backbone
@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Any
 
-from common import child_env, log, run_timed, st2si_argv
+from bench.common import child_env, log, run_timed, st2si_argv
 
 SYLLABLES = [
     "ka",
@@ -42,7 +42,7 @@ SYLLABLES = [
 
 def synthetic_dataset(n_items: int, n_users: int, seed: int = 0) -> Any:
     """n_items titled items and n_users histories of 5-30 items (Zipf-like popularity)."""
-    from st2si_cli.data.dataset import Dataset
+    from st2si_cli import Dataset
 
     rng = random.Random(seed)
     words = sorted({"".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))) for _ in range(5000)})
@@ -69,13 +69,7 @@ def million_items(
     """
     import torch
 
-    from st2si_cli.backbones import pull
-    from st2si_cli.data.prepare import store_dataset
-    from st2si_cli.features import load_feature_set
-    from st2si_cli.heads import load_head_weight
-    from st2si_cli.model.samples import TEST
-    from st2si_cli.scoring import top_k
-    from st2si_cli.zoo.store import Zoo
+    from st2si_cli import TEST, Zoo, load_feature_set, load_head_weight, pull, store_dataset, top_k
 
     root = tempfile.mkdtemp(prefix="st2si-million-")
     out: dict[str, Any] = {

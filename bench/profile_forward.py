@@ -1,6 +1,6 @@
 """Per-op profile (torch.profiler) of the feature pass: the packed forward against plain transformers.
 
-    python bench/profile_forward.py --domain amazon-scientific --users 8 --rounds 2
+    python -m bench.profile_forward --domain amazon-scientific --users 8 --rounds 2
 
 Runs the feature pass's samples (histories + ID-alignment samples of a user subset, as `adapt` builds
 and batches them) through both paths, interleaved (plain, packed, plain, packed ...), prints the
@@ -14,10 +14,8 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import subset  # noqa: E402
+from bench.speed_rounds import subset
 
 
 def main() -> int:
@@ -35,12 +33,16 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from st2si_cli.backbones import load_backbone
-    from st2si_cli.data.prepare import load_dataset
-    from st2si_cli.hf import quiet_transformers
-    from st2si_cli.model.samples import build_samples, plan_batches
-    from st2si_cli.model.text import ItemTokenizer, TextConfig
-    from st2si_cli.zoo.store import Zoo
+    from st2si_cli import (
+        ItemTokenizer,
+        TextConfig,
+        Zoo,
+        build_samples,
+        load_backbone,
+        load_dataset,
+        plan_batches,
+        quiet_transformers,
+    )
 
     quiet_transformers()
     torch.set_num_threads(args.threads)

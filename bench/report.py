@@ -1,7 +1,7 @@
 """Write the benchmark report: `<results>/<date>-<machine>.md` with the tables and PNG plots.
 
-    python bench/report.py                       # newest quality / speed / gpu results of this machine
-    python bench/report.py FILE.json [FILE.json ...] [--out-dir DIR]
+    python -m bench.report                       # newest quality / speed / gpu results of this machine
+    python -m bench.report FILE.json [FILE.json ...] [--out-dir DIR]
 
 Takes the result files of bench/quality.py, bench/speed.py and bench/gpu.py (by default, for each part
 and domain, the newest file in bench/results/ written on this machine) and writes one markdown file with:
@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, cpu_count, cpu_model, machine_name, today  # noqa: E402
+from bench.common import RESULTS_DIR, cpu_count, cpu_model, machine_name, today
 
 
 def pick_files(results: Path, machine: str) -> list[Path]:
@@ -293,8 +292,8 @@ def main() -> int:
     files = [Path(f) for f in args.files] or pick_files(results, machine)
     if not files:
         raise SystemExit(
-            f"no result files in {results} for this machine ({machine}): run bench/quality.py, "
-            "bench/speed.py or bench/gpu.py first"
+            f"no result files in {results} for this machine ({machine}): run python -m bench.quality, "
+            "python -m bench.speed or python -m bench.gpu first"
         )
     order = {"quality": 0, "speed": 1, "gpu": 2}
     pairs = sorted(
@@ -310,7 +309,7 @@ def main() -> int:
     parts = [
         f"# {title}",
         "",
-        f"Written {today()} by `python bench/report.py{' ' + ' '.join(args.files) if args.files else ''}` from: "
+        f"Written {today()} by `python -m bench.report{' ' + ' '.join(args.files) if args.files else ''}` from: "
         + ", ".join(f"`{p.name}`" for p in files)
         + ".",
         "",

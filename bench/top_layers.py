@@ -1,7 +1,7 @@
 """Top-K tuning on a domain: one result file per K with test metrics, seconds per epoch, the activation
 cache's size and time, next to the ILP head and the converged SASRec from the quality benchmark.
 
-    python bench/top_layers.py --domain amazon-scientific --tune-layers 2,4 --threads 2 [--zoo ZOO]
+    python -m bench.top_layers --domain amazon-scientific --tune-layers 2,4 --threads 2 [--zoo ZOO]
 
 For each K it runs `st2si pretrain --domain D --tune-layers K --json` (a child process, timed, peak RSS)
 and writes `results/<date>-<machine>-top-layers-<domain>-k<K>.json` and a `.md` beside it. The ILP and
@@ -23,8 +23,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, format_table, load_average, provenance, result_path, run_timed, write_json  # noqa: E402
+from bench.common import (
+    RESULTS_DIR,
+    format_table,
+    load_average,
+    provenance,
+    result_path,
+    run_timed,
+    write_json,
+)
 
 PAPER = {
     "amazon-scientific": {"full_ndcg10": 0.1147, "ilp_ndcg10": 0.0961}
@@ -51,8 +58,7 @@ def baselines(domain: str) -> dict[str, Any]:
 
 def head_rows(zoo_dir: str | None, refs: list[str]) -> list[dict[str, Any]]:
     """Each starting head's name, ID and stored valid/test metrics (from its zoo record)."""
-    from st2si_cli.zoo.meta import HeadMeta
-    from st2si_cli.zoo.store import Zoo
+    from st2si_cli import HeadMeta, Zoo
 
     zoo = Zoo(zoo_dir)
     out = []

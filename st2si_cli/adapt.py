@@ -16,6 +16,7 @@ from st2si_cli import DEFAULT_BACKBONE
 from st2si_cli.errors import St2siError
 from st2si_cli.model.text import TextConfig
 from st2si_cli.progress import Reporter
+from st2si_cli.zoo.meta import DatasetMeta, FeaturesMeta, HeadMeta
 from st2si_cli.zoo.store import Artifact, Zoo
 
 
@@ -56,8 +57,9 @@ def get_features(
 
     `ds` is the loaded dataset of `dataset_art` where the caller has it already.
     """
-    from st2si_cli.backbones import ensure_backbone, load_backbone, resolve_dtype
-    from st2si_cli.features import cache_key, cache_name, compute_features, dtype_name, load_feature_set
+    from st2si_cli.backbones.load import load_backbone, resolve_dtype
+    from st2si_cli.backbones.pull import ensure_backbone
+    from st2si_cli.features.cache import cache_key, cache_name, compute_features, dtype_name, load_feature_set
 
     reporter = reporter or Reporter()
     bb_art = ensure_backbone(zoo, backbone_ref)
@@ -105,88 +107,38 @@ def adapt(
 ) -> Artifact:
     """Train a new head for `domain` on a frozen backbone; store and return it.
 
-    The head's kind follows from `head_cfg`: a `HeadConfig` gives the paper's item linear projection
-    ("ilp"; with `init="text"` each row starts from its item's alignment feature: "ilp-text"), an
-    `AdapterConfig` a sequence adapter (SASRec over the LM's query features and item text features,
-    plus ID embeddings). `sweep_trials`: train that many points of the kind's sweep grid (0: all of
-    them) and keep the best on validation; None: no sweep.
+    The head's kind follows from `head_cfg` (`heads.registry.kind_for_config`): a `HeadConfig` gives the
+    paper's item linear projection ("ilp"; with `init="text"` each row starts from its item's alignment
+    feature: "ilp-text"), an `AdapterConfig` a sequence adapter (SASRec over the LM's query features and
+    item text features, plus ID embeddings), a `FusionConfig` both, mixed. `sweep_trials`: train that
+    many points of the kind's sweep grid (0: all of them) and keep the best on validation; None: no sweep.
     """
-    from st2si_cli.heads import HeadOrigin, save_head
-    from st2si_cli.train.adapter import AdapterConfig
+    from st2si_cli.heads.registry import kind_for_config
+    from st2si_cli.heads.store import HeadOrigin, store_head
 
     reporter = reporter or Reporter()
     text = text or TextConfig()
-    if isinstance(head_cfg, AdapterConfig) and text.positions != "all":
-        raise St2siError("the sequence adapter reads every position of a history: positions must be 'all'")
+    kind = kind_for_config(head_cfg)
+    if kind.reads_every_query and text.positions != "all":
+        raise St2siError(f"a {kind.name} head reads every position of a history: positions must be 'all'")
     feature_opts = feature_opts or FeatureOptions()
     dataset_art = zoo.get(domain, kind="dataset")
     ds = read_dataset(zoo, dataset_art.id)
     t0 = time.time()
     feat_art, fs, bb_art = get_features(zoo, backbone, dataset_art, text, feature_opts, reporter, ds=ds)
-    t_features = time.time() - t0
-    timings = {"features_seconds": round(t_features, 2), "features_cached": feat_art.meta.get("timings", {})}
-    origin = HeadOrigin(domain, bb_art, dataset_art, text, name)
-    common = {
-        "dtype": feat_art.meta.get("dtype"),
-        "inputs": {"features": feat_art.id},
-        "protocol": {"ties": "pessimistic", "mask_history": False, "ranking": "full"},
+    timings = {
+        "features_seconds": round(time.time() - t0, 2),
+        "features_cached": FeaturesMeta.of(feat_art).timings,
     }
-    if isinstance(head_cfg, AdapterConfig):
-        from st2si_cli.adapter_head import save_adapter_head, train_adapter_head
-
-        tensors, meta = train_adapter_head(fs, ds, head_cfg, reporter, sweep_trials=sweep_trials)
-        meta["timings"] = {**timings, **meta.get("timings", {})}
-        return save_adapter_head(zoo, tensors, origin, ds.n_items, {**common, **meta})
-    weight, meta = train_ilp(fs, ds.n_items, head_cfg, sweep_trials=sweep_trials, reporter=reporter)
-    meta["timings"] = {**timings, **meta["timings"]}
-    return save_head(zoo, weight, origin, {**common, **meta})
-
-
-def train_ilp(
-    fs: Any,
-    n_items: int,
-    head_cfg: Any,
-    *,
-    sweep_trials: int | None = None,
-    reporter: Reporter | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """(weight, head meta) of an ILP trained on a feature set, optionally chosen by a validation sweep."""
-
-    from st2si_cli.model.samples import TEST, VALID
-    from st2si_cli.train.head import (
-        HeadConfig,
-        alignment_accuracy,
-        evaluate_split,
-        steps_per_epoch,
-        train_head,
-    )
-    from st2si_cli.train.sweep import ILP_GRID, ILP_SWEEP_BASE, train_maybe_swept
-
-    reporter = reporter or Reporter()
-    head_cfg = head_cfg or HeadConfig()
-
-    def train(cfg: Any) -> Any:
-        reporter.training_start(steps_per_epoch(fs, cfg), cfg.max_epochs)
-        return train_head(fs, n_items, cfg, on_epoch=reporter.epoch, on_step=reporter.training_step)
-
-    head_cfg, result, seconds, sweep_meta = train_maybe_swept(
-        head_cfg, train, ILP_GRID, ILP_SWEEP_BASE, sweep_trials, reporter.message
-    )
-    valid = evaluate_split(result.weight, fs, VALID, ties=head_cfg.ties)
-    test = evaluate_split(result.weight, fs, TEST, ties=head_cfg.ties)
-    align = alignment_accuracy(result.weight, fs)
+    trained = kind.train(fs, ds, head_cfg, reporter=reporter, sweep_trials=sweep_trials)
     meta = {
-        "method": "ilp",
-        "head": "ilp-text" if head_cfg.init == "text" else "ilp",
-        "train": head_cfg.to_dict(),
-        "metrics": {"valid": valid, "test": test, "alignment": align},
-        "best_epoch": result.best_epoch,
-        "history": result.history,
-        "timings": {"training_seconds": round(seconds, 2)},
+        **trained.meta,
+        "dtype": FeaturesMeta.of(feat_art).dtype,
+        "inputs": {"features": feat_art.id},
+        "timings": {**timings, **trained.meta["timings"]},
     }
-    if sweep_meta is not None:
-        meta["sweep"] = sweep_meta
-    return result.weight, meta
+    origin = HeadOrigin(domain, bb_art, dataset_art, text, name)
+    return store_head(zoo, trained.tensors, origin, trained.config, meta)
 
 
 def protocol_candidates(protocol: str) -> int | None:
@@ -219,64 +171,88 @@ def evaluate(
 
     The features are computed in `feature_opts.dtype`; None (and no `feature_opts`): the dtype the head
     was trained on, so the head's own feature cache is used and its recorded metrics are reproduced."""
-    from st2si_cli.heads import (
-        check_compatible,
-        find_head,
-        head_kind,
-        head_text_config,
-        load_head_weight,
-    )
-    from st2si_cli.metrics import candidate_hit_ratio, metrics_from_ranks
+    from st2si_cli.heads.registry import kind_of, user_ranks
+    from st2si_cli.heads.store import check_compatible, find_head, head_text_config
+    from st2si_cli.metrics import RankingProtocol, metrics_from_ranks
     from st2si_cli.model.samples import TEST, VALID
-    from st2si_cli.ranking import user_ranks
-    from st2si_cli.train.head import alignment_accuracy, history_exclusions
-    from st2si_cli.zoo.meta import DatasetMeta
+    from st2si_cli.train.head import alignment_accuracy
 
     if split not in ("valid", "test"):
         raise St2siError(f"split must be valid or test, not {split!r}")
     candidates = protocol_candidates(protocol)
     t0 = time.time()
     head = find_head(zoo, domain, head_ref)
+    meta = HeadMeta.of(head)
     dataset_art = zoo.get(domain, kind="dataset")
-    bb_ref = backbone or head.meta["backbone"]
-    bb_art = zoo.get(bb_ref, kind="backbone")
+    bb_art = zoo.get(backbone or meta.backbone or "", kind="backbone")
     check_compatible(head, backbone=bb_art, dataset=dataset_art)
     text = head_text_config(head)
     opts = feature_opts or FeatureOptions(dtype=None, alignment=True)
     if opts.dtype is None:
-        opts = replace(opts, dtype=head.meta.get("dtype") or "auto")
+        opts = replace(opts, dtype=meta.dtype or "auto")
     n_items = DatasetMeta.of(dataset_art).catalog.items
     if candidates is not None and n_items and candidates > n_items:
         raise St2siError(f"protocol {protocol}: the catalog of {domain} has only {n_items} items")
     ds = read_dataset(zoo, dataset_art.id)
     _, fs, _ = get_features(zoo, bb_art.id, dataset_art, text, opts, reporter, ds=ds)
     role = VALID if split == "valid" else TEST
-    kind = head_kind(head)
+    kind = kind_of(head)
+    weight = kind.ilp_weight(zoo, head)  # None: the kind does not rank with an ILP alone
     result: dict[str, Any] = {
         "domain": domain,
         "head": head.name,
         "head_id": head.id,
         "backbone": bb_art.name,
         "split": split,
-        "protocol": {"ranking": protocol, "ties": ties, "mask_history": mask_history},
+        "protocol": RankingProtocol(ties, mask_history, ks, ranking=protocol).record(),
     }
     if candidates is None:
         ranks = user_ranks(zoo, head, fs, ds.sequences, role, ties=ties, mask_history=mask_history)
         result["metrics"] = metrics_from_ranks(ranks, ks)
-    elif kind in ("adapter", "fusion"):
-        raise St2siError(f"protocol {protocol} scores ILP heads only; {head.name} is a {kind} head")
+        result["metrics"].update(_beyond(zoo, head, fs, ds, dataset_art, role, ks, ties, mask_history))
+    elif weight is None:
+        raise St2siError(f"protocol {protocol} scores ILP heads only; {head.name} is a {kind.name} head")
     else:
-        weight = load_head_weight(zoo, head)
-        rows = fs.rows(role)
-        scores = fs.feats[rows] @ weight.float().T
-        histories = history_exclusions(fs, rows, ds.sequences, role)
-        try:
-            result["metrics"] = candidate_hit_ratio(
-                scores, fs.targets[rows], histories, n_candidates=candidates, seeds=range(seeds), ties=ties
-            )
-        except ValueError as e:  # a user with fewer items outside their history than N - 1
-            raise St2siError(f"protocol {protocol} on {domain}: {e}") from None
-    if kind not in ("adapter", "fusion"):
-        result["metrics"].update(alignment_accuracy(load_head_weight(zoo, head), fs))
+        where = f"protocol {protocol} on {domain}"
+        result["metrics"] = _candidate_metrics(weight, fs, ds, role, candidates, seeds, ties, where)
+    if weight is not None:
+        result["metrics"].update(alignment_accuracy(weight, fs))
     result["seconds"] = round(time.time() - t0, 2)
     return result
+
+
+def _beyond(
+    zoo: Zoo,
+    head: Artifact,
+    fs: Any,
+    ds: Any,
+    dataset_art: Artifact,
+    role: int,
+    ks: Any,
+    ties: str,
+    mask: bool,
+) -> dict[str, float]:
+    """Beyond-accuracy metrics of the head's top-k lists (`st2si_cli.metrics.beyond`; retired items never listed)."""
+    from st2si_cli.data.catalog import retired_items
+    from st2si_cli.heads.top_lists import beyond_metrics
+
+    never = retired_items(zoo, dataset_art)
+    return beyond_metrics(zoo, head, fs, ds.sequences, role, ks, ties=ties, mask_history=mask, never=never)
+
+
+def _candidate_metrics(
+    weight: Any, fs: Any, ds: Any, role: int, candidates: int, seeds: int, ties: str, where: str
+) -> dict[str, Any]:
+    """HR@1 among `candidates` (the target and N - 1 sampled negatives outside the history), over seeds."""
+    from st2si_cli.metrics import candidate_hit_ratio
+    from st2si_cli.train.head import history_exclusions
+
+    rows = fs.rows(role)
+    scores = fs.feats[rows] @ weight.float().T
+    histories = history_exclusions(fs, rows, ds.sequences, role)
+    try:
+        return candidate_hit_ratio(
+            scores, fs.targets[rows], histories, n_candidates=candidates, seeds=range(seeds), ties=ties
+        )
+    except ValueError as e:  # a user with fewer items outside their history than N - 1
+        raise St2siError(f"{where}: {e}") from None

@@ -21,7 +21,7 @@ from st2si_cli.data.catalog import read_item_file, retired_items, store_version
 from st2si_cli.data.dataset import Dataset, canonical_attributes, natural_key
 from st2si_cli.data.formats._io import lone_surrogate, surrogate_message
 from st2si_cli.errors import InputError, St2siError, ZooError
-from st2si_cli.zoo.meta import FeaturesMeta, Inputs
+from st2si_cli.zoo.meta import FeaturesMeta, HeadMeta, Inputs
 from st2si_cli.zoo.store import Artifact, Zoo
 
 ORIGIN_KEYS = ("domain", "text", "backbone", "dataset", "catalog_hash", "versions", "backbone_name", "inputs")
@@ -137,7 +137,7 @@ def _new_version(
     keys: list[str],
 ) -> CatalogChange:
     """Compute every head's new tensors, then store the dataset version, the carried caches and the heads."""
-    from st2si_cli.features import load_feature_set
+    from st2si_cli.features.cache import load_feature_set
 
     same_text = new.catalog_hash() == parent.meta.get("catalog_hash")
     heads = [
@@ -188,100 +188,23 @@ def _text_features(
     zoo: Zoo, cache: Artifact, ds: Dataset, place: list[int], opts: ItemsOptions
 ) -> dict[int, Any]:
     """Alignment features of the items `place`, with the cache's backbone, text settings and dtype."""
-    import torch
-
-    from st2si_cli.backbones import load_backbone
-    from st2si_cli.features import query_features
-    from st2si_cli.model.samples import alignment_sample, plan_batches
+    from st2si_cli.backbones.load import load_backbone
+    from st2si_cli.features.forward import features_per_sample
+    from st2si_cli.model.samples import alignment_sample
     from st2si_cli.model.text import ItemTokenizer, TextConfig
 
     if not place:
         return {}
-    text = TextConfig.from_dict(cache.meta["text"])
+    meta = FeaturesMeta.of(cache)
+    text = TextConfig.from_dict(meta.text)
     backbone = load_backbone(
-        zoo,
-        FeaturesMeta.of(cache).backbone,
-        dtype=cache.meta.get("dtype", "auto"),
-        device=opts.device,
-        query=text.query,
+        zoo, meta.backbone or "", dtype=meta.dtype or "auto", device=opts.device, query=text.query
     )
     itok = ItemTokenizer.create(backbone.tokenizer, text)
     tokens = itok.encode_items([ds.items[i] for i in place])
     samples = [alignment_sample(itok, t, i) for t, i in zip(tokens, place)]
-    model = backbone.st2si()
-    out: dict[int, Any] = {}
-    with torch.inference_mode():
-        for batch in plan_batches([len(s.tokens) for s in samples], opts.batch_tokens, opts.max_batch):
-            for k, f in zip(batch, query_features(model, [samples[k] for k in batch])):
-                out[place[k]] = f[0]
-    return out
-
-
-def _known_alignment(fs: Any, n_trained: int) -> tuple[Any, Any]:
-    """(item IDs, alignment features) of the trained items in a feature cache."""
-    from st2si_cli.model.samples import ALIGN
-
-    rows = fs.rows(ALIGN)
-    rows = rows[fs.targets[rows] < n_trained]
-    if rows.numel() == 0:
-        raise ValueError("its feature cache has no alignment rows (computed without alignment)")
-    return fs.targets[rows], fs.feats[rows].float()
-
-
-def _ilp_rows(
-    weight: Any, kind: str, fs: Any, n_trained: int, text: dict[int, Any], placement: str
-) -> tuple[dict[int, Any], dict[str, Any]]:
-    """Rows for the items of `text` under an ILP `weight`, by the head's own map or the one asked for."""
-    import torch
-
-    from st2si_cli.model.samples import TRAIN
-    from st2si_cli.placement import BiasCalibration, fit_ridge, text_rows
-
-    if not text:
-        return {}, {"method": "none"}
-    ids, x = _known_alignment(fs, n_trained)
-    new_ids = sorted(text)
-    x_new = torch.stack([text[i] for i in new_ids])
-    method = placement if placement != "auto" else ("text" if kind == "ilp-text" else "ridge")
-    if method == "text":
-        calibration = BiasCalibration.fit(fs.feats[fs.rows(TRAIN)], weight[ids])
-        rows = text_rows(x_new, x, calibration)
-        info = {"method": "text", "known_items": int(ids.numel()), "bias_component": calibration.component}
-    else:
-        ridge = fit_ridge(x, weight[ids].float())
-        rows, info = ridge(x_new), ridge.info
-    return dict(zip(new_ids, rows)), info
-
-
-def _rows(
-    weight: Any,
-    kind: str,
-    cache: tuple[Any, int],
-    text: dict[int, Any],
-    placement: str,
-    id_from: dict[int, int] | None,
-) -> tuple[dict[int, Any], dict[str, Any]]:
-    """ILP rows for the items of `text`: copies of their nearest trained items' rows (`id_from`, computed
-    once per head for every part of it), else by `_ilp_rows`. `cache`: (feature set, trained items)."""
-    fs, n_trained = cache
-    if not id_from:  # not asked for, or nothing to place
-        return _ilp_rows(weight, kind, fs, n_trained, text, placement)
-    rows = {i: weight[j].float() for i, j in id_from.items()}
-    return rows, {"method": "neighbour", "known_items": n_trained}
-
-
-def _neighbours(fs: Any, n_trained: int, text: dict[int, Any]) -> dict[int, int]:
-    """New item -> its nearest trained item by alignment feature (`placement.nearest_known`)."""
-    import torch
-
-    from st2si_cli.placement import nearest_known
-
-    if not text:
-        return {}
-    ids, x = _known_alignment(fs, n_trained)
-    new_ids = sorted(text)
-    near = ids[nearest_known(torch.stack([text[i] for i in new_ids]), x)]
-    return dict(zip(new_ids, near.tolist()))
+    feats = features_per_sample(backbone.st2si(), samples, opts.batch_tokens, opts.max_batch)
+    return {i: f[0] for i, f in zip(place, feats)}
 
 
 def _extend(
@@ -292,49 +215,38 @@ def _extend(
     n_items: int,
     opts: ItemsOptions,
 ) -> _Plan:
-    from st2si_cli.heads import head_kind, load_head_tensors
-    from st2si_cli.placement import FUSION_ILP, extend_adapter, extend_fusion, set_rows
+    from st2si_cli.heads.base import Placing
+    from st2si_cli.heads.placement import neighbours
+    from st2si_cli.heads.registry import kind_of
+    from st2si_cli.heads.store import load_head_tensors
 
-    kind = head_kind(head)
-    n_old = int(head.meta["n_items"])
-    prev = head.meta.get("catalog", {})
-    n_trained = int(prev.get("trained_items", n_old))
+    meta = HeadMeta.of(head)
+    prev = meta.catalog
+    n_trained = meta.trained_items or 0
     text = {i: f for i, f in text.items() if i >= n_trained}  # trained rows are never re-placed
-    tensors = load_head_tensors(zoo, head)
     fs = cache[1]
-    id_from = _neighbours(fs, n_trained, text) if opts.placement == "neighbour" else None
-    if kind == "adapter":
-        new = extend_adapter(tensors, text, n_items, id_from)
-        info = {"method": "adapter item text" + (" + neighbour ID embedding" if id_from else "")}
-    elif kind == "fusion":
-        ilp = zoo.find(Inputs.of(head).first("ilp_head") or "", kind="head")
-        ilp_kind = head_kind(ilp) if ilp is not None else "ilp"
-        rows, info = _rows(tensors[FUSION_ILP], ilp_kind, (fs, n_trained), text, opts.placement, id_from)
-        new = extend_fusion(tensors, rows, text, n_items, id_from)
-    elif kind in ("ilp", "ilp-text"):
-        rows, info = _rows(tensors["weight"], kind, (fs, n_trained), text, opts.placement, id_from)
-        new = {"weight": set_rows(tensors["weight"], rows, n_items)}
-    else:
-        raise ValueError(f"heads of kind {kind!r} cannot place items from text")
-    if not text and prev.get("placement"):  # nothing placed now: keep how the earlier items were placed
-        info = prev["placement"]
+    id_from = neighbours(fs, n_trained, text) if opts.placement == "neighbour" else None
+    placing = Placing(fs, n_trained, text, n_items, opts.placement, id_from)
+    new, info = kind_of(head).extend(zoo, head, load_head_tensors(zoo, head), placing)
+    if not text and prev.placement:  # nothing placed now: keep how the earlier items were placed
+        info = prev.placement
     config = json.loads(zoo.file(head, "config.json").read_text("utf-8"))
     config = {k: v for k, v in config.items() if k not in ORIGIN_KEYS}
     config["n_items"] = n_items
-    placed = sorted(set(prev.get("text_item_ids", [])) | set(text)) if text else prev.get("text_item_ids", [])
+    placed = sorted(set(prev.text_item_ids) | set(text)) if text else prev.text_item_ids
     catalog = {
         "trained_items": n_trained,
         "text_items": n_items - n_trained,
         "text_item_ids": placed if len(placed) <= 1000 else [],
         "placement": info,
         "parent_head": head.id,
-        "metrics_catalog": prev.get("metrics_catalog", head.meta.get("catalog_hash")),
+        "metrics_catalog": prev.metrics_catalog or meta.catalog_hash,
     }
     return _Plan(head, new, config, catalog, cache[0])
 
 
 def _store(zoo: Zoo, plan: _Plan, dataset: Artifact, cache: Artifact) -> Artifact:
-    from st2si_cli.heads import HeadOrigin, head_text_config, store_head
+    from st2si_cli.heads.store import HeadOrigin, head_text_config, store_head
 
     old = plan.head
     meta = {k: v for k, v in old.meta.items() if k not in ORIGIN_KEYS and k not in plan.config}
@@ -352,7 +264,7 @@ def _carry_cache(zoo: Zoo, cache: Artifact, fs: Any, dataset: Artifact, text: di
     import torch
     from safetensors.torch import save
 
-    from st2si_cli.features import cache_key, cache_name
+    from st2si_cli.features.cache import cache_key, cache_name
     from st2si_cli.model.samples import ALIGN
     from st2si_cli.model.text import TextConfig
 

@@ -7,154 +7,31 @@ reads text; only the predicted items need IDs. Output: one JSON object per input
 `{"user", "items": [{"id", "title", "score"}], "head", "head_id", "backbone_id"}`. With history
 exclusion, every history item the catalog resolves (by ID, or by a title equal up to case,
 whitespace and HTML entities) is left out, and text items it does not resolve are listed under
-`"unresolved"`. `Recommender` loads the state once and answers any number of batches.
+`"unresolved"`. `Recommender` loads the state once and answers any number of batches; `RecommendModel` is its
+heavy half (backbone, head scorer and item tokens).
 """
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from st2si_cli.errors import InputError, St2siError
-from st2si_cli.zoo.store import Zoo
+from st2si_cli.data.requests import BadLine, Request, parse_requests, title_index
+from st2si_cli.errors import St2siError
+from st2si_cli.zoo.meta import HeadMeta
+from st2si_cli.zoo.store import Artifact, Zoo
 
-
-@dataclass
-class Request:
-    line: int
-    user: Any
-    items: list[dict[str, Any]]  # attributes of each history item, oldest first
-    catalog_ids: list[int | None] = field(default_factory=list)  # catalog index where given by ID
-    exclude: list[int] = field(default_factory=list)  # every catalog item the history resolves to
-    unresolved: list[dict[str, Any]] = field(default_factory=list)  # text items the catalog lacks
-
-    def __post_init__(self) -> None:
-        if not self.exclude:  # built by hand from catalog IDs: those are what it excludes
-            self.exclude = [i for i in self.catalog_ids if i is not None]
-
-
-@dataclass
-class BadLine:
-    line: int
-    user: Any
-    error: str
-
-
-def _norm(text: Any) -> str:
-    return " ".join(html.unescape(str(text)).split()).casefold()
-
-
-def title_index(catalog: list[dict[str, Any]]) -> dict[str, list[int]]:
-    """Normalised title (entities decoded, whitespace collapsed, case folded) -> catalog indices."""
-    out: dict[str, list[int]] = {}
-    for i, item in enumerate(catalog):
-        if item.get("title") is not None:
-            out.setdefault(_norm(item["title"]), []).append(i)
-    return out
-
-
-def parse_requests(
-    lines: Iterable[str] | Iterable[tuple[int, Any]],
-    source: str,
-    catalog: list[dict[str, Any]],
-    *,
-    skip_bad: bool = False,
-    index: dict[str, int] | None = None,
-    titles: dict[str, list[int]] | None = None,
-) -> list[Request | BadLine]:
-    """Validate every line before any work: a bad line raises (or, with skip_bad, becomes a BadLine).
-
-    `lines` are texts (numbered from 1) or (number, text) pairs; a None text is a line that is not UTF-8,
-    a `line_stream.TooLong` one that was too long to read. A string anywhere in a line that holds a lone
-    surrogate (JSON "\\ud800": not Unicode text, so it cannot be tokenised or written out) makes it bad.
-    """
-    from st2si_cli.data.formats._io import lone_surrogate, surrogate_message
-    from st2si_cli.line_stream import TooLong
-
-    index = index if index is not None else {item["id"]: i for i, item in enumerate(catalog)}
-    titles = titles if titles is not None else title_index(catalog)
-    out: list[Request | BadLine] = []
-    for n, raw in (x if isinstance(x, tuple) else (i, x) for i, x in enumerate(lines, start=1)):
-        if isinstance(raw, str) and not raw.strip():
-            continue
-        user = None
-        try:
-            if raw is None:
-                raise ValueError("not UTF-8 text")
-            if isinstance(raw, TooLong):
-                raise ValueError(raw.message())
-            obj = _loads(raw)
-            if not isinstance(obj, dict):
-                raise ValueError("expected a JSON object with a history")
-            user = obj.get("user", obj.get("user_id"))
-            bad = lone_surrogate(obj)
-            if bad is not None:
-                if lone_surrogate(user) is not None:
-                    user = None
-                raise ValueError(surrogate_message(bad))
-            request = _request(n, user, obj.get("history"), catalog, index, titles)
-        except ValueError as e:
-            if not skip_bad:
-                raise InputError(source, str(e), n) from None
-            out.append(BadLine(n, user, str(e)))
-            continue
-        out.append(request)
-    return out
-
-
-def _loads(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg})") from None
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-def _request(
-    n: int,
-    user: Any,
-    history: Any,
-    catalog: list[dict[str, Any]],
-    index: dict[str, int],
-    titles: dict[str, list[int]],
-) -> Request:
-    if not isinstance(history, list):
-        raise ValueError('missing "history" list')
-    if not history:
-        raise ValueError("empty history")
-    r = Request(n, user, [], [])
-    for pos, entry in enumerate(history):
-        if isinstance(entry, dict) and entry.get("title") is not None:
-            r.items.append({k: v for k, v in entry.items() if k != "id"})
-            given = index.get(str(entry["id"])) if "id" in entry else None
-            r.catalog_ids.append(given)
-            found = [given] if given is not None else titles.get(_norm(entry["title"]), [])
-            r.exclude += found
-            if not found:
-                r.unresolved.append({"position": pos, "title": entry["title"]})
-        elif (
-            isinstance(entry, dict)
-            and "id" in entry
-            or isinstance(entry, (str, int))
-            and not isinstance(entry, bool)
-        ):
-            key = str(entry["id"] if isinstance(entry, dict) else entry)
-            if key not in index:
-                raise ValueError(
-                    f"unknown item ID {key!r} (give an object with a title for items outside the catalog)"
-                )
-            r.items.append(catalog[index[key]])
-            r.catalog_ids.append(index[key])
-            r.exclude.append(index[key])
-        else:
-            raise ValueError(
-                f"history entry {json.dumps(entry)[:60]} is neither an item ID nor an object with a title"
-            )
-    return r
+__all__ = [
+    "BadLine",
+    "RecommendModel",
+    "RecommendOptions",
+    "Recommender",
+    "Request",
+    "parse_requests",
+    "recommend",
+]
 
 
 @dataclass
@@ -177,8 +54,8 @@ class Recommender:
     def __init__(self, zoo: Zoo, domain: str, opts: RecommendOptions | None = None):
         from st2si_cli.data.catalog import retired_items
         from st2si_cli.data.prepare import load_dataset
-        from st2si_cli.head_choice import choose_head
-        from st2si_cli.heads import check_compatible
+        from st2si_cli.heads.choice import choose_head
+        from st2si_cli.heads.store import check_compatible
 
         self.zoo, self.opts = zoo, opts or RecommendOptions()
         if self.opts.k < 1:
@@ -218,8 +95,6 @@ class Recommender:
 
     def _load_now(self) -> None:
         try:
-            from st2si_cli.recommend_model import RecommendModel
-
             if self._loader is None:
                 self._model = RecommendModel(self.zoo, self.head, self.opts)
                 return
@@ -286,3 +161,68 @@ def recommend(
         k=k, exclude_history=exclude_history, head_ref=head_ref, dtype=dtype, device=device
     )
     return Recommender(zoo, domain, opts).answer(requests)
+
+
+class RecommendModel:
+    """The heavy half of `recommend`: backbone, head scorer and item tokens, loaded once per call.
+
+    `top_k` ranks the catalog for a batch of parsed requests. Distinct item texts are tokenised once
+    and kept for later batches of the same call.
+    """
+
+    def __init__(self, zoo: Zoo, head: Artifact, opts: Any):
+        from st2si_cli.backbones.load import load_backbone
+        from st2si_cli.heads.registry import kind_of
+        from st2si_cli.heads.store import head_text_config
+        from st2si_cli.model.text import ItemTokenizer
+
+        self.opts = opts
+        meta = HeadMeta.of(head)
+        text = head_text_config(head)
+        self.backbone = load_backbone(
+            zoo,
+            meta.backbone or "",
+            dtype=opts.dtype or meta.dtype or "auto",
+            device=opts.device,
+            query=text.query,
+        )
+        self.kind = kind_of(head)
+        self.scorer = self.kind.load(zoo, head)
+        self.itok = ItemTokenizer.create(self.backbone.tokenizer, text)
+        self.model = self.backbone.st2si()
+        self.cache: dict[Any, list[int]] = {}
+
+    def _samples(self, good: list[Any]) -> list[Any]:
+        from st2si_cli.model.samples import history_samples
+
+        samples = []
+        for r in good:
+            keys = [
+                ("c", i) if i is not None else ("t", json.dumps(it, sort_keys=True))
+                for it, i in zip(r.items, r.catalog_ids)
+            ]
+            missing = {key: it for key, it in zip(keys, r.items) if key not in self.cache}
+            if missing:
+                for key, ids in zip(missing, self.itok.encode_items(list(missing.values()))):
+                    self.cache[key] = ids
+            [sample] = history_samples(
+                self.itok, [self.cache[key] for key in keys], None, None, 0, every_position=False
+            )
+            if not self.kind.reads_every_query:  # only the last query's feature is needed
+                sample.query_pos = sample.query_pos[-1:]
+            samples.append(sample)
+        return samples
+
+    def top_k(self, good: list[Any], retired: list[int] | None = None) -> tuple[Any, Any]:
+        """(scores, catalog indices) [len(good), k] for parsed requests; `retired` items never appear."""
+        import torch
+
+        from st2si_cli.data.catalog import exclude_retired
+        from st2si_cli.features.forward import features_per_sample
+
+        opts = self.opts
+        feats = features_per_sample(self.model, self._samples(good), opts.batch_tokens, opts.max_batch)
+        exclude = [r.exclude for r in good] if opts.exclude_history else None
+        exclude = exclude_retired(exclude, retired or [], len(good))
+        with torch.inference_mode():
+            return self.kind.top_k(self.scorer, feats, [r.catalog_ids for r in good], opts.k, exclude)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import build_zoo, synthetic_dataset
 
-from st2si_cli.backbones import load_backbone
+from st2si_cli.backbones.load import load_backbone
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,11 +1,12 @@
-"""Plain helpers shared by the test modules: synthetic datasets, tiny zoos, and the one way the tests run
-the CLI as a process (`run_cli`). Fixtures live in conftest.py; this module holds what is called with
+"""Plain helpers shared by the test modules: synthetic datasets, tiny zoos, and the two ways the tests run
+the CLI: as a process (`run_cli`), and in this process (`run_cli_here`, same arguments and result). Fixtures live in conftest.py; this module holds what is called with
 arguments, from fixtures of any scope as well as from tests. Import it as `from helpers import ...`
 (tests/ is on sys.path for the tests, and for scripts run from tests/ such as pretrain_worker.py).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import subprocess
@@ -14,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from st2si_cli.backbones import pull
+from st2si_cli.backbones.pull import pull
 from st2si_cli.data.dataset import RawInteraction, build_dataset
 from st2si_cli.data.prepare import store_dataset
 from st2si_cli.zoo.store import Zoo
@@ -83,7 +84,7 @@ def build_zoo(root: str | Path, datasets: Mapping[str, Any], backbones: Sequence
 
 def toy_zoo_with_llama(root: str | Path) -> Zoo:
     """A zoo with the synthetic "toy" dataset, tiny-opt (2 layers) and tiny-llama4 (4 layers, rotary)."""
-    from st2si_cli.backbones import build_tiny
+    from st2si_cli.backbones.pull import build_tiny
 
     zoo = build_zoo(root, {"toy": synthetic_dataset()})
     build_tiny(zoo, "tiny-llama4", "llama", layers=4)
@@ -140,3 +141,27 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def run_cli_here(
+    zoo: Any, *args: Any, input: str | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`run_cli` in this process, through the CLI's own `run` (the one-line errors and exit codes of
+    `main`): stdin `input` or else empty (not a terminal), stdout and stderr captured as text, and for
+    the call the environment `run_cli` gives its child. For tests of what a command does; a test of the
+    process itself (FIFOs, launchers, concurrency, signals, terminals, import cost) uses `run_cli`."""
+    from st2si_cli.cli.app import run
+
+    argv = cli_command(zoo, *args)[3:]  # without `python -m st2si_cli`
+    saved_env, saved_streams = dict(os.environ), (sys.stdin, sys.stdout, sys.stderr)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(cli_env(env))
+        sys.stdin, sys.stdout, sys.stderr = io.StringIO(input or ""), out, err
+        code = run(argv)
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved_streams
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["st2si", *argv], code, out.getvalue(), err.getvalue())

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from st2si_cli.train.config import PretrainConfig
-from st2si_cli.train.full import pretrain
+from st2si_cli.pretrain.config import PretrainConfig
+from st2si_cli.pretrain.full import pretrain
 from st2si_cli.zoo.store import Zoo
 
 

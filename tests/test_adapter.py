@@ -6,18 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from st2si_cli.features import FeatureSet
+from st2si_cli.features.cache import FeatureSet
+from st2si_cli.model.adapter import AdapterConfig, SequenceAdapter, adapter_tensors, load_adapter
 from st2si_cli.model.samples import ALIGN, TEST, TRAIN, VALID
-from st2si_cli.train.adapter import (
-    AdapterConfig,
-    SequenceAdapter,
-    adapter_tensors,
-    evaluate_adapter,
-    load_adapter,
-    train_adapter,
-    training_windows,
-    user_sequences,
-)
+from st2si_cli.train.adapter import evaluate_adapter, train_adapter, training_windows, user_sequences
 
 N_ITEMS, N_USERS, D = 20, 40, 8
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from st2si_cli.features import FeatureSet
+from st2si_cli.features.cache import FeatureSet
 from st2si_cli.model.samples import ALIGN
 from st2si_cli.train.head import alignment_accuracy
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from helpers import run_cli
 
-from st2si_cli.backbones import load_backbone, pull, write_tiny_model
+from st2si_cli.backbones.load import load_backbone
+from st2si_cli.backbones.pull import pull, write_tiny_model
 from st2si_cli.zoo.store import Zoo
 
 

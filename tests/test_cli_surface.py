@@ -19,7 +19,7 @@ from helpers import REPO, build_zoo, cli_command, cli_env, quick_head, synthetic
 from st2si_cli.adapt import FeatureOptions, adapt
 from st2si_cli.cli.app import app, hoist_zoo, run
 from st2si_cli.data.prepare import load_dataset
-from st2si_cli.head_choice import RECORD_KEYS
+from st2si_cli.heads.choice import RECORD_KEYS
 from st2si_cli.train.head import HeadConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -261,7 +261,7 @@ def test_shell_completion_completes_commands():
 
 
 def test_the_model_loads_once_per_call_whatever_the_batches(cli, monkeypatch):
-    from st2si_cli import recommend_model
+    from st2si_cli import recommend as recommend_model
 
     loads = []
     real_init = recommend_model.RecommendModel.__init__

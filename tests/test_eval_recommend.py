@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from helpers import quick_head, run_cli, synthetic_dataset
+from helpers import quick_head, run_cli_here, synthetic_dataset
 
 from st2si_cli.adapt import FeatureOptions, adapt, evaluate
 from st2si_cli.data.prepare import store_dataset
 from st2si_cli.errors import MismatchError
 from st2si_cli.metrics import rank_of_target
-from st2si_cli.scoring import rank_rows, top_k
+from st2si_cli.model.scoring import rank_rows, top_k
 from st2si_cli.train.head import HeadConfig
 
 
@@ -45,7 +45,7 @@ def test_recommend_cli_reads_ids_and_texts_and_keeps_input_order(zoo):
         {"user": "b", "history": ["3", "4", {"id": "5"}]},
         {"user": "c", "history": ["7"]},
     ]
-    r = run_cli(
+    r = run_cli_here(
         zoo,
         "recommend",
         "--domain",
@@ -71,11 +71,11 @@ def test_recommend_bad_line_is_one_error_naming_the_line(zoo, tmp_path):
     f.write_text(
         '{"user": "a", "history": ["1"]}\n{"user": "b", "history": ["nope"]}\n{"user": "c", "history": []}\n'
     )
-    r = run_cli(zoo, "recommend", "--domain", "toy", "--user-history", str(f))
+    r = run_cli_here(zoo, "recommend", "--domain", "toy", "--user-history", str(f))
     assert r.returncode != 0 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0
     assert r.stderr.startswith("Error: ") and f"{f}:2:" in r.stderr
-    r = run_cli(zoo, "recommend", "--domain", "toy", "--user-history", str(f), "--skip-bad")
+    r = run_cli_here(zoo, "recommend", "--domain", "toy", "--user-history", str(f), "--skip-bad")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in r.stdout.splitlines()]
     assert "items" in rows[0] and rows[1]["line"] == 2 and "error" in rows[1] and "empty" in rows[2]["error"]

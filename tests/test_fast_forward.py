@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from st2si_cli.backbones import load_backbone, pull
+from st2si_cli.backbones.load import load_backbone
+from st2si_cli.backbones.pull import pull
 from st2si_cli.data.prepare import load_dataset
 from st2si_cli.model.fast import supports
 from st2si_cli.model.samples import build_samples, plan_batches
@@ -116,8 +117,8 @@ def test_attention_groups_cover_every_token_once_with_bounded_padding():
 @pytest.mark.parametrize("tune_layers", [0, 1])
 def test_pretrain_under_bf16_autocast_validates_through_the_packed_forward(zoo, tune_layers):
     # What a GPU run does (fp32 weights, bf16 autocast, packed validation), on the CPU.
-    from st2si_cli.train.config import PretrainConfig
-    from st2si_cli.train.full import pretrain
+    from st2si_cli.pretrain.config import PretrainConfig
+    from st2si_cli.pretrain.full import pretrain
 
     cfg = PretrainConfig(epochs=1, lr=1e-3, batch_size=8, precision="bf16", tune_layers=tune_layers)
     res = pretrain(zoo, ["toy"], backbone="tiny-llama", cfg=cfg, out=f"bf16-top{tune_layers}", device="cpu")
@@ -144,8 +145,8 @@ def test_packed_states_entering_a_layer_equal_the_plain_forward_stopped_there(zo
 
 
 def test_top_k_under_bf16_caches_through_the_packed_pass(zoo):
-    from st2si_cli.train.config import PretrainConfig
-    from st2si_cli.train.full import pretrain
+    from st2si_cli.pretrain.config import PretrainConfig
+    from st2si_cli.pretrain.full import pretrain
 
     cfg = PretrainConfig(epochs=1, lr=1e-3, batch_size=8, precision="bf16", tune_layers=1)
     res = pretrain(zoo, ["toy"], backbone="tiny-llama", cfg=cfg, out="bf16-packed-cache", device="cpu")

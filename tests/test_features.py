@@ -7,9 +7,10 @@ import torch
 from helpers import build_zoo, synthetic_dataset
 
 from st2si_cli.adapt import FeatureOptions, get_features
-from st2si_cli.backbones import pull
+from st2si_cli.backbones.pull import pull
 from st2si_cli.data.prepare import load_dataset, store_dataset
-from st2si_cli.features import compute_features, forward_batch
+from st2si_cli.features.cache import compute_features
+from st2si_cli.features.forward import forward_batch
 from st2si_cli.model.samples import build_samples, plan_batches
 from st2si_cli.model.text import ItemTokenizer, TextConfig
 from st2si_cli.zoo.store import Zoo
@@ -59,6 +60,7 @@ def test_killed_feature_pass_resumes_from_its_shards(tmp_path, backbone):
     assert 0 < timings["tokens_computed"] < timings["tokens"]
     fresh_zoo = Zoo(tmp_path / "fresh")
     dsb = store_dataset(fresh_zoo, ds, domain="toy", fmt="synthetic", source="synthetic")
+    pull(fresh_zoo, "tiny-opt")  # a cache lists its backbone as an input: it must be in the same zoo
     _, fresh = compute_features(fresh_zoo, backbone, ds, dsb.id, text)
     torch.testing.assert_close(fs.feats, fresh.feats)
     assert torch.equal(fs.targets, fresh.targets)
@@ -67,10 +69,11 @@ def test_killed_feature_pass_resumes_from_its_shards(tmp_path, backbone):
 def test_shards_close_by_compute_time_and_bad_shards_are_recomputed(tmp_path, backbone):
     """One shard per `shard_seconds` of work (a long budget: one shard for the whole pass); a shard
     that does not continue the plan, or cannot be read, is removed and its batches run again."""
-    from st2si_cli.features import resume_shards
+    from st2si_cli.features.cache import resume_shards
 
     z = Zoo(tmp_path / "zoo")
     dsa = store_dataset(z, synthetic_dataset(), domain="toy", fmt="synthetic", source="synthetic")
+    pull(z, "tiny-opt")
     ds = load_dataset(z, "toy")
     calls = {"n": 0}
 
@@ -104,6 +107,7 @@ def test_shards_close_by_compute_time_and_bad_shards_are_recomputed(tmp_path, ba
     art, fs = compute_features(z, backbone, ds, dsa.id, TextConfig(), shard_seconds=0, max_batch=4)
     fresh_zoo = Zoo(tmp_path / "fresh")
     dsb = store_dataset(fresh_zoo, ds, domain="toy", fmt="synthetic", source="synthetic")
+    pull(fresh_zoo, "tiny-opt")  # a cache lists its backbone as an input: it must be in the same zoo
     _, fresh = compute_features(fresh_zoo, backbone, ds, dsb.id, TextConfig(), max_batch=4)  # same batches
     torch.testing.assert_close(fs.feats, fresh.feats, rtol=0, atol=0)
 
@@ -116,18 +120,18 @@ def _itok_and_tokens(backbone, ds):
 def test_features_are_reused_for_the_same_key(tmp_path, monkeypatch):
     """The second call with the same key reads the cache: the backbone is neither loaded nor run. (The
     artifact IDs are content-addressed, so equal IDs alone would also hold after a second forward pass.)"""
-    import st2si_cli.backbones
+    import st2si_cli.backbones.load
 
     zoo = build_zoo(tmp_path / "fresh", {"toy": synthetic_dataset()})  # no features cached yet
     dsa = zoo.get("toy", kind="dataset")
     loads = []
-    real_load = st2si_cli.backbones.load_backbone
+    real_load = st2si_cli.backbones.load.load_backbone
 
     def counting_load(*args, **kwargs):
         loads.append(args)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(st2si_cli.backbones, "load_backbone", counting_load)
+    monkeypatch.setattr(st2si_cli.backbones.load, "load_backbone", counting_load)
 
     class Recorder:
         def __init__(self):
@@ -156,7 +160,7 @@ def test_features_are_reused_for_the_same_key(tmp_path, monkeypatch):
 def test_backbone_in_the_loop_runs_each_sample_once_per_epoch(zoo, backbone):
     """The frozen backbone in the loop runs every training sample once an epoch (the authors' loop),
     not once for every batch that holds one of its rows; its features are the cached ones."""
-    from st2si_cli.features import index_rows, live_features
+    from st2si_cli.features.cache import index_rows, live_features
     from st2si_cli.train.head import HeadConfig, train_head, training_rows
 
     ds = load_dataset(zoo, "toy")

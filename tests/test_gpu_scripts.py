@@ -1,6 +1,6 @@
 """The GPU benchmark scripts run end to end on a CPU (tiny Llama, toy data), so they cannot rot between the
-rare runs on a lent GPU: bench/gpu_real.py (import, prepare, full tuning, ILP, per-user ranks) and
-bench/gpu_compare.py (the table against baselines, paired intervals, dataset check)."""
+rare runs on a lent GPU: `python -m bench.gpu_real` (import, prepare, full tuning, ILP, per-user ranks) and
+`python -m bench.gpu_compare` (the table against baselines, paired intervals, dataset check)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def gpu_run(tmp_path_factory):
     src = write_generic_source(tmp / "src", n_users=30)
     out = tmp / "out"
     r = _run(
-        "bench/gpu_real.py", "--data", src, "--gguf", "tiny-llama", "--backbone", "tiny", "--domain", "toy",
+        "-m", "bench.gpu_real", "--data", src, "--gguf", "tiny-llama", "--backbone", "tiny", "--domain", "toy",
         "--out", out, "--zoo", tmp / "zoo", "--device", "cpu", "--steps", "full,ilp,quality", "--epochs", "2",
         "--batch-size", "8", "--grad-accum", "2", "--budget", "900",
     )  # fmt: skip
@@ -90,7 +90,7 @@ def test_gpu_compare_sets_the_run_beside_the_baselines_with_paired_intervals(gpu
     base = _baselines(quality, tmp / "baselines.json")
     report = tmp / "report"
     r = _run(
-        "bench/gpu_compare.py", "--gpu-record", out / "gpu-real-toy.json", "--gpu-quality", quality_path,
+        "-m", "bench.gpu_compare", "--gpu-record", out / "gpu-real-toy.json", "--gpu-quality", quality_path,
         "--baselines", base, "--out", report, "--note", "a note", "--backbone", "tiny",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -114,7 +114,7 @@ def test_gpu_compare_refuses_another_split(gpu_run):
     quality_path = next(out.glob("*-quality-toy-gpu.json"))
     base = _baselines(json.loads(quality_path.read_text()), tmp / "other.json", dataset_id="0" * 64)
     r = _run(
-        "bench/gpu_compare.py", "--gpu-record", out / "gpu-real-toy.json", "--gpu-quality", quality_path,
+        "-m", "bench.gpu_compare", "--gpu-record", out / "gpu-real-toy.json", "--gpu-quality", quality_path,
         "--baselines", base, "--out", tmp / "refused",
     )  # fmt: skip
     assert r.returncode != 0 and "different datasets" in r.stderr

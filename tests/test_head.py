@@ -8,10 +8,10 @@ import torch
 
 from st2si_cli.adapt import FeatureOptions, adapt
 from st2si_cli.data.prepare import load_dataset
-from st2si_cli.features import compute_features, index_rows, live_features
+from st2si_cli.features.cache import compute_features, index_rows, live_features
 from st2si_cli.model.samples import build_samples
+from st2si_cli.model.scoring import linear_cross_entropy
 from st2si_cli.model.text import ItemTokenizer, TextConfig
-from st2si_cli.scoring import linear_cross_entropy
 from st2si_cli.train.head import HeadConfig, train_head
 
 

@@ -143,7 +143,7 @@ def _line_file(path: Path, sizes: list[int]) -> Path:
 
 
 def test_line_batches_skips_an_over_long_line_without_holding_it(tmp_path, monkeypatch):
-    from st2si_cli import line_stream
+    from st2si_cli.data import line_stream
 
     monkeypatch.setattr(line_stream, "MAX_LINE_BYTES", 256 << 10)
     path = _line_file(tmp_path / "h.jsonl", [10, 8 << 20, 10])
@@ -162,7 +162,7 @@ def test_line_batches_skips_an_over_long_line_without_holding_it(tmp_path, monke
 
 
 def test_an_over_long_history_line_is_one_bad_line(tmp_path, monkeypatch):
-    from st2si_cli import line_stream
+    from st2si_cli.data import line_stream
     from st2si_cli.recommend import BadLine, Request, parse_requests
 
     monkeypatch.setattr(line_stream, "MAX_LINE_BYTES", 4096)
@@ -178,7 +178,7 @@ def test_an_over_long_history_line_is_one_bad_line(tmp_path, monkeypatch):
 
 
 def test_recommend_refuses_an_over_long_line_with_file_and_line(zoo, tmp_path, monkeypatch, cli):
-    from st2si_cli import line_stream
+    from st2si_cli.data import line_stream
 
     monkeypatch.setattr(line_stream, "MAX_LINE_BYTES", 4096)
     path = _line_file(tmp_path / "h.jsonl", [10, 5000])
@@ -236,7 +236,7 @@ def test_the_text_handed_to_the_tokenizer_is_capped(capsys, monkeypatch):
 
 
 def test_the_cap_leaves_the_tokens_of_a_long_title_unchanged(zoo):
-    from st2si_cli.backbones import load_backbone
+    from st2si_cli.backbones.load import load_backbone
     from st2si_cli.model.text import ItemTokenizer, TextConfig
 
     tokenizer = load_backbone(zoo, "tiny-opt", dtype="fp32").tokenizer

@@ -8,20 +8,20 @@ import json
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli_here
 
 from st2si_cli.adapt import FeatureOptions, adapt, evaluate
-from st2si_cli.adapter_head import adapter_history_scores, load_adapter_head
 from st2si_cli.data.catalog import catalog_versions, retired_items
 from st2si_cli.data.prepare import load_dataset
 from st2si_cli.errors import InputError, MismatchError
-from st2si_cli.fusion_head import fuse_heads, load_fusion_head
-from st2si_cli.heads import load_head_tensors, load_head_weight
+from st2si_cli.heads.adapter import ADAPTER
+from st2si_cli.heads.fusion import FUSION, fuse_heads
+from st2si_cli.heads.placement import fit_ridge
+from st2si_cli.heads.store import load_head_tensors, load_head_weight
 from st2si_cli.items import ItemsOptions, add_items, update_items
-from st2si_cli.placement import fit_ridge
+from st2si_cli.model.adapter import AdapterConfig
+from st2si_cli.model.scoring import top_k
 from st2si_cli.recommend import parse_requests, recommend
-from st2si_cli.scoring import top_k
-from st2si_cli.train.adapter import AdapterConfig
 from st2si_cli.train.head import HeadConfig
 
 FP32 = FeatureOptions(dtype="fp32")
@@ -119,15 +119,15 @@ def test_adapter_and_fusion_heads_are_extended(zoo, tmp_path, one_thread):
     feats = [torch.randn(3, int(ad.meta["d_feat"])), torch.randn(2, int(ad.meta["d_feat"]))]
     ids = [[1, 2, 3], [4, n + 1]]  # a new item in a history reads as an unknown ID in the old head
     old_ids = [[1, 2, 3], [4, None]]
-    a_old = adapter_history_scores(load_adapter_head(zoo, ad), feats, old_ids)
-    a_new = adapter_history_scores(load_adapter_head(zoo, new[ad.id]), feats, ids)
+    a_old = ADAPTER.load(zoo, ad).score_histories(feats, old_ids)
+    a_new = ADAPTER.load(zoo, new[ad.id]).score_histories(feats, ids)
     v_old, v_new = (
-        load_adapter_head(zoo, ad).item_vectors(),
-        load_adapter_head(zoo, new[ad.id]).item_vectors(),
+        ADAPTER.load(zoo, ad).item_vectors(),
+        ADAPTER.load(zoo, new[ad.id]).item_vectors(),
     )
     assert torch.equal(v_new[:n], v_old)  # the old items' output vectors, bit for bit
     assert a_new.shape[1] == n + 3 and torch.allclose(a_new[:, :n], a_old, rtol=0, atol=1e-6)
-    f_old, f_new = load_fusion_head(zoo, fused), load_fusion_head(zoo, new[fused.id])
+    f_old, f_new = FUSION.load(zoo, fused), FUSION.load(zoo, new[fused.id])
     assert torch.equal(f_new.ilp_weight[:n], f_old.ilp_weight) and f_new.ilp_weight.shape[0] == n + 3
     ds = load_dataset(zoo, "toy")
     out = recommend(zoo, "toy", histories(zoo, ds), k=n + 3, head_ref=new[fused.id].id, dtype="fp32")
@@ -194,22 +194,22 @@ def test_items_cli_adds_and_zoo_info_shows_versions(zoo, tmp_path):
     ilp_head(zoo)
     csv = tmp_path / "new.csv"
     csv.write_text("item_id,title,brand\nc1,steel fan,acme\nc2,paper lamp,\n")
-    r = run_cli(zoo, "items", "add", csv, "--domain", "toy", "--json")
+    r = run_cli_here(zoo, "items", "add", csv, "--domain", "toy", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert (
         report["version"] == 2 and report["changed"] == ["c1", "c2"] and report["heads"][0]["text_items"] == 2
     )
-    r = run_cli(zoo, "zoo", "info", "toy")
+    r = run_cli_here(zoo, "zoo", "info", "toy")
     assert r.returncode == 0, r.stderr
     assert "v1" in r.stdout and "v2" in r.stdout and "(add)" in r.stdout
-    r = run_cli(zoo, "zoo", "info", report["heads"][0]["id"], "--json")
+    r = run_cli_here(zoo, "zoo", "info", report["heads"][0]["id"], "--json")
     assert json.loads(r.stdout)["catalog"]["text_items"] == 2
-    r = run_cli(zoo, "items", "rm", "c1", "--domain", "toy")
+    r = run_cli_here(zoo, "items", "rm", "c1", "--domain", "toy")
     assert r.returncode == 0, r.stderr
-    r = run_cli(zoo, "items", "update", "c1", "--domain", "toy", "--unretire", "--json")
+    r = run_cli_here(zoo, "items", "update", "c1", "--domain", "toy", "--unretire", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["retired"] == 0, r.stderr
-    r = run_cli(zoo, "items", "rm", "nope", "--domain", "toy")
+    r = run_cli_here(zoo, "items", "rm", "nope", "--domain", "toy")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "nope" in r.stderr
 
 
@@ -237,7 +237,7 @@ def test_bad_item_files_are_one_line_errors_and_change_nothing(zoo, tmp_path, na
     with pytest.raises(InputError) as e:
         add_items(zoo, "toy", path)
     assert e.value.line == line and reason in e.value.reason
-    r = run_cli(zoo, "items", "add", path, "--domain", "toy")
+    r = run_cli_here(zoo, "items", "add", path, "--domain", "toy")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith(f"Error: {path}") and reason in r.stderr
     assert zoo_state(zoo) == before
@@ -271,7 +271,7 @@ def test_text_placement_sets_the_common_query_component_as_trained_rows_have_it(
     # Query features share one large direction (as SmolLM2's do); trained rows sit at a small negative
     # component along it. Text rows start with arbitrary components there: uncalibrated, some new item
     # scores above every trained one for every user; calibrated, none does, and the rest of each row is kept.
-    from st2si_cli.placement import BiasCalibration, text_rows
+    from st2si_cli.heads.placement import BiasCalibration, text_rows
 
     g = torch.Generator().manual_seed(0)
     d, n_known, n_new = 32, 200, 20

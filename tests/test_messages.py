@@ -149,7 +149,7 @@ def test_read_json_of_a_changed_blob_is_a_zoo_error(own_zoo):
 
 
 def test_features_blob_changed_in_place_is_a_zoo_error(own_zoo):
-    from st2si_cli.features import load_feature_set
+    from st2si_cli.features.cache import load_feature_set
 
     features = own_zoo.ls(kind="features")[0]
     change_in_place(own_zoo.blob_path(features.files["features.safetensors"]), 7, b"\x7f")  # header length
@@ -181,7 +181,7 @@ def test_cuda_on_a_cpu_only_torch_is_a_usage_error(base_zoo, cpu_only_torch, mon
 
 
 def test_load_backbone_refuses_cuda_on_a_cpu_only_torch(base_zoo, cpu_only_torch):
-    from st2si_cli.backbones import load_backbone
+    from st2si_cli.backbones.load import load_backbone
 
     with pytest.raises(St2siError, match="CUDA is not available in this torch build"):
         load_backbone(Zoo(base_zoo), "tiny-opt", device="cuda")
@@ -190,7 +190,7 @@ def test_load_backbone_refuses_cuda_on_a_cpu_only_torch(base_zoo, cpu_only_torch
 def test_gpu_index_beyond_those_visible(monkeypatch):
     import torch
 
-    from st2si_cli.backbones import device_problem
+    from st2si_cli.backbones.load import device_problem
 
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -206,7 +206,7 @@ def test_eval_uses_the_heads_dtype_by_default(own_zoo, monkeypatch, capsys):
     """The head was trained on fp32 features; even where `auto` would mean bf16, eval reads those."""
     import torch
 
-    from st2si_cli import backbones
+    from st2si_cli.backbones import load as backbones
     from st2si_cli.zoo.meta import HeadMeta
 
     real = backbones.resolve_dtype

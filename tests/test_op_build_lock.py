@@ -1,4 +1,4 @@
-"""The JIT op build lock (st2si_cli/train/distributed/op_lock.py): a lock a killed build left behind
+"""The JIT op build lock (st2si_cli/pretrain/distributed/op_lock.py): a lock a killed build left behind
 fails at once with how to clear it; one a live build holds is announced at once and waited on for a
 bounded time; and `st2si pretrain --deepspeed` says so instead of hanging in torch's FileBaton.
 
@@ -20,7 +20,7 @@ import pytest
 from helpers import build_zoo, cli_command, cli_env, run_cli, synthetic_dataset
 
 from st2si_cli.errors import St2siError
-from st2si_cli.train.distributed import op_lock
+from st2si_cli.pretrain.distributed import op_lock
 
 HAS_PROC = Path("/proc/self/fd").is_dir()
 needs_proc = pytest.mark.skipif(not HAS_PROC, reason="lock holders are read from /proc")
@@ -100,7 +100,7 @@ def test_lock_path_is_the_one_torch_builds_in(tmp_path, monkeypatch):
 def test_deepspeed_builds_its_shm_comm_op_on_cpu(monkeypatch):
     pytest.importorskip("deepspeed")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    from st2si_cli.train.distributed.processes import import_deepspeed
+    from st2si_cli.pretrain.distributed.processes import import_deepspeed
 
     import_deepspeed()
     import deepspeed.comm.comm as ds_comm
@@ -242,9 +242,9 @@ def test_pretrain_deepspeed_fails_before_the_process_group_starts(zoo, ext_dir, 
     pytest.importorskip("deepspeed")
     import torch
 
-    from st2si_cli.train.config import PretrainConfig
-    from st2si_cli.train.distributed.processes import import_deepspeed
-    from st2si_cli.train.full import pretrain
+    from st2si_cli.pretrain.config import PretrainConfig
+    from st2si_cli.pretrain.distributed.processes import import_deepspeed
+    from st2si_cli.pretrain.full import pretrain
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for k in LAUNCHER_VARS:

@@ -1,5 +1,5 @@
-"""`st2si prepare` run as a real process: Table 1 on stdout, one `Error:` line on stderr for bad input,
-and a zoo that bad input leaves byte-for-byte as it was."""
+"""`st2si prepare`, run in this process through the CLI's own entry (`run_cli_here`): Table 1 on stdout,
+one `Error:` line on stderr for bad input, and a zoo that bad input leaves byte-for-byte as it was."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import SHARED_DATA, run_cli
+from helpers import SHARED_DATA, run_cli_here
 
 ITEMS = [
     ("7", "Red Mug", "Acme", "Kitchen, Mugs"),
@@ -84,7 +84,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A zoo holding one good dataset, prepared by the CLI."""
     base = tmp_path_factory.mktemp("prepare")
     root = base / "zoo"
-    r = run_cli(root, "prepare", write_generic(base / "good"), "--domain", "shop")
+    r = run_cli_here(root, "prepare", write_generic(base / "good"), "--domain", "shop")
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     assert "#Users" in r.stdout and "#Interactions" in r.stdout
@@ -97,9 +97,9 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_json_output_and_same_hash_across_formats(zoo: Path, tmp_path: Path) -> None:
-    a = run_cli(zoo, "prepare", write_generic(tmp_path / "csv"), "--domain", "shop", "--json")
-    b = run_cli(zoo, "prepare", write_json_lists(tmp_path / "jl"), "--domain", "shop2", "--json")
-    c = run_cli(
+    a = run_cli_here(zoo, "prepare", write_generic(tmp_path / "csv"), "--domain", "shop", "--json")
+    b = run_cli_here(zoo, "prepare", write_json_lists(tmp_path / "jl"), "--domain", "shop2", "--json")
+    c = run_cli_here(
         zoo,
         "prepare",
         write_amazon(tmp_path / "amz"),
@@ -132,7 +132,7 @@ def test_explicit_item_and_interaction_files(zoo: Path, tmp_path: Path) -> None:
     inter, items = folder / "interactions.csv", folder / "items.csv"
     inter.rename(tmp_path / "events.csv")
     items.rename(tmp_path / "catalogue.csv")
-    r = run_cli(zoo, "prepare", "--interactions", tmp_path / "events.csv", "--items", tmp_path / "catalogue.csv",
+    r = run_cli_here(zoo, "prepare", "--interactions", tmp_path / "events.csv", "--items", tmp_path / "catalogue.csv",
                 "--domain", "shop", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["stats"]["interactions"] == 10
@@ -140,7 +140,7 @@ def test_explicit_item_and_interaction_files(zoo: Path, tmp_path: Path) -> None:
 
 def test_movielens_100k_by_short_name(tmp_path: Path) -> None:
     pytest.importorskip("recbole", reason="the recbole wheel carries ml-100k")
-    r = run_cli(tmp_path / "zoo", "prepare", "--source", "movielens-100k", "--json")
+    r = run_cli_here(tmp_path / "zoo", "prepare", "--source", "movielens-100k", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["name"] == "ml-100k" and out["format"] == "recbole"
@@ -151,16 +151,16 @@ def test_amazon_scientific_table(tmp_path: Path) -> None:
     folder = SHARED_DATA / "amazon-scientific"
     if not folder.is_dir():
         pytest.skip(f"{folder} not present")
-    r = run_cli(tmp_path / "zoo", "prepare", folder, "--domain", "scientific")
+    r = run_cli_here(tmp_path / "zoo", "prepare", folder, "--domain", "scientific")
     assert r.returncode == 0, r.stderr
     assert "8,317" in r.stdout and "4,344" in r.stdout and "58,492" in r.stdout
 
 
 def test_usage_errors(zoo: Path, tmp_path: Path) -> None:
     before = snapshot(zoo)
-    r = run_cli(zoo, "prepare", write_generic(tmp_path / "g"))  # no --domain
+    r = run_cli_here(zoo, "prepare", write_generic(tmp_path / "g"))  # no --domain
     assert r.returncode == 2 and "--domain" in r.stderr
-    r = run_cli(zoo, "prepare", "--source", "no-such-dataset", "--domain", "x")
+    r = run_cli_here(zoo, "prepare", "--source", "no-such-dataset", "--domain", "x")
     assert r.returncode != 0 and r.stderr.startswith("Error: unknown dataset short name")
     assert snapshot(zoo) == before
 
@@ -326,7 +326,7 @@ def test_bad_input_one_error_line_and_zoo_unchanged(zoo: Path, tmp_path: Path, c
     if "--domain" not in args:
         args = [*args, "--domain", "shop"]
     before = snapshot(zoo)
-    r = run_cli(zoo, "prepare", *args)
+    r = run_cli_here(zoo, "prepare", *args)
     assert r.returncode != 0
     assert r.stdout == ""
     lines = r.stderr.splitlines()

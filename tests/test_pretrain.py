@@ -15,17 +15,17 @@ from safetensors.torch import load_file
 
 from st2si_cli.adapt import FeatureOptions, adapt, evaluate
 from st2si_cli.errors import St2siError
-from st2si_cli.heads import load_head_weight
+from st2si_cli.heads.store import load_head_weight
 from st2si_cli.model.samples import ALIGN, TRAIN, collate
 from st2si_cli.model.st2si import ST2SI
 from st2si_cli.model.text import NEW_QUERY_TOKEN, TextConfig
-from st2si_cli.train import distributed as dist
-from st2si_cli.train.config import PretrainConfig
-from st2si_cli.train.corpus import build_corpus, epoch_order, epoch_samples, split_even
-from st2si_cli.train.full import pretrain
+from st2si_cli.pretrain import distributed as dist
+from st2si_cli.pretrain.config import PretrainConfig
+from st2si_cli.pretrain.corpus import build_corpus, epoch_order, epoch_samples, split_even
+from st2si_cli.pretrain.full import pretrain
+from st2si_cli.pretrain.loop import learning_rate_schedule
+from st2si_cli.pretrain.weights import load_trainable
 from st2si_cli.train.head import HeadConfig
-from st2si_cli.train.loop import learning_rate_schedule
-from st2si_cli.train.weights import load_trainable
 
 FAST = dict(epochs=2, lr=1e-3, batch_size=8)
 FP32 = FeatureOptions(dtype="fp32")

@@ -19,12 +19,12 @@ from st2si_cli.adapt import FeatureOptions, evaluate
 from st2si_cli.errors import St2siError
 from st2si_cli.model.layers import FrozenBelowST2SI, n_layers, run_from, states_entering
 from st2si_cli.model.text import TextConfig
-from st2si_cli.train import distributed as dist
-from st2si_cli.train.activations import CachePlan, cache_name, open_or_build, prefix_roots
-from st2si_cli.train.config import PretrainConfig
-from st2si_cli.train.corpus import build_corpus, epoch_samples
-from st2si_cli.train.full import pretrain
-from st2si_cli.train.weights import load_trainable
+from st2si_cli.pretrain import distributed as dist
+from st2si_cli.pretrain.activations import CachePlan, cache_name, open_or_build, prefix_roots
+from st2si_cli.pretrain.config import PretrainConfig
+from st2si_cli.pretrain.corpus import build_corpus, epoch_samples
+from st2si_cli.pretrain.full import pretrain
+from st2si_cli.pretrain.weights import load_trainable
 
 FAST = dict(epochs=2, lr=1e-3, batch_size=8)
 
@@ -155,7 +155,7 @@ def test_k_equal_to_the_layer_count_is_full_tuning(zoo):
 def test_init_head_starts_the_ilp_from_an_adapt_ilp_head(tmp_path):
     zoo = toy_zoo_with_llama(tmp_path / "zoo")  # its own: no cache shared with others
     from st2si_cli.adapt import adapt
-    from st2si_cli.heads import load_head_tensors
+    from st2si_cli.heads.store import load_head_tensors
     from st2si_cli.train.head import HeadConfig
 
     opts = FeatureOptions(dtype="fp32")

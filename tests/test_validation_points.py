@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from st2si_cli.adapt import FeatureOptions, adapt
 from st2si_cli.errors import St2siError
-from st2si_cli.heads import load_head_tensors
-from st2si_cli.train import loop
-from st2si_cli.train.config import PretrainConfig, check_config
-from st2si_cli.train.full import pretrain
+from st2si_cli.heads.store import load_head_tensors
+from st2si_cli.pretrain import loop
+from st2si_cli.pretrain.config import PretrainConfig, check_config
+from st2si_cli.pretrain.full import pretrain
 from st2si_cli.train.head import HeadConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,13 +11,14 @@ import torch
 from helpers import WORDS, build_zoo
 
 from st2si_cli.adapt import adapt, evaluate
-from st2si_cli.backbones import load_backbone
+from st2si_cli.backbones.load import load_backbone
 from st2si_cli.data.dataset import RawInteraction, build_dataset
 from st2si_cli.data.prepare import load_dataset
-from st2si_cli.features import compute_features, forward_batch
+from st2si_cli.features.cache import compute_features
+from st2si_cli.features.forward import forward_batch
+from st2si_cli.heads.registry import user_ranks
 from st2si_cli.model.samples import ALIGN, TEST, TRAIN, VALID, build_samples
 from st2si_cli.model.text import ItemTokenizer, TextConfig
-from st2si_cli.ranking import user_ranks
 from st2si_cli.recommend import parse_requests, recommend
 from st2si_cli.train.head import HeadConfig, lr_schedule, train_head
 from st2si_cli.train.sweep import grid_points, sweep
@@ -226,47 +227,6 @@ def test_swept_text_initialised_head_round_trips_through_eval_and_recommend(zoo,
     assert len(out["items"]) == 3
 
 
-def test_adapter_head_round_trips_through_eval_and_recommend(zoo, one_thread):
-    from st2si_cli.train.adapter import AdapterConfig
-
-    head = adapt(
-        zoo,
-        "short",
-        backbone="tiny-opt",
-        name="short/adapter",
-        head_cfg=AdapterConfig(hidden=16, max_epochs=3, patience=3, max_len=8),
-    )
-    assert head.meta["head"] == "adapter"
-    for split in ("valid", "test"):
-        result = evaluate(zoo, "short", head_ref="short/adapter", split=split)
-        assert result["metrics"]["NDCG@10"] == pytest.approx(head.meta["metrics"][split]["NDCG@10"])
-    masked = evaluate(zoo, "short", head_ref="short/adapter", mask_history=True)
-    assert masked["metrics"]["n_users"] == load_dataset(zoo, "short").n_users
-    ds = load_dataset(zoo, "short")
-    reqs = parse_requests(
-        ['{"user": "a", "history": ["1", "2", {"title": "red lamp"}]}', '{"user": "b", "history": ["4"]}'],
-        "<test>",
-        ds.items,
-    )
-    outs = recommend(zoo, "short", reqs, k=4, head_ref="short/adapter", exclude_history=True)
-    assert [len(o["items"]) for o in outs] == [4, 4]
-    assert not {"1", "2"} & {i["id"] for i in outs[0]["items"]}
-    # recommend scores a catalog history exactly as eval's test input does (the user's whole history
-    # minus the test item fits in one window here)
-    seq = ds.sequences[0]
-    req = parse_requests([json_line([ds.items[i]["id"] for i in seq[:-1]])], "<test>", ds.items)
-    [out] = recommend(zoo, "short", req, k=ds.n_items, head_ref="short/adapter")
-    from st2si_cli.adapter_head import load_adapter_head
-    from st2si_cli.train.adapter import adapter_ranks
-
-    _, fs = compute_features(
-        zoo, load_backbone(zoo, "tiny-opt", dtype="fp32"), ds, zoo.get("short").id, TextConfig()
-    )
-    rank = int(adapter_ranks(load_adapter_head(zoo, head), fs, ds.sequences, TEST)[0])
-    ids = [o["id"] for o in out["items"]]
-    assert ids.index(ds.items[seq[-1]]["id"]) + 1 == rank
-
-
 def json_line(history):
     import json
 
@@ -297,7 +257,7 @@ def test_positions_newest_keeps_one_window_per_user(zoo, backbone):
 
 
 def test_adapter_sweep_records_its_trials_and_keeps_the_best_on_validation(zoo, one_thread):
-    from st2si_cli.train.adapter import AdapterConfig
+    from st2si_cli.model.adapter import AdapterConfig
 
     head = adapt(
         zoo,
@@ -316,8 +276,8 @@ def test_adapter_sweep_records_its_trials_and_keeps_the_best_on_validation(zoo, 
 
 
 def test_fusion_of_ilp_and_adapter_chooses_its_weight_on_validation(zoo, one_thread):
-    from st2si_cli.fusion_head import fuse_heads
-    from st2si_cli.train.adapter import AdapterConfig
+    from st2si_cli.heads.fusion import fuse_heads
+    from st2si_cli.model.adapter import AdapterConfig
 
     ilp = adapt(
         zoo,
@@ -372,7 +332,7 @@ def test_fusion_of_ilp_and_adapter_chooses_its_weight_on_validation(zoo, one_thr
 
 def test_adapter_on_newest_window_features_is_a_clear_error(zoo):
     from st2si_cli.errors import St2siError
-    from st2si_cli.train.adapter import AdapterConfig
+    from st2si_cli.model.adapter import AdapterConfig
 
     with pytest.raises(St2siError, match="every position"):
         adapt(

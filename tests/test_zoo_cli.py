@@ -1,4 +1,8 @@
-"""`st2si zoo ...` run as a real process: stdout carries results, stderr messages, exit codes matter."""
+"""`st2si zoo ...` and the commands around it: stdout carries results, stderr messages, exit codes matter.
+
+The commands run in this process (`run_cli_here`, the CLI's own entry with its one-line errors and exit
+codes); a real process only where the process is what is tested: the confirmation prompt on a terminal
+and the import cost of `--help`."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cli_command, cli_env, quick_head, run_cli, write_generic_source
+from helpers import REPO, cli_command, cli_env, quick_head, run_cli, run_cli_here, write_generic_source
 
 from st2si_cli.zoo.maintenance import verify
 from st2si_cli.zoo.store import Zoo
@@ -81,8 +85,8 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) ->
 # ---- path --------------------------------------------------------------------------------------------
 def test_path_honours_zoo_option_over_st2si_home(tmp_path: Path) -> None:
     env = {"ST2SI_HOME": str(tmp_path / "home")}
-    assert run_cli(None, "zoo", "path", env=env).stdout.strip() == str(tmp_path / "home")
-    proc = run_cli(tmp_path / "opt", "zoo", "path", "--json", env=env)
+    assert run_cli_here(None, "zoo", "path", env=env).stdout.strip() == str(tmp_path / "home")
+    proc = run_cli_here(tmp_path / "opt", "zoo", "path", "--json", env=env)
     assert proc.returncode == 0
     assert json.loads(proc.stdout) == {"root": str(tmp_path / "opt")}
     assert not (tmp_path / "opt").exists() and not (tmp_path / "home").exists(), "path creates nothing"
@@ -91,7 +95,7 @@ def test_path_honours_zoo_option_over_st2si_home(tmp_path: Path) -> None:
 # ---- ls / info ---------------------------------------------------------------------------------------
 def test_ls_json_is_an_array_of_what_was_put(populated) -> None:
     root, ids = populated
-    proc = run_cli(root, "zoo", "ls", "--json")
+    proc = run_cli_here(root, "zoo", "ls", "--json")
     assert proc.returncode == 0, proc.stderr
     arts = json.loads(proc.stdout)
     assert isinstance(arts, list)
@@ -101,13 +105,15 @@ def test_ls_json_is_an_array_of_what_was_put(populated) -> None:
     assert by_name["ml-100k"]["meta"]["stats"]["users"] == 943
     assert by_name["ml-head"]["names"] == ["ml-head"]
 
-    runs = json.loads(run_cli(root, "zoo", "ls", "--json", "--kind", "run", "--domain", "ml-100k").stdout)
+    runs = json.loads(
+        run_cli_here(root, "zoo", "ls", "--json", "--kind", "run", "--domain", "ml-100k").stdout
+    )
     assert [a["id"] for a in runs] == [ids["run"]]
 
 
 def test_ls_table_shows_a_summary_from_meta(populated) -> None:
     root, ids = populated
-    proc = run_cli(root, "zoo", "ls", env={"COLUMNS": "200"})
+    proc = run_cli_here(root, "zoo", "ls", env={"COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     assert "ml-100k" in proc.stdout and ids["head"][:12] in proc.stdout
     assert "users 943" in proc.stdout
@@ -118,7 +124,7 @@ def test_ls_table_shows_a_summary_from_meta(populated) -> None:
 
 def test_info_json_lists_files_names_inputs_and_dependents(populated) -> None:
     root, ids = populated
-    proc = run_cli(root, "zoo", "info", "ml-head", "--json")
+    proc = run_cli_here(root, "zoo", "info", "ml-head", "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["id"] == ids["head"] and info["names"] == ["ml-head"]
@@ -130,23 +136,23 @@ def test_info_json_lists_files_names_inputs_and_dependents(populated) -> None:
     assert [d["id"] for d in info["dependents"]] == [ids["run"]]
     assert info["meta"]["metrics"]["test"]["NDCG@10"] == 0.0312
 
-    by_prefix = json.loads(run_cli(root, "zoo", "info", ids["dataset"][:10], "--json").stdout)
+    by_prefix = json.loads(run_cli_here(root, "zoo", "info", ids["dataset"][:10], "--json").stdout)
     assert by_prefix["name"] == "ml-100k"
-    human = run_cli(root, "zoo", "info", "ml-head", env={"COLUMNS": "200"})
+    human = run_cli_here(root, "zoo", "info", "ml-head", env={"COLUMNS": "200"})
     assert human.returncode == 0 and "head.bin" in human.stdout and "run run-1" in human.stdout
 
 
 def test_unknown_name_gives_one_error_line(populated) -> None:
     root, _ = populated
-    assert_one_error_line(run_cli(root, "zoo", "info", "no-such-thing"), "no-such-thing")
-    assert_one_error_line(run_cli(root, "zoo", "rm", "no-such-thing", "--yes"), "no-such-thing")
+    assert_one_error_line(run_cli_here(root, "zoo", "info", "no-such-thing"), "no-such-thing")
+    assert_one_error_line(run_cli_here(root, "zoo", "rm", "no-such-thing", "--yes"), "no-such-thing")
 
 
 # ---- rm ----------------------------------------------------------------------------------------------
 def test_rm_dry_run_changes_nothing_and_warns_about_dependents(populated) -> None:
     root, ids = populated
     before = snapshot(root)
-    proc = run_cli(root, "zoo", "rm", "ml-100k", "--dry-run", "--json")
+    proc = run_cli_here(root, "zoo", "rm", "ml-100k", "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert plan["id"] == ids["dataset"] and plan["dry_run"] and not plan["removed"]
@@ -156,7 +162,7 @@ def test_rm_dry_run_changes_nothing_and_warns_about_dependents(populated) -> Non
     assert plan["blobs_kept"] == 1
     assert [d["id"] for d in plan["dependents"]] == [ids["head"]]
     assert "Warning" in proc.stderr and "ml-head" in proc.stderr
-    human = run_cli(root, "zoo", "rm", "ml-100k", "--dry-run")
+    human = run_cli_here(root, "zoo", "rm", "ml-100k", "--dry-run")
     assert human.returncode == 0 and human.stdout.startswith("Would remove dataset ml-100k")
     assert snapshot(root) == before
 
@@ -164,16 +170,18 @@ def test_rm_dry_run_changes_nothing_and_warns_about_dependents(populated) -> Non
 def test_rm_without_yes_on_non_tty_stdin_refuses(populated) -> None:
     root, _ = populated
     before = snapshot(root)
-    assert_one_error_line(run_cli(root, "zoo", "rm", "smol"), "--yes")
+    assert_one_error_line(run_cli_here(root, "zoo", "rm", "smol"), "--yes")
     assert snapshot(root) == before
 
 
 def test_rm_yes_removes_the_artifact_and_its_unshared_blobs(populated) -> None:
     root, ids = populated
     before = snapshot(root)
-    assert_one_error_line(run_cli(root, "zoo", "rm", "smol", "--yes"), "input of head ml-head", "--force")
+    assert_one_error_line(
+        run_cli_here(root, "zoo", "rm", "smol", "--yes"), "input of head ml-head", "--force"
+    )
     assert snapshot(root) == before, "an artifact others depend on stays without --force"
-    proc = run_cli(root, "zoo", "rm", "smol", "--yes", "--force", "--json")
+    proc = run_cli_here(root, "zoo", "rm", "smol", "--yes", "--force", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["removed"] and result["bytes_freed"] == len(b"{}") + len(b"weights")
@@ -182,7 +190,7 @@ def test_rm_yes_removes_the_artifact_and_its_unshared_blobs(populated) -> None:
         assert {a.id for a in zoo.ls()} == {ids["dataset"], ids["head"], ids["run"]}
         report = verify(zoo)  # the head's backbone is gone: a dangling input, reported
         assert report.dangling == [(ids["head"], ids["backbone"])] and not report.ok and not report.orphans
-    human = run_cli(root, "zoo", "rm", "run-1", "--yes")
+    human = run_cli_here(root, "zoo", "rm", "run-1", "--yes")
     assert human.returncode == 0 and "Removed run run-1" in human.stdout
 
 
@@ -223,7 +231,7 @@ def test_rm_asks_for_confirmation_on_a_terminal(populated) -> None:
 # ---- verify ------------------------------------------------------------------------------------------
 def test_verify_exit_code_and_output_name_a_corrupted_blob(populated) -> None:
     root, ids = populated
-    clean = run_cli(root, "zoo", "verify")
+    clean = run_cli_here(root, "zoo", "verify")
     assert clean.returncode == 0, clean.stderr
     assert clean.stdout.startswith("OK: checked 6 blob(s)")
 
@@ -234,10 +242,10 @@ def test_verify_exit_code_and_output_name_a_corrupted_blob(populated) -> None:
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
 
-    bad = run_cli(root, "zoo", "verify")
+    bad = run_cli_here(root, "zoo", "verify")
     assert bad.returncode == 1
     assert f"MISMATCH  {blob}  used by backbone smol" in bad.stdout
-    report = json.loads(run_cli(root, "zoo", "verify", "--json").stdout)
+    report = json.loads(run_cli_here(root, "zoo", "verify", "--json").stdout)
     assert not report["ok"] and report["checked"] == 6
     assert [(b["sha256"], [a["id"] for a in b["artifacts"]]) for b in report["mismatched"]] == [
         (blob, [ids["backbone"]])
@@ -252,7 +260,7 @@ def test_verify_reports_missing_blobs_and_warns_about_orphans(populated) -> None
     orphan = root / "blobs" / "ee" / ("e" * 64)
     orphan.parent.mkdir(exist_ok=True)
     orphan.write_bytes(b"stray")
-    proc = run_cli(root, "zoo", "verify", "--json")
+    proc = run_cli_here(root, "zoo", "verify", "--json")
     assert proc.returncode == 1
     report = json.loads(proc.stdout)
     assert [b["sha256"] for b in report["missing"]] == [missing]
@@ -263,18 +271,18 @@ def test_verify_reports_missing_blobs_and_warns_about_orphans(populated) -> None
     Zoo(orphan_only).close()
     (orphan_only / "blobs" / "ee").mkdir()
     (orphan_only / "blobs" / "ee" / ("e" * 64)).write_bytes(b"stray")
-    proc = run_cli(orphan_only, "zoo", "verify")
+    proc = run_cli_here(orphan_only, "zoo", "verify")
     assert proc.returncode == 0, "orphans alone are a warning"
     assert "orphan" in proc.stderr
 
 
 # ---- the command line itself -------------------------------------------------------------------------
 def test_help_exits_zero_and_usage_errors_exit_two(tmp_path: Path) -> None:
-    proc = run_cli(None, "zoo", "rm", "--help")  # `--help` and `zoo --help`: see the import test below
+    proc = run_cli_here(None, "zoo", "rm", "--help")  # `--help` and `zoo --help`: see the import test below
     assert proc.returncode == 0 and proc.stdout.startswith("Usage:") and "--dry-run" in proc.stdout
-    bad = run_cli(tmp_path, "zoo", "ls", "--kind", "model")
+    bad = run_cli_here(tmp_path, "zoo", "ls", "--kind", "model")
     assert bad.returncode == 2 and "Invalid value for '--kind'" in bad.stderr and bad.stdout == ""
-    assert run_cli(None, "zoo", "ls", "--no-such-option").returncode == 2
+    assert run_cli_here(None, "zoo", "ls", "--no-such-option").returncode == 2
 
 
 HEAVY = ("torch", "transformers", "deepspeed")
@@ -309,7 +317,7 @@ def test_help_does_not_import_heavy_modules(argv: list[str]) -> None:
 
 def test_prepare_refuses_other_data_for_a_domain_unless_replace(tmp_path: Path) -> None:
     from st2si_cli.adapt import FeatureOptions, adapt
-    from st2si_cli.backbones import pull
+    from st2si_cli.backbones.pull import pull
     from st2si_cli.train.head import HeadConfig
 
     root = tmp_path / "zoo"
@@ -317,8 +325,10 @@ def test_prepare_refuses_other_data_for_a_domain_unless_replace(tmp_path: Path) 
         write_generic_source(tmp_path / "a", 20, seed=1),
         write_generic_source(tmp_path / "b", 25, seed=2),
     )
-    assert run_cli(root, "prepare", first, "--domain", "shop").returncode == 0
-    assert run_cli(root, "prepare", first, "--domain", "shop").returncode == 0, "the same data again is fine"
+    assert run_cli_here(root, "prepare", first, "--domain", "shop").returncode == 0
+    assert run_cli_here(root, "prepare", first, "--domain", "shop").returncode == 0, (
+        "the same data again is fine"
+    )
     with Zoo(root) as zoo:
         pull(zoo, "tiny-opt")
         head = adapt(
@@ -331,10 +341,12 @@ def test_prepare_refuses_other_data_for_a_domain_unless_replace(tmp_path: Path) 
         old = zoo.get("shop", kind="dataset")
     before = snapshot(root)
     assert_one_error_line(
-        run_cli(root, "prepare", other, "--domain", "shop"), "'shop' already holds other data", "--replace"
+        run_cli_here(root, "prepare", other, "--domain", "shop"),
+        "'shop' already holds other data",
+        "--replace",
     )
     assert snapshot(root) == before
-    proc = run_cli(root, "prepare", other, "--domain", "shop", "--replace", "--json")
+    proc = run_cli_here(root, "prepare", other, "--domain", "shop", "--replace", "--json")
     assert proc.returncode == 0, proc.stderr
     new_id = json.loads(proc.stdout)["id"]
     assert f"Replaced dataset shop: {old.short_id} -> {new_id[:12]}" in proc.stderr
@@ -345,24 +357,24 @@ def test_prepare_refuses_other_data_for_a_domain_unless_replace(tmp_path: Path) 
 
 def test_a_dataset_and_a_backbone_may_share_a_name(tmp_path: Path) -> None:
     root = tmp_path / "zoo"
-    assert run_cli(root, "zoo", "pull", "tiny-opt").returncode == 0
+    assert run_cli_here(root, "zoo", "pull", "tiny-opt").returncode == 0
     assert (
-        run_cli(
+        run_cli_here(
             root, "prepare", write_generic_source(tmp_path / "a", 20, seed=1), "--domain", "tiny-opt"
         ).returncode
         == 0
     )
-    proc = run_cli(
+    proc = run_cli_here(
         root, "adapt", "--domain", "tiny-opt", "--backbone", "tiny-opt", "--epochs", "1", "--dtype", "fp32"
     )
     assert proc.returncode == 0, proc.stderr
     assert_one_error_line(
-        run_cli(root, "zoo", "info", "tiny-opt"), "names a backbone and a dataset", "--kind"
+        run_cli_here(root, "zoo", "info", "tiny-opt"), "names a backbone and a dataset", "--kind"
     )
-    info = json.loads(run_cli(root, "zoo", "info", "tiny-opt", "--kind", "backbone", "--json").stdout)
+    info = json.loads(run_cli_here(root, "zoo", "info", "tiny-opt", "--kind", "backbone", "--json").stdout)
     assert info["kind"] == "backbone" and info["names"] == ["tiny-opt"]
     assert_one_error_line(
-        run_cli(root, "adapt", "--domain", "tiny-opt", "--backbone", "nope"),
+        run_cli_here(root, "adapt", "--domain", "tiny-opt", "--backbone", "nope"),
         "no backbone 'nope'",
         "zoo ls --kind backbone",
     )
@@ -377,17 +389,17 @@ def test_prune_plans_first_and_frees_what_it_reports(populated) -> None:
     gone.mkdir()
     (gone / "w.safetensors").write_bytes(b"w" * 100)
     before = snapshot(root)
-    dry = run_cli(root, "zoo", "prune", "--dry-run", "--json")
+    dry = run_cli_here(root, "zoo", "prune", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     plan = json.loads(dry.stdout)
     assert {r["path"] for r in plan["remove"]} == {str(orphan), str(gone)} and plan["bytes"] == 112
     assert snapshot(root) == before
-    assert_one_error_line(run_cli(root, "zoo", "prune"), "--yes")
+    assert_one_error_line(run_cli_here(root, "zoo", "prune"), "--yes")
     assert snapshot(root) == before
-    proc = run_cli(root, "zoo", "prune", "--yes")
+    proc = run_cli_here(root, "zoo", "prune", "--yes")
     assert proc.returncode == 0 and "Pruned: freed 112 B (112 bytes)." in proc.stdout, proc.stdout
     assert not orphan.exists() and not gone.exists()
-    assert run_cli(root, "zoo", "verify").returncode == 0
+    assert run_cli_here(root, "zoo", "verify").returncode == 0
 
 
 def test_an_identical_adapt_rerun_reuses_its_head(tmp_path: Path) -> None:
@@ -411,13 +423,13 @@ def test_an_identical_adapt_rerun_reuses_its_head(tmp_path: Path) -> None:
 
 def test_pull_of_a_missing_path_says_so(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
-    proc = run_cli(tmp_path / "zoo", "zoo", "pull", missing)
+    proc = run_cli_here(tmp_path / "zoo", "zoo", "pull", missing)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines()[-1] == f"Error: {missing}: no such file or folder", proc.stderr
 
 
 def test_pull_writes_nothing_but_data_on_stdout(tmp_path: Path) -> None:
-    plain = run_cli(tmp_path / "zoo", "zoo", "pull", "tiny-opt")
+    plain = run_cli_here(tmp_path / "zoo", "zoo", "pull", "tiny-opt")
     assert plain.returncode == 0 and plain.stdout == "", repr(plain.stdout)
-    as_json = run_cli(tmp_path / "zoo2", "zoo", "pull", "tiny-opt", "--json")
+    as_json = run_cli_here(tmp_path / "zoo2", "zoo", "pull", "tiny-opt", "--json")
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["kind"] == "backbone"

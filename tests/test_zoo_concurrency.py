@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, cli_command, cli_env, run_cli, synthetic_dataset, write_generic_source
 
-from st2si_cli.backbones import pull
+from st2si_cli.backbones.pull import pull
 from st2si_cli.data.prepare import store_dataset
 from st2si_cli.zoo.locks import FileLock
 from st2si_cli.zoo.store import Zoo

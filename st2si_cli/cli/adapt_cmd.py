@@ -156,17 +156,20 @@ def adapt_cmd(
       st2si adapt --domain ml-100k --backbone smollm2-135m
       st2si adapt --domain ml-100k --head adapter --epochs 50 --json
     """
-    from st2si_cli.adapt import FeatureOptions, adapt
-    from st2si_cli.head_choice import metrics_record
-    from st2si_cli.model.text import TextConfig
-    from st2si_cli.train.adapter import AdapterConfig
-    from st2si_cli.train.head import HeadConfig
+    import dataclasses
 
-    if head_kind is HeadKind.adapter and positions is Positions.newest:
+    from st2si_cli.adapt import FeatureOptions, adapt
+    from st2si_cli.heads.choice import metrics_record
+    from st2si_cli.heads.registry import get_kind
+    from st2si_cli.model.text import TextConfig
+
+    kind = get_kind(head_kind.value)
+    fields = {f.name for f in dataclasses.fields(kind.default_config())}
+    if kind.reads_every_query and positions is Positions.newest:
         raise typer.BadParameter(
-            "the sequence adapter reads every position: use all", param_hint="'--positions'"
+            f"the {kind.name} head reads every position: use all", param_hint="'--positions'"
         )
-    if hidden is not None and head_kind is not HeadKind.adapter:
+    if hidden is not None and "hidden" not in fields:
         raise typer.BadParameter(
             "sets the adapter's width: use it with --head adapter", param_hint="'--hidden'"
         )
@@ -175,9 +178,9 @@ def adapt_cmd(
             f"{stride} is more than --max-items ({max_items}): windows would skip positions",
             param_hint="'--stride'",
         )
-    if head_kind is HeadKind.adapter and (schedule is not Schedule.constant or warmup):
+    if "schedule" not in fields and (schedule is not Schedule.constant or warmup):
         raise typer.BadParameter(
-            "sets the ILP's learning-rate schedule: the sequence adapter does not use it",
+            f"sets the ILP's learning-rate schedule: the {kind.name} head does not use it",
             param_hint="'--schedule'" if schedule is not Schedule.constant else "'--warmup'",
         )
     zoo = open_zoo()
@@ -202,18 +205,17 @@ def adapt_cmd(
         "dropout": dropout,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    if head_kind is HeadKind.adapter:
-        head_cfg = AdapterConfig(seed=seed, **given, **({"hidden": hidden} if hidden else {}))
-    else:
-        head_cfg = HeadConfig(
-            seed=seed,
-            multi_query=not no_multi_query,
-            alignment=not no_alignment,
-            schedule=schedule.value,
-            warmup=warmup,
-            init="text" if head_kind is HeadKind.ilp_text else "random",
-            **given,
-        )
+    given.update(
+        seed=seed,
+        hidden=hidden,
+        multi_query=not no_multi_query,
+        alignment=not no_alignment,
+        schedule=schedule.value,
+        warmup=warmup,
+    )
+    head_cfg = dataclasses.replace(
+        kind.default_config(), **{k: v for k, v in given.items() if k in fields and v is not None}
+    )
     reporter = RichReporter()
     try:
         head = adapt(
@@ -290,7 +292,7 @@ def eval_cmd(
       st2si eval --domain ml-100k --head ml-100k/smollm2-135m --split valid --protocol candidates-20 --json
     """
     from st2si_cli.adapt import FeatureOptions, evaluate
-    from st2si_cli.head_choice import choose_head, metrics_record
+    from st2si_cli.heads.choice import choose_head, metrics_record
 
     zoo = open_zoo(create=False)
     check_candidates(zoo, domain, protocol)
@@ -344,9 +346,9 @@ def fuse_cmd(
     Example:
       st2si fuse --domain ml-100k --ilp ml-100k/smollm2-135m --adapter ml-100k/adapter
     """
-    from st2si_cli.fusion_head import fuse_heads
-    from st2si_cli.head_choice import metrics_record
-    from st2si_cli.heads import check_compatible
+    from st2si_cli.heads.choice import metrics_record
+    from st2si_cli.heads.fusion import fuse_heads
+    from st2si_cli.heads.store import check_compatible
 
     zoo = open_zoo()
     dataset = zoo.get(domain, kind="dataset")

@@ -21,6 +21,7 @@ from st2si_cli.cli import (
     pull_cmd,
     quickstart_cmd,
     recommend_cmd,
+    report_cmd,
     zoo_cmd,
     zoo_tidy_cmd,
 )
@@ -103,6 +104,7 @@ app.command(
 app.command("pretrain")(pretrain_cmd.pretrain_cmd)
 app.command("quickstart")(quickstart_cmd.quickstart_cmd)
 app.command("recommend")(recommend_cmd.recommend_cmd)
+app.command("report")(report_cmd.report_cmd)
 
 zoo_app = typer.Typer(
     help="Look at and tidy the local zoo of artifacts (datasets, catalogs, backbones, heads, features, runs).",

@@ -17,6 +17,29 @@ import typer
 
 from st2si_cli import DEFAULT_BACKBONE
 
+# ---- the root `--zoo` option ---------------------------------------------------------------------------
+
+
+# ---- the root `--zoo` option ---------------------------------------------------------------------------
+
+
+# ---- the root `--zoo` option ---------------------------------------------------------------------------
+
+
+# ---- the root `--zoo` option ---------------------------------------------------------------------------
+
+
+# ---- the root `--zoo` option ---------------------------------------------------------------------------
+
+
+# ---- the root `--zoo` option ---------------------------------------------------------------------------
+
+
+# ---- the root `--zoo` option ---------------------------------------------------------------------------
+
+
+# ---- the root `--zoo` option ---------------------------------------------------------------------------
+
 
 # ---- the root `--zoo` option ---------------------------------------------------------------------------
 class State:
@@ -61,7 +84,7 @@ class Split(StrEnum):
 
 
 class Dtype(StrEnum):
-    """Backbone dtypes (`st2si_cli.backbones.resolve_dtype`)."""
+    """Backbone dtypes (`st2si_cli.backbones.load.resolve_dtype`)."""
 
     auto = "auto"
     bf16 = "bf16"
@@ -99,14 +122,14 @@ class Schedule(StrEnum):
 
 
 class Sampling(StrEnum):
-    """`st2si_cli.train.config.SAMPLINGS`."""
+    """`st2si_cli.pretrain.config.SAMPLINGS`."""
 
     all = "all"
     crop = "crop"
 
 
 class Precision(StrEnum):
-    """`st2si_cli.train.distributed.processes.PRECISIONS`."""
+    """`st2si_cli.pretrain.distributed.processes.PRECISIONS`."""
 
     auto = "auto"
     fp32 = "fp32"
@@ -124,7 +147,7 @@ class Placement(StrEnum):
 
 
 class CacheDtype(StrEnum):
-    """`st2si_cli.train.config.CACHE_DTYPES`."""
+    """`st2si_cli.pretrain.config.CACHE_DTYPES`."""
 
     bf16 = "bf16"
     fp32 = "fp32"
@@ -171,7 +194,7 @@ def check_device(value: str) -> str:
         raise typer.BadParameter(f"{value!r} is not cpu, cuda, cuda:N or mps")
     why = None
     if value != "cpu":  # imports torch: only for a GPU, which the command then uses anyway
-        from st2si_cli.backbones import device_problem
+        from st2si_cli.backbones.load import device_problem
 
         why = device_problem(value)
     if why is not None:

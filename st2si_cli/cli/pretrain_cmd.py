@@ -167,11 +167,11 @@ def pretrain_cmd(
     One process: `st2si pretrain --domain A`. Several: `torchrun --nproc_per_node 2 -m st2si_cli pretrain ...`
     (torch DDP) or `deepspeed --num_gpus 8 --no_local_rank -m st2si_cli pretrain ... --deepspeed zero2`.
     """
-    from st2si_cli.head_choice import metrics_record
+    from st2si_cli.heads.choice import metrics_record
     from st2si_cli.model.text import TextConfig
-    from st2si_cli.train.config import PretrainConfig
-    from st2si_cli.train.distributed import launch_env
-    from st2si_cli.train.full import pretrain
+    from st2si_cli.pretrain.config import PretrainConfig
+    from st2si_cli.pretrain.distributed import launch_env
+    from st2si_cli.pretrain.full import pretrain
 
     if resume and restart:
         raise typer.BadParameter("--resume and --restart exclude each other", param_hint="'--restart'")

@@ -17,8 +17,8 @@ def pull_cmd(
     json_out: bool = json_option(),
 ) -> None:
     """Build or download a backbone and store it in the zoo."""
-    from st2si_cli.backbones import pull
-    from st2si_cli.hf import quiet_transformers
+    from st2si_cli.backbones.hf import quiet_transformers
+    from st2si_cli.backbones.pull import pull
 
     quiet_transformers()
     err.print(f"Pulling {ref} ...", markup=False)

@@ -34,7 +34,7 @@ def quickstart_cmd(
     from rich.table import Table
 
     from st2si_cli.adapt import adapt
-    from st2si_cli.backbones import ensure_backbone
+    from st2si_cli.backbones.pull import ensure_backbone
     from st2si_cli.data.prepare import prepare_dataset, resolve_source_name
     from st2si_cli.model.text import TextConfig
     from st2si_cli.recommend import Request, recommend

@@ -58,7 +58,7 @@ def recommend_cmd(
         None, "--shard", help="I/N: answer only part I (0-based) of N of the input lines."
     ),
 ) -> None:
-    from st2si_cli.line_stream import Shard, count_nonblank, line_batches
+    from st2si_cli.data.line_stream import Shard, count_nonblank, line_batches
     from st2si_cli.recommend import Recommender, RecommendOptions
 
     part = None

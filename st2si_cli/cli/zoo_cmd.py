@@ -17,7 +17,7 @@ from st2si_cli.cli.options import open_zoo, state
 from st2si_cli.cli.output import err, human_size, out, print_json, safe_text
 from st2si_cli.data.catalog import catalog_lines, catalog_summary
 from st2si_cli.errors import St2siError
-from st2si_cli.head_choice import default_head
+from st2si_cli.heads.choice import default_head
 from st2si_cli.zoo.meta import BackboneMeta, DatasetMeta, Inputs, Metrics, RunMeta
 
 if TYPE_CHECKING:  # the store pulls in sqlite-utils: imported only when a command runs

@@ -181,7 +181,7 @@ class TopST2SI(FrozenBelowST2SI):
         query_cols: Tensor,
         targets: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
-        from st2si_cli.scoring import linear_cross_entropy
+        from st2si_cli.model.scoring import linear_cross_entropy
 
         assert self.ilp is not None
         h = self.top_states(hidden, input_ids, query_rows, query_cols)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from st2si_cli.model.samples import Sample, collate
-from st2si_cli.scoring import linear_cross_entropy
+from st2si_cli.model.scoring import linear_cross_entropy
 
 
 def init_ilp_weight(n_items: int, hidden: int, generator: torch.Generator) -> Tensor:

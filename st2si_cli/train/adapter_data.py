@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from st2si_cli.features import FeatureSet
+from st2si_cli.features.cache import FeatureSet
 from st2si_cli.model.samples import ALIGN, TEST, TRAIN, VALID
 
 UserRows = tuple[Tensor, list[int]]  # row of each position j = 0..n-2, and the ID at it (seq[j])

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from st2si_cli.features import FeatureSet
+from st2si_cli.features.cache import FeatureSet
 from st2si_cli.metrics import metrics_from_ranks
 from st2si_cli.model.samples import ALIGN, TEST, TRAIN, VALID
+from st2si_cli.model.scoring import linear_cross_entropy, rank_rows
 from st2si_cli.model.st2si import init_ilp_weight
-from st2si_cli.scoring import linear_cross_entropy, rank_rows
+from st2si_cli.train.early_stopping import EarlyStopping
 
 
 @dataclass
@@ -164,9 +165,8 @@ def train_head(
     valid_feats = features_of(valid_rows)
     valid_targets = fs.targets[valid_rows]
 
-    best = {"NDCG@10": -1.0}
+    stop = EarlyStopping(cfg.patience)
     best_weight = weight.detach().clone()
-    best_epoch, since_best = 0, 0
     history: list[dict[str, Any]] = []
     for epoch in range(1, cfg.max_epochs + 1):
         e0 = time.time()
@@ -196,18 +196,19 @@ def train_head(
             **{f"valid_{k}": v for k, v in valid.items() if k != "n_users"},
         }
         history.append(record)
-        improved = valid["NDCG@10"] > best["NDCG@10"]
+        improved = stop.observe(valid, epoch)
         if improved:
-            best, best_epoch, since_best = valid, epoch, 0
             best_weight = weight.detach().clone()
-        else:
-            since_best += 1
         if on_epoch:
-            on_epoch({**record, "best_epoch": best_epoch, "improved": improved})
-        if since_best >= cfg.patience:
+            on_epoch({**record, "best_epoch": stop.best_epoch, "improved": improved})
+        if stop.done:
             break
     return HeadResult(
-        weight=best_weight, best_epoch=best_epoch, best_valid=best, history=history, seconds=time.time() - t0
+        weight=best_weight,
+        best_epoch=stop.best_epoch,
+        best_valid=stop.best_metrics,
+        history=history,
+        seconds=time.time() - t0,
     )
 
 

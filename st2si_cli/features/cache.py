@@ -1,0 +1,341 @@
+"""Samples and features: one forward pass per user yields every query position's hidden state.
+
+Attention is causal, so over a user's history without its test item, the query after item j sees
+items 1..j only: the last query predicts the test item, the one before it the validation item, and
+the rest are training positions, all from one pass without leakage. With the backbone frozen in eval
+mode these features are fixed, so they are computed once and cached in the zoo (in shards, so a killed
+run resumes), and head training becomes epochs over a matrix. The hidden states come from the ST2SI
+module's `hidden_at` (`model/st2si.py`), as in every other path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from st2si_cli import __version__
+from st2si_cli.data.dataset import Dataset
+from st2si_cli.features.forward import query_features, run_batches
+from st2si_cli.model.samples import Sample, build_samples, plan_batches
+from st2si_cli.model.text import ItemTokenizer, TextConfig
+from st2si_cli.zoo.artifact import Artifact, canonical_json, write_safetensors_atomic
+from st2si_cli.zoo.store import Zoo
+
+if TYPE_CHECKING:
+    from st2si_cli.backbones.load import Backbone
+
+FEATURE_FORMAT = 2  # bump when the layout or the sample definition changes
+
+
+@dataclass
+class FeatureSet:
+    """Query-position features of a dataset, flattened over samples.
+
+    feats:   [P, d] float32, hidden state at each query position
+    targets: [P] long, the item each position predicts
+    roles:   [P] int8, TRAIN / VALID / TEST / ALIGN
+    owner:   [P] long, user index (history rows) or item index (alignment rows)
+    sample:  [P] long, index of the sample the row came from
+    """
+
+    feats: Any
+    targets: Any
+    roles: Any
+    owner: Any
+    sample: Any
+
+    def rows(self, role: int) -> Any:
+        import torch
+
+        return torch.nonzero(self.roles == role).flatten()
+
+    def tensors(self) -> dict[str, Any]:
+        return {
+            "feats": self.feats,
+            "targets": self.targets,
+            "roles": self.roles,
+            "owner": self.owner,
+            "sample": self.sample,
+        }
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, Any]) -> FeatureSet:
+        return cls(t["feats"].float(), t["targets"].long(), t["roles"], t["owner"].long(), t["sample"].long())
+
+
+def index_rows(samples: Sequence[Sample]) -> FeatureSet:
+    """The FeatureSet layout (all but the features themselves) in sample order."""
+    import torch
+
+    targets, roles, owner, sample = [], [], [], []
+    for k, s in enumerate(samples):
+        targets += s.targets
+        roles += s.roles
+        owner += [s.owner] * len(s.targets)
+        sample += [k] * len(s.targets)
+    return FeatureSet(
+        feats=None,
+        targets=torch.tensor(targets, dtype=torch.long),
+        roles=torch.tensor(roles, dtype=torch.int8),
+        owner=torch.tensor(owner, dtype=torch.long),
+        sample=torch.tensor(sample, dtype=torch.long),
+    )
+
+
+def cache_key(backbone_id: str, dataset_id: str, text: TextConfig, dtype: str, alignment: bool = True) -> str:
+    spec = {
+        "format": FEATURE_FORMAT,
+        "backbone": backbone_id,
+        "dataset": dataset_id,
+        "text": text.to_dict(),
+        "dtype": dtype,
+        "alignment": alignment,
+    }
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()
+
+
+def cache_name(key: str) -> str:
+    return f"features-{key[:16]}"
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def compute_features(
+    zoo: Zoo, backbone: Backbone, ds: Dataset, dataset_id: str, text: TextConfig, **options: Any
+) -> tuple[Artifact, FeatureSet]:
+    """The feature cache for (backbone, dataset, text settings): loaded if present, else computed
+    (`_compute_features`, whose keyword arguments `options` are). The work is claimed with a lock
+    file: a second process with the same key waits for the first, then reuses its finished cache."""
+    alignment = options.get("alignment", True)
+    key = cache_key(backbone.artifact_id, dataset_id, text, dtype_name(backbone.dtype), alignment)
+    existing = zoo.find(cache_name(key), kind="features")
+    if existing is not None:
+        return existing, load_feature_set(zoo, existing)
+    with zoo.claim(cache_name(key)):
+        return _compute_features(zoo, backbone, ds, dataset_id, text, **options)
+
+
+def _compute_features(
+    zoo: Zoo,
+    backbone: Backbone,
+    ds: Dataset,
+    dataset_id: str,
+    text: TextConfig,
+    *,
+    alignment: bool = True,
+    batch_tokens: int = 16384,
+    max_batch: int = 64,
+    shard_seconds: float = 120.0,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> tuple[Artifact, FeatureSet]:
+    """The feature cache for (backbone, dataset, text settings): loaded if present, else computed.
+
+    Work is written in shards under the zoo's tmp/ folder as it goes, one per `shard_seconds` of
+    compute; a rerun after a kill skips the batches the shards already hold. The finished cache is
+    one artifact (kind "features").
+    `on_start(total_tokens, total_samples)` and `on_progress(tokens, samples)` drive a progress bar.
+    """
+    import torch
+
+    key = cache_key(backbone.artifact_id, dataset_id, text, dtype_name(backbone.dtype), alignment)
+    existing = zoo.find(cache_name(key), kind="features")
+    if existing is not None:
+        return existing, load_feature_set(zoo, existing)
+
+    t0 = time.time()
+    model = backbone.st2si()
+    itok = ItemTokenizer.create(backbone.tokenizer, text)
+    item_tokens = itok.encode_items(ds.items)
+    if text.positions not in ("all", "newest"):
+        raise ValueError(f"positions must be all or newest, not {text.positions!r}")
+    samples = build_samples(
+        ds, itok, item_tokens, alignment=alignment, every_position=text.positions == "all"
+    )
+    lengths = [len(s.tokens) for s in samples]
+    batches = plan_batches(lengths, batch_tokens, max_batch)
+    stage = zoo.staging_dir(cache_name(key))
+    spec = {
+        "key": key,
+        "n_samples": len(samples),
+        "batch_tokens": batch_tokens,
+        "max_batch": max_batch,
+    }
+    spec_path = stage / "spec.json"
+    if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
+        for old in stage.glob("shard-*.safetensors"):  # shards of another plan cannot be reused
+            old.unlink()
+    spec_path.write_text(json.dumps(spec))
+
+    total_tokens = sum(lengths)
+    if on_start:
+        on_start(total_tokens, len(samples))
+    # Features land in one [P, d] matrix in sample order (no per-sample tensors: a million-item
+    # catalog has a million alignment samples); plan_rows maps batches to its rows.
+    first_row = torch.zeros(len(samples) + 1, dtype=torch.long)
+    first_row[1:] = torch.tensor([len(s.query_pos) for s in samples], dtype=torch.long).cumsum(0)
+    store: dict[int, Any] = {}
+
+    def matrix(d: int) -> Any:  # allocated at the first result: its width is the backbone's output width
+        if 0 not in store:
+            with torch.inference_mode(False):  # a plain tensor: head training indexes it under autograd
+                store[0] = torch.zeros(int(first_row[-1]), d)
+        return store[0]
+
+    done = resume_shards(stage, batches, first_row, matrix)
+    if on_progress and done:
+        on_progress(sum(lengths[i] for b in batches[:done] for i in b), sum(len(b) for b in batches[:done]))
+    computed_tokens = 0
+    with torch.inference_mode():
+        # A shard is a run of consecutive batches, closed once it holds `shard_seconds` of compute: sized
+        # by the work measured as it runs (not by sample count), so a kill loses at most about that much.
+        first, shard_t0 = done, time.perf_counter()
+        for j, b, h in run_batches(model, samples, batches, start=done):
+            matrix(h.shape[1])[plan_rows(first_row, [b])] = h
+            btok = sum(lengths[i] for i in b)
+            computed_tokens += btok
+            if on_progress:
+                on_progress(btok, len(b))
+            if j + 1 == len(batches) or time.perf_counter() - shard_t0 >= shard_seconds:
+                rows = plan_rows(first_row, batches[first : j + 1])
+                write_safetensors_atomic(
+                    {"feats": store[0][rows].to(backbone.dtype), "span": torch.tensor([first, j + 1])},
+                    stage / f"shard-{first:06d}.safetensors",  # named by its first batch: plan order
+                )
+                first, shard_t0 = j + 1, time.perf_counter()
+
+    seconds = time.time() - t0
+    fs = index_rows(samples)
+    fs.feats = matrix(backbone.hidden_size)
+    out = stage / "features.safetensors"
+    stored = fs.tensors()
+    stored["feats"] = fs.feats.to(backbone.dtype)  # bf16 features are exact in bf16
+    write_safetensors_atomic(stored, out)
+    meta = {
+        "key": key,
+        "inputs": {"backbone": backbone.artifact_id, "dataset": dataset_id},
+        "text": text.to_dict(),
+        "dtype": dtype_name(backbone.dtype),
+        "alignment": alignment,
+        "positions": int(fs.targets.numel()),
+        "samples": len(samples),
+        "hidden": int(fs.feats.shape[1]),
+        "timings": {
+            "seconds": round(seconds, 2),
+            "tokens": total_tokens,
+            "tokens_computed": computed_tokens,
+            "tokens_per_s": round(computed_tokens / seconds, 1) if seconds > 0 else None,
+            "batches": len(batches),
+            "padded_tokens": sum(len(b) * lengths[b[0]] for b in batches),
+        },
+        "versions": {"st2si": __version__, "torch": torch.__version__},
+    }
+    art = zoo.put(
+        "features",
+        {"features.safetensors": out},
+        meta,
+        name=cache_name(key),
+        identity={"key": key},
+        move=True,
+    )
+    import shutil
+
+    shutil.rmtree(stage, ignore_errors=True)
+    return art, fs
+
+
+def plan_rows(first_row: Any, batches: Sequence[Sequence[int]]) -> Any:
+    """Rows of the [P, d] feature matrix held by `batches` (samples in batch order, queries in order)."""
+    import torch
+
+    starts = [int(first_row[i]) for b in batches for i in b]
+    ends = [int(first_row[i + 1]) for b in batches for i in b]
+    if not starts:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(a, e) for a, e in zip(starts, ends)])
+
+
+def resume_shards(stage: Any, batches: list[list[int]], first_row: Any, matrix: Callable[[int], Any]) -> int:
+    """Copy the features of the shards on disk into `matrix(d)`; returns the first batch they do not cover.
+
+    Shards are read in order while each continues where the last ended; any other file (a different
+    plan, a damaged shard) is removed, so its batches are computed again.
+    """
+    from safetensors.torch import load_file
+
+    done = 0
+    for path in sorted(stage.glob("shard-*.safetensors")):
+        try:
+            loaded = load_file(str(path))
+            start, end = loaded["span"].tolist()
+        except Exception:  # noqa: BLE001 - an unreadable shard is recomputed, not fatal
+            start, end = -1, -1
+        rows = plan_rows(first_row, batches[start:end]) if start == done and end <= len(batches) else None
+        if rows is None or start >= end or loaded["feats"].shape[0] != rows.numel():
+            path.unlink()
+            continue
+        matrix(loaded["feats"].shape[1])[rows] = loaded["feats"].float()
+        done = end
+    return done
+
+
+def load_feature_set(zoo: Zoo, art: Artifact) -> FeatureSet:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from st2si_cli.zoo.decoding import decoding
+
+    path = zoo.file(art, "features.safetensors")
+    with decoding(art, "features.safetensors", (SafetensorError, RuntimeError)):
+        return FeatureSet.from_tensors(load_file(str(path)))
+
+
+class LiveFeatures:
+    """`features_of(rows)` that runs the backbone on the rows' samples: ILP tuning with the backbone in
+    the loop (the authors' way).
+
+    With the backbone frozen (no autograd), a sample's features are kept until `new_epoch()` (pass it
+    as train_head's `on_epoch`), so each history runs once per epoch, as in the authors' loop; with
+    autograd through a training backbone every call runs its samples. In eval mode it returns what
+    the cache holds, which the exactness test relies on. `samples_run` counts the forwards per sample.
+    """
+
+    def __init__(self, backbone: Backbone, samples: Sequence[Sample], fs: FeatureSet, max_batch: int = 64):
+        import torch
+
+        self.backbone, self.samples, self.fs, self.max_batch = backbone, samples, fs, max_batch
+        self.first_row = torch.zeros(len(samples) + 1, dtype=torch.long)
+        self.first_row[1:] = torch.tensor([len(s.targets) for s in samples]).cumsum(0)
+        self.kept: dict[int, Any] = {}
+        self.samples_run = 0
+
+    def new_epoch(self, record: Any = None) -> None:
+        self.kept.clear()
+
+    def __call__(self, rows: Any) -> Any:
+        import torch
+
+        model = self.backbone.st2si()
+        sample_ids = self.fs.sample[rows]
+        grad = torch.is_grad_enabled() and self.backbone.model.training
+        kept = {} if grad else self.kept
+        missing = sorted(set(sample_ids.tolist()) - kept.keys())
+        with torch.set_grad_enabled(grad):
+            for b0 in range(0, len(missing), self.max_batch):
+                ids = missing[b0 : b0 + self.max_batch]
+                kept.update(zip(ids, query_features(model, [self.samples[i] for i in ids])))
+        self.samples_run += len(missing)
+        return torch.stack([kept[int(s)][int(r - self.first_row[s])] for r, s in zip(rows, sample_ids)])
+
+
+def live_features(
+    backbone: Backbone, samples: Sequence[Sample], fs: FeatureSet, max_batch: int = 64
+) -> LiveFeatures:
+    """A `LiveFeatures` over `samples` (rows of `fs`)."""
+    return LiveFeatures(backbone, samples, fs, max_batch)

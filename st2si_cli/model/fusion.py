@@ -1,0 +1,64 @@
+"""The fusion of an ILP and sequence adapters over one feature cache: their log-probabilities mixed.
+
+    score(item) = w * log p_ILP(item) + (1 - w) * mean_k log p_adapter_k(item)
+
+The parts read different evidence: the ILP the language model's last query feature through a
+full-rank projection, the adapter the sequence of query features with item IDs and item text. Several
+adapters (e.g. trained from different seeds) are averaged as an ensemble before the mix. How w is
+chosen is `st2si_cli.heads.fusion`'s business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ILP_TENSOR = "ilp.weight"  # the ILP's weight among a fusion's tensors
+ADAPTER_PREFIX = "adapter."  # the first adapter's tensors; adapter{k}. for the k-th (k >= 1)
+
+
+def adapter_prefix(k: int) -> str:
+    return ADAPTER_PREFIX if k == 0 else f"adapter{k}."
+
+
+@dataclass
+class Fusion:
+    ilp_weight: Any  # [N, d]
+    adapters: list[Any]  # SequenceAdapters, eval mode
+    w: float  # weight of the ILP's log-probabilities
+
+    def mix(self, ilp_scores: Any, adapter_scores: list[Any]) -> Any:
+        import torch
+
+        adapters = torch.stack([torch.log_softmax(a.float(), 1) for a in adapter_scores]).mean(0)
+        return self.w * torch.log_softmax(ilp_scores.float(), 1) + (1 - self.w) * adapters
+
+    def score_histories(self, feats: list[Any], catalog_ids: list[list[int | None]]) -> Any:
+        """Scores [B, N] of histories given as query features (newest window) and catalog IDs."""
+        import torch
+
+        last = torch.stack([f[-1].float() for f in feats])
+        return self.mix(
+            last @ self.ilp_weight.float().T,
+            [a.score_histories(feats, catalog_ids) for a in self.adapters],
+        )
+
+    def tensors(self, adapter_tensors: list[dict[str, Any]]) -> dict[str, Any]:
+        """The tensors a fusion head stores: the ILP's, and each adapter's under its prefix."""
+        out = {ILP_TENSOR: self.ilp_weight.contiguous()}
+        for k, tensors in enumerate(adapter_tensors):
+            out.update({adapter_prefix(k) + n: v for n, v in tensors.items()})
+        return out
+
+
+def load_fusion(tensors: dict[str, Any], train: dict[str, Any], d_feat: int, n_items: int) -> Fusion:
+    """Rebuild a fusion from its stored tensors and training record ({"w", "adapter"[, "adapters"]})."""
+    from st2si_cli.model.adapter import load_adapter
+
+    configs = train.get("adapters") or [train["adapter"]]
+    adapters = []
+    for k, cfg in enumerate(configs):
+        prefix = adapter_prefix(k)
+        part = {n[len(prefix) :]: v for n, v in tensors.items() if n.startswith(prefix)}
+        adapters.append(load_adapter(part, cfg, d_feat, n_items))
+    return Fusion(tensors[ILP_TENSOR], adapters, float(train["w"]))
