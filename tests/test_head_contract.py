@@ -28,6 +28,9 @@ SMALL = {
     "ilp": HeadConfig(max_epochs=2),
     "ilp-text": HeadConfig(max_epochs=2, init="text"),
     "adapter": ADAPTER,
+    "sasrec": AdapterConfig(
+        hidden=16, layers=1, heads=2, max_len=8, batch_size=16, max_epochs=2, use_text=False
+    ),
     "fusion": FusionConfig(ilp=HeadConfig(max_epochs=2), adapters=[ADAPTER]),
 }
 NEW = [{"item": f"n{k}", "title": title} for k, title in enumerate(("red lamp", "glass mug", "steel clock"))]

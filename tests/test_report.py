@@ -113,7 +113,14 @@ def test_json_carries_the_same_content_and_agrees_with_eval(zoo):
     [line] = proc.stdout.splitlines()
     r = json.loads(line)
     assert [h["name"] for h in r["heads"]] == ["toy/ilp", "toy/ad"]
-    assert r["default_head"]["name"] == "toy/ad" and "newest" in r["default_head"]["reason"]
+    # the default head is the best on validation NDCG@10 (ties: the newest, toy/ad), and the page says so
+    valid = {h["name"]: h["valid"]["NDCG@10"] for h in r["heads"]}
+    best = "toy/ad" if valid["toy/ad"] >= valid["toy/ilp"] else "toy/ilp"
+    assert r["default_head"]["name"] == best == r["default_head"]["best_on_validation"]
+    assert r["default_head"]["reason"].startswith(
+        f"the best on validation NDCG@10 ({valid[best]:.4f}) of 2 heads"
+    )
+    assert not r["default_head"]["pinned"] and r["default_head"]["lm_over_id_only"] is None
     assert r["domain"]["items"] == 25 and r["domain"]["users"] == 40
     assert [u["user"] for u in r["users"]] == ["u3", "u7"]
     ds = read_dataset(zoo, "toy")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from st2si_cli.cli.options import (
@@ -32,7 +34,7 @@ from st2si_cli.cli.options import (
     query_token_option,
     seed_option,
 )
-from st2si_cli.cli.output import err, metrics_table, out, print_jsonl
+from st2si_cli.cli.output import err, metrics_table, out, print_jsonl, safe_text
 from st2si_cli.cli.reporting import RichReporter
 from st2si_cli.zoo.meta import HeadMeta
 
@@ -45,7 +47,8 @@ def adapt_cmd(
         "--head",
         help="ilp: the paper's item linear projection; "
         "ilp-text: ILP rows initialised from each item's text feature; adapter: "
-        "sequence adapter (SASRec over the LM's features, item text and IDs).",
+        "sequence adapter (SASRec over the LM's features, item text and IDs); sasrec: the same "
+        "adapter on item IDs only, the in-tool ID-only reference.",
     ),
     sweep: bool = typer.Option(
         False,
@@ -171,7 +174,7 @@ def adapt_cmd(
         )
     if hidden is not None and "hidden" not in fields:
         raise typer.BadParameter(
-            "sets the adapter's width: use it with --head adapter", param_hint="'--hidden'"
+            "sets the adapter's width: use it with --head adapter or --head sasrec", param_hint="'--hidden'"
         )
     if stride is not None and stride > max_items:
         raise typer.BadParameter(
@@ -246,6 +249,7 @@ def adapt_cmd(
                 "timings": hm.timings,
             }
         )
+        _say_default_and_reference(zoo, domain, head)
         return
     out.print(
         metrics_table(
@@ -259,6 +263,21 @@ def adapt_cmd(
         f"training {t['training_seconds']:.1f}s",
         markup=False,
     )
+    _say_default_and_reference(zoo, domain, head)
+
+
+def _say_default_and_reference(zoo: Any, domain: str, head: Any = None) -> None:
+    """On stderr: the domain's default head and why, and how `head` (default: the best LM head) does
+    against the domain's in-tool ID-only SASRec, where it has one."""
+    from st2si_cli.heads.choice import default_head, lm_over_id_only
+
+    choice = default_head(zoo, domain)
+    if choice is not None:
+        shown = f"Default head: {choice.head.name or choice.head.short_id}, {choice.reason}."
+        err.print(safe_text(shown), markup=False, soft_wrap=True)
+    line = lm_over_id_only(zoo, domain, head)
+    if line:
+        err.print(safe_text(line), markup=False, soft_wrap=True)
 
 
 def eval_cmd(
@@ -284,7 +303,8 @@ def eval_cmd(
 ) -> None:
     """Evaluate a head: NDCG@10, Recall@10, MRR, MRR@10 and text->ID accuracy (Acc@1, Acc@5).
 
-    Without --head, the domain's newest head (named on stderr).
+    Without --head, the domain's default head: the one pinned with `st2si zoo default`, else the best
+    on validation NDCG@10 (named on stderr, with why).
 
     \b
     Examples:
@@ -292,13 +312,15 @@ def eval_cmd(
       st2si eval --domain ml-100k --head ml-100k/smollm2-135m --split valid --protocol candidates-20 --json
     """
     from st2si_cli.adapt import FeatureOptions, evaluate
-    from st2si_cli.heads.choice import choose_head, metrics_record
+    from st2si_cli.heads.choice import choose_head, lm_over_id_only, metrics_record
 
     zoo = open_zoo(create=False)
     check_candidates(zoo, domain, protocol)
     choice = choose_head(zoo, domain, head)
     if head is None:
-        err.print(choice.describe(), markup=False, soft_wrap=True)
+        err.print(safe_text(choice.describe()), markup=False, soft_wrap=True)
+    if line := lm_over_id_only(zoo, domain, choice.head):
+        err.print(safe_text(line), markup=False, soft_wrap=True)
     reporter = RichReporter(quiet=json_out)
     try:
         result = evaluate(
@@ -368,6 +390,7 @@ def fuse_cmd(
                 "timings": hm.timings,
             }
         )
+        _say_default_and_reference(zoo, domain, head)
         return
     out.print(
         metrics_table(

@@ -120,6 +120,13 @@ zoo_app.command(
     "ls",
     epilog=_example("st2si zoo ls --kind head", "st2si zoo ls --domain ml-100k   # and its default head"),
 )(zoo_cmd.ls_cmd)
+zoo_app.command(
+    "default",
+    epilog=_example(
+        "st2si zoo default ml-100k   # which head answers, and why",
+        "st2si zoo default ml-100k ml-100k/fusion   # pin it; --clear unpins",
+    ),
+)(zoo_cmd.default_cmd)
 zoo_app.command("info", epilog=_example("st2si zoo info ml-100k", "st2si zoo info 3f2a9c --json"))(
     zoo_cmd.info_cmd
 )

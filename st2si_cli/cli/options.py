@@ -107,11 +107,12 @@ class Positions(StrEnum):
 
 
 class HeadKind(StrEnum):
-    """Heads `adapt` trains: ILP (random or text init) or sequence adapter."""
+    """Heads `adapt` trains: ILP (random or text init), sequence adapter, or ID-only SASRec."""
 
     ilp = "ilp"
     ilp_text = "ilp-text"
     adapter = "adapter"
+    sasrec = "sasrec"
 
 
 class Schedule(StrEnum):

@@ -17,7 +17,7 @@ from st2si_cli.cli.options import open_zoo, state
 from st2si_cli.cli.output import err, human_size, out, print_json, safe_text
 from st2si_cli.data.catalog import catalog_lines, catalog_summary
 from st2si_cli.errors import St2siError
-from st2si_cli.heads.choice import default_head
+from st2si_cli.heads.choice import default_head, lm_over_id_only, pin_default
 from st2si_cli.zoo.meta import BackboneMeta, DatasetMeta, Inputs, Metrics, RunMeta
 
 if TYPE_CHECKING:  # the store pulls in sqlite-utils: imported only when a command runs
@@ -142,7 +142,57 @@ def ls_cmd(
     )
     if domain and kind in (None, "head") and (choice := default_head(zoo, domain)):  # eval's and recommend's
         shown = safe_text(f"Default head: {choice.head.name or choice.head.short_id}, {choice.reason}.")
-        err.print(shown, markup=False)
+        err.print(shown, markup=False, soft_wrap=True)
+        if line := lm_over_id_only(zoo, domain):
+            err.print(safe_text(line), markup=False, soft_wrap=True)
+
+
+def default_cmd(
+    domain: str = typer.Argument(..., metavar="DOMAIN", help="The domain (dataset name)."),
+    head: str | None = typer.Argument(
+        None, metavar="[HEAD]", help="The head to pin as the default (name or ID); leave out to show it."
+    ),
+    clear: bool = typer.Option(False, "--clear", help="Unpin: the default is the best on validation again."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Show or pin the head `eval`, `recommend` and `report` use for a domain without --head.
+
+    Unpinned, the default is the best on validation NDCG@10 among the domain's heads of its current
+    catalog (ties: the newest)."""
+    if head is not None and clear:
+        raise typer.BadParameter("give a HEAD to pin or --clear, not both", param_hint="'--clear'")
+    if head is not None or clear:
+        zoo = open_zoo()
+        zoo.get(domain, kind="dataset")  # an unknown domain is an error, as elsewhere
+        before = pin_default(zoo, domain, head)
+        if before is not None:
+            err.print(
+                safe_text(f"Unpinned {before.name or before.short_id} ({before.short_id})."), markup=False
+            )
+    else:
+        zoo = open_zoo(create=False)
+    choice = default_head(zoo, domain)
+    if as_json:
+        print_json(
+            {
+                "domain": domain,
+                "head": choice.head.name if choice else None,
+                "head_id": choice.head.id if choice else None,
+                "pinned": bool(choice and choice.pinned),
+                "reason": choice.reason if choice else f"no head for domain {domain}",
+            }
+        )
+        return
+    if choice is None:
+        err.print(
+            safe_text(f"No head for domain {domain}: run `st2si adapt --domain {domain}`."), markup=False
+        )
+        return
+    h = choice.head
+    out.print(safe_text(f"{h.name or h.short_id} ({h.short_id})"), markup=False, soft_wrap=True)
+    err.print(safe_text(f"Default head of {domain}: {choice.reason}."), markup=False, soft_wrap=True)
+    if line := lm_over_id_only(zoo, domain):
+        err.print(safe_text(line), markup=False, soft_wrap=True)
 
 
 def _inputs(zoo: Zoo, art: Artifact) -> list[dict[str, Any]]:

@@ -19,19 +19,24 @@ from st2si_cli.zoo.store import Artifact, Zoo
 
 
 class AdapterKind(HeadKind):
-    name = "adapter"
+    """The sequence adapter (`use_text=True`), or with its text path off an ID-only SASRec ("sasrec")."""
+
     config_kind = "st2si-adapter-head"
     reads_every_query = True
+
+    def __init__(self, name: str = "adapter", *, use_text: bool = True) -> None:
+        self.name = name
+        self.use_text = use_text
 
     def default_config(self) -> Any:
         from st2si_cli.model.adapter import AdapterConfig
 
-        return AdapterConfig()
+        return AdapterConfig(use_text=self.use_text)
 
     def accepts(self, cfg: Any) -> bool:
         from st2si_cli.model.adapter import AdapterConfig
 
-        return isinstance(cfg, AdapterConfig)
+        return isinstance(cfg, AdapterConfig) and bool(cfg.use_text) == self.use_text
 
     def train(
         self, fs: Any, ds: Any, cfg: Any, *, reporter: Reporter, sweep_trials: int | None = None
@@ -44,6 +49,8 @@ class AdapterKind(HeadKind):
         from st2si_cli.train.sweep import ADAPTER_GRID, ADAPTER_SWEEP_BASE, train_maybe_swept
 
         cfg = cfg or self.default_config()
+        if bool(cfg.use_text) != self.use_text:
+            raise ValueError(f"a {self.name} head trains with use_text={self.use_text}")
 
         def train(c: Any) -> Any:
             return train_adapter(fs, ds.sequences, ds.n_items, c, on_epoch=reporter.epoch)
@@ -116,10 +123,13 @@ class AdapterKind(HeadKind):
         return new, {"method": "adapter item text" + (" + neighbour ID embedding" if placing.id_from else "")}
 
     def id_only(self, train: Any) -> bool:
-        return (train or {}).get("use_text") is False
+        return not self.use_text or (train or {}).get("use_text") is False
 
 
 ADAPTER = AdapterKind()
+# SASRec on item IDs inside the tool: the adapter with its text path off, the reference the LM heads are
+# shown against. It trains on the same feature cache's layout (rows, targets, roles) and reads no feature.
+SASREC = AdapterKind("sasrec", use_text=False)
 
 
 def adapter_last_scores(adapter: Any, fs: Any, windows: Any) -> tuple[Any, Any]:

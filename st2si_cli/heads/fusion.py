@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from st2si_cli.errors import MismatchError
-from st2si_cli.heads.adapter import ADAPTER
+from st2si_cli.heads.adapter import ADAPTER, SASREC
 from st2si_cli.heads.base import HeadKind, Placing, Trained, batched_top_k
 from st2si_cli.heads.ilp import ILP, ILP_KINDS
 from st2si_cli.heads.store import HeadOrigin, head_meta, head_text_config, load_head_tensors, store_head
@@ -55,7 +55,10 @@ class FusionKind(HeadKind):
         t0 = time.time()
         cfg = cfg or self.default_config()
         ilp = ILP.train(fs, ds, cfg.ilp, reporter=reporter, sweep_trials=sweep_trials)
-        parts = [ADAPTER.train(fs, ds, c, reporter=reporter, sweep_trials=sweep_trials) for c in cfg.adapters]
+        parts = [
+            (ADAPTER if c.use_text else SASREC).train(fs, ds, c, reporter=reporter, sweep_trials=sweep_trials)
+            for c in cfg.adapters
+        ]
         d_feat = int(fs.feats.shape[1])
         adapters = [load_adapter(p.tensors, p.meta["train"], d_feat, ds.n_items) for p in parts]
         fusion = Fusion(ilp.tensors["weight"].float(), adapters, 0.0)
@@ -263,7 +266,7 @@ def _check_parts(ilp: Artifact, adapters: list[Artifact]) -> str:
         raise MismatchError(f"fuse needs an ILP head first, not a {ilp_kind} head ({ilp.name})")
     for adapter in adapters:
         kind = HeadMeta.of(adapter).kind
-        if kind != ADAPTER.name:
+        if kind not in (ADAPTER.name, SASREC.name):
             raise MismatchError(f"fuse mixes adapter heads with the ILP, not a {kind} head")
         for key in ("backbone", "dataset", "catalog_hash", "text"):
             if ilp.meta.get(key) != adapter.meta.get(key):

@@ -9,21 +9,21 @@ from __future__ import annotations
 from typing import Any
 
 from st2si_cli.errors import MismatchError
-from st2si_cli.heads.adapter import ADAPTER
+from st2si_cli.heads.adapter import ADAPTER, SASREC
 from st2si_cli.heads.base import HeadKind
 from st2si_cli.heads.fusion import FUSION
 from st2si_cli.heads.ilp import ILP, ILP_TEXT
 from st2si_cli.zoo.meta import HeadMeta
 from st2si_cli.zoo.store import Artifact, Zoo
 
-REGISTRY: tuple[HeadKind, ...] = (ILP, ILP_TEXT, ADAPTER, FUSION)
+REGISTRY: tuple[HeadKind, ...] = (ILP, ILP_TEXT, ADAPTER, SASREC, FUSION)
 DEFAULT = ILP  # what `adapt` trains without --head: the paper's ILP
 KINDS = tuple(kind.name for kind in REGISTRY)
 _BY_NAME = {kind.name: kind for kind in REGISTRY}
 
 
 def get_kind(name: str) -> HeadKind:
-    """The kind called `name` (ilp, ilp-text, adapter, fusion)."""
+    """The kind called `name` (ilp, ilp-text, adapter, sasrec, fusion)."""
     try:
         return _BY_NAME[name]
     except KeyError:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from st2si_cli import __version__
-from st2si_cli.errors import MismatchError, ZooError
+from st2si_cli.errors import MismatchError
 from st2si_cli.model.text import TextConfig
 from st2si_cli.zoo.meta import HeadMeta
 from st2si_cli.zoo.store import Artifact, Zoo
@@ -91,13 +91,11 @@ def load_head_tensors(zoo: Zoo, art: Artifact) -> dict[str, Any]:
 
 
 def find_head(zoo: Zoo, domain: str, ref: str | None = None) -> Artifact:
-    """`ref` if given, else the domain's newest head."""
-    if ref:
-        return zoo.get(ref, kind="head")
-    art = zoo.newest("head", domain)
-    if art is None:
-        raise ZooError(f"no head for domain {domain!r}: run `st2si adapt --domain {domain}` first")
-    return art
+    """`ref` if given, else the domain's default head (`heads.choice.default_head`: the pinned one,
+    else the best on validation)."""
+    from st2si_cli.heads.choice import choose_head
+
+    return choose_head(zoo, domain, ref).head
 
 
 def load_head_weight(zoo: Zoo, art: Artifact) -> Any:

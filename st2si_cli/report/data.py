@@ -180,7 +180,7 @@ def build_report(
     (beyond-accuracy metrics and top-k lists); without it, the records only."""
     from st2si_cli.adapt import read_dataset
     from st2si_cli.data.catalog import retired_items
-    from st2si_cli.heads.choice import default_head
+    from st2si_cli.heads.choice import default_head, lm_over_id_only
     from st2si_cli.metrics.beyond import beyond_accuracy, training_popularity
 
     if k < 1:
@@ -226,8 +226,8 @@ def build_report(
                     lists = {"items": top.items, "scores": top.scores, "ranks": top.ranks}
         records.append(rec)
 
-    best = max(
-        (r for r in records if CURVE_METRIC in r["valid"]),
+    best = max(  # ties: the newest, as the default head's rule (records are oldest first)
+        (r for r in reversed(records) if CURVE_METRIC in r["valid"]),
         key=lambda r: r["valid"][CURVE_METRIC],
         default=None,
     )
@@ -271,6 +271,8 @@ def build_report(
             "id": default_id,
             "reason": choice.reason if choice else "the domain has no head",
             "best_on_validation": best["name"] if best else None,
+            "pinned": bool(choice and choice.pinned),
+            "lm_over_id_only": lm_over_id_only(zoo, domain),
         },
         "reference": (
             {"name": reference["name"], "valid": reference["valid"], "test": reference["test"]}

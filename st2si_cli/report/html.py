@@ -182,15 +182,23 @@ def _heads(r: dict[str, Any]) -> str:
     notes = [h for h in r["heads"] if h["beyond_note"]]
     dh = r["default_head"]
     why = f"<b>Default head: {escape(str(dh['name']))}</b>, {escape(dh['reason'])}. "
-    why += "Without <code>--head</code>, <code>eval</code> and <code>recommend</code> use the domain's newest head."
+    why += (
+        "Without <code>--head</code>, <code>eval</code> and <code>recommend</code> use the domain's default "
+        "head: the one pinned with <code>st2si zoo default</code>, else the best on validation NDCG@10."
+    )
     if dh["best_on_validation"] and dh["best_on_validation"] != dh["name"]:
-        why += f" Best on validation NDCG@10: <b>{escape(dh['best_on_validation'])}</b> (pin it with <code>--head</code>)."
+        why += (
+            f" Best on validation NDCG@10: <b>{escape(dh['best_on_validation'])}</b> "
+            "(<code>st2si zoo default DOMAIN --clear</code> makes the best the default)."
+        )
     elif dh["best_on_validation"]:
         why += " It is also the best on validation NDCG@10."
     ref = r["reference"]
     reftext = (
         f'<p class="note">Reference: <b>{escape(ref["name"])}</b>, the in-tool ID-only SASRec (a sequence adapter '
-        f"without item text); test NDCG@10 {_num(ref['test'].get('NDCG@10'))}.</p>"
+        f"without item text); test NDCG@10 {_num(ref['test'].get('NDCG@10'))}."
+        + (f" {escape(dh['lm_over_id_only'])}." if dh.get("lm_over_id_only") else "")
+        + "</p>"
         if ref
         else ""
     )

@@ -14,6 +14,11 @@ import sqlite_utils
 from st2si_cli.errors import ZooError
 from st2si_cli.zoo.artifact import Artifact, input_ids
 
+# The names table also records each domain's pinned default head (`st2si zoo default`): a row of this
+# kind, named after the domain, pointing at the head. It is no name of the head: lookups by name and
+# `names_of` leave such rows out (and manifests keep them, so a rebuilt index keeps the pin).
+PIN_KIND = "default-head"
+
 
 class Lookups:
     """The reading half of `Zoo`."""
@@ -44,16 +49,23 @@ class Lookups:
         art = self.find(ref, kind)
         if art is None:
             what = f"{kind} " if kind else ""
-            others = sorted({k for (k,) in self.db.execute("SELECT kind FROM names WHERE name = ?", [ref])})
+            others = sorted(
+                {
+                    k
+                    for (k,) in self.db.execute(
+                        "SELECT kind FROM names WHERE name = ? AND kind != ?", [ref, PIN_KIND]
+                    )
+                }
+            )
             hint = f" (there is a {' and a '.join(others)} with that name)" if kind and others else ""
             raise ZooError(f"no {what}artifact named {ref!r} in the zoo at {self.root}{hint}")
         return art
 
     def find(self, ref: str, kind: str | None = None) -> Artifact | None:
         """Names are per kind: without `kind`, a name that several kinds use is ambiguous."""
-        sql, args = "SELECT kind, artifact FROM names WHERE name = ?", [ref]
+        sql, args = "SELECT kind, artifact FROM names WHERE name = ? AND kind != ?", [ref, PIN_KIND]
         if kind:
-            sql, args = sql + " AND kind = ?", [ref, kind]
+            sql, args = sql + " AND kind = ?", [ref, PIN_KIND, kind]
         rows = self.db.execute(sql + " ORDER BY kind", args).fetchall()
         if len(rows) > 1:
             kinds = " and a ".join(k for k, _ in rows)
@@ -86,8 +98,17 @@ class Lookups:
     def names_of(self, art: Artifact | str) -> list[str]:
         """Every name that points at the artifact, most recently set first."""
         art_id = art if isinstance(art, str) else art.id
-        rows = self.db["names"].rows_where("artifact = ?", [art_id], order_by="updated desc, name")
+        rows = self.db["names"].rows_where(
+            "artifact = ? AND kind != ?", [art_id, PIN_KIND], order_by="updated desc, name"
+        )
         return [r["name"] for r in rows]
+
+    def pinned_head(self, domain: str) -> Artifact | None:
+        """The head pinned as `domain`'s default (`st2si zoo default`), if any and still in the zoo."""
+        row = self.db.execute(
+            "SELECT artifact FROM names WHERE kind = ? AND name = ?", [PIN_KIND, domain]
+        ).fetchone()
+        return self._by_id(row[0]) if row is not None else None
 
     def dependents(self, art: Artifact) -> list[Artifact]:
         """Artifacts whose meta["inputs"] lists this one's ID."""

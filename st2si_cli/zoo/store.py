@@ -40,7 +40,7 @@ from st2si_cli.zoo.artifact import (
 )
 from st2si_cli.zoo.integrity import check_blob, stat_key
 from st2si_cli.zoo.locks import FileLock, tmp_prefix
-from st2si_cli.zoo.lookup import Lookups
+from st2si_cli.zoo.lookup import PIN_KIND, Lookups
 from st2si_cli.zoo.schema import DamagedIndexError, migrations, open_index, write_txn
 from st2si_cli.zoo.views import build_private_view, build_view
 
@@ -304,6 +304,21 @@ class Zoo(Lookups):
         with write_txn(self.db):
             displaced = self._name(name, art.kind, art.id)
         self._sync_manifests(art.id, displaced)
+
+    def pin_head(self, domain: str, head: Artifact | None) -> Artifact | None:
+        """Pin `head` as `domain`'s default head (None: unpin); the head pinned before, if another."""
+        self.require_writable(f"change the default head of {domain}")
+        with write_txn(self.db):
+            row = self.db.execute(
+                "SELECT artifact FROM names WHERE kind = ? AND name = ?", [PIN_KIND, domain]
+            ).fetchone()
+            before = row[0] if row is not None else None
+            if head is None:
+                self.db.execute("DELETE FROM names WHERE kind = ? AND name = ?", [PIN_KIND, domain])
+            else:
+                self._name(domain, PIN_KIND, head.id)
+        self._sync_manifests(before, head.id if head is not None else None)
+        return self._by_id(before) if before and (head is None or before != head.id) else None
 
     def _checked(self, art: Artifact, fname: str, sha: str) -> Path:
         def describe() -> str:
