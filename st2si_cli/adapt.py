@@ -171,8 +171,9 @@ def evaluate(
 
     The features are computed in `feature_opts.dtype`; None (and no `feature_opts`): the dtype the head
     was trained on, so the head's own feature cache is used and its recorded metrics are reproduced."""
+    from st2si_cli.heads.choice import choose_head
     from st2si_cli.heads.registry import kind_of, user_ranks
-    from st2si_cli.heads.store import check_compatible, find_head, head_text_config
+    from st2si_cli.heads.store import check_compatible, head_text_config
     from st2si_cli.metrics import RankingProtocol, metrics_from_ranks
     from st2si_cli.model.samples import TEST, VALID
     from st2si_cli.train.head import alignment_accuracy
@@ -181,7 +182,7 @@ def evaluate(
         raise St2siError(f"split must be valid or test, not {split!r}")
     candidates = protocol_candidates(protocol)
     t0 = time.time()
-    head = find_head(zoo, domain, head_ref)
+    head = choose_head(zoo, domain, head_ref).head
     meta = HeadMeta.of(head)
     dataset_art = zoo.get(domain, kind="dataset")
     bb_art = zoo.get(backbone or meta.backbone or "", kind="backbone")

@@ -90,14 +90,6 @@ def load_head_tensors(zoo: Zoo, art: Artifact) -> dict[str, Any]:
     return load_file(str(zoo.file(art, "head.safetensors")))
 
 
-def find_head(zoo: Zoo, domain: str, ref: str | None = None) -> Artifact:
-    """`ref` if given, else the domain's default head (`heads.choice.default_head`: the pinned one,
-    else the best on validation)."""
-    from st2si_cli.heads.choice import choose_head
-
-    return choose_head(zoo, domain, ref).head
-
-
 def load_head_weight(zoo: Zoo, art: Artifact) -> Any:
     """The ILP weight [N, d] of an ILP head (a MismatchError for heads of other kinds)."""
     tensors = load_head_tensors(zoo, art)
