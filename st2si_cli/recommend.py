@@ -185,6 +185,7 @@ class RecommendModel:
             dtype=opts.dtype or meta.dtype or "auto",
             device=opts.device,
             query=text.query,
+            inference_only=True,
         )
         self.kind = kind_of(head)
         self.scorer = self.kind.load(zoo, head)

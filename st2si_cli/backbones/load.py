@@ -21,10 +21,15 @@ class Backbone:
     artifact_id: str
     name: str | None
     dtype: Any  # torch.dtype
+    packed_only: bool = False  # `model` is a PackedLlama (inference features only, no transformers module)
     _st2si: Any = field(default=None, init=False, repr=False)
 
     def st2si(self) -> Any:
         """The ST2SI module around this backbone, without an ILP: `hidden_at(samples)` for features."""
+        if self._st2si is None and self.packed_only:
+            from st2si_cli.model.fast import PackedST2SI
+
+            self._st2si = PackedST2SI(self.model)
         if self._st2si is None:
             from st2si_cli.model.st2si import ST2SI
             from st2si_cli.model.text import pad_token_id
@@ -89,9 +94,24 @@ def check_device(device: str) -> None:
 
 
 def load_backbone(
-    zoo: Zoo, ref: str, *, dtype: str = "auto", device: str = "cpu", query: str = "dot"
+    zoo: Zoo,
+    ref: str,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    query: str = "dot",
+    inference_only: bool = False,
 ) -> Backbone:
-    """Load a backbone artifact from the zoo as a base model in eval mode."""
+    """Load a backbone artifact from the zoo as a base model in eval mode.
+
+    `inference_only`: the caller needs only `st2si().hidden_at` under inference mode and the tokenizer;
+    a plain Llama folder is then loaded without transformers (`backbones/fast_load.py`: weights
+    memory-mapped, the same features and token IDs), anything else as below.
+    """
+    if inference_only and device == "cpu":
+        fast = _load_inference_only(zoo, ref, dtype, query)
+        if fast is not None:
+            return fast
 
     from st2si_cli.backbones.hf import quiet_transformers
 
@@ -126,6 +146,38 @@ def load_backbone(
         artifact_id=art.id,
         name=art.name,
         dtype=torch_dtype,
+    )
+
+
+def _load_inference_only(zoo: Zoo, ref: str, dtype: str, query: str) -> Backbone | None:
+    import os
+
+    from st2si_cli.backbones.fast_load import load_fast
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    art = zoo.get(ref, kind="backbone")
+    folder = zoo.view(art)
+    torch_dtype = resolve_dtype(dtype, "cpu")
+    hf.refuse_custom_code(folder)
+    try:
+        got = load_fast(folder, torch_dtype, "cpu", query)
+    except (OSError, ValueError):
+        if zoo.find(art.id, kind="backbone") is None or not folder.is_dir():  # lost a race with `zoo rm`
+            raise ZooError(
+                f"backbone {art.name or art.short_id} was removed from the zoo while loading"
+            ) from None
+        raise
+    if got is None:
+        return None
+    packed, tokenizer = got
+    return Backbone(
+        model=packed,
+        tokenizer=tokenizer,
+        hidden_size=int(packed.embed.shape[1]),
+        artifact_id=art.id,
+        name=art.name,
+        dtype=torch_dtype,
+        packed_only=True,
     )
 
 

@@ -49,6 +49,7 @@ Environment variables:
   ST2SI_DEBUG=1      show tracebacks instead of one-line errors
   ST2SI_NO_PROGRESS  no progress bars (they are drawn only when stderr is a terminal)
   ST2SI_OP_BUILD_WAIT_S  seconds to wait for another process's DeepSpeed op build (default 300)
+  ST2SI_NO_FAST_LOAD=1   recommend loads the backbone through transformers (the packed fast path off)
 """
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}

@@ -96,6 +96,52 @@ class PackedLlama:
                         down_bias=m.down_proj.bias,
                     )
                 )
+        self.embed = backbone.embed_tokens.weight.detach()
+        self.final_norm = backbone.norm.weight.detach()
+        self.rope = backbone.rotary_emb  # (x, positions [1, T]) -> cos, sin [1, T, hd]
+
+    @classmethod
+    def from_weights(
+        cls, cfg: dict[str, Any], weights: dict[str, Tensor], dtype: torch.dtype, rope_theta: float
+    ) -> PackedLlama:
+        """From a base model's state dict (names without the `model.` prefix) and its config.json,
+        without building the transformers module: the same fused weights in `dtype`, and RoPE tables
+        computed as transformers' LlamaRotaryEmbedding computes them ('default' RoPE)."""
+        self = cls.__new__(cls)
+        self.model = None
+        self.heads = int(cfg["num_attention_heads"])
+        self.kv_heads = int(cfg.get("num_key_value_heads") or self.heads)
+        self.head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // self.heads)
+        self.eps = float(cfg["rms_norm_eps"])
+
+        def w(name: str) -> Tensor:
+            t = weights[name]
+            return t if t.dtype == dtype else t.to(dtype)
+
+        self.layers = []
+        with torch.no_grad():
+            for i in range(int(cfg["num_hidden_layers"])):
+                p = f"layers.{i}."
+                self.layers.append(
+                    _Layer(
+                        norm1=w(p + "input_layernorm.weight"),
+                        qkv=cat_rows([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+                        qkv_bias=None,
+                        o=w(p + "self_attn.o_proj.weight"),
+                        o_bias=None,
+                        norm2=w(p + "post_attention_layernorm.weight"),
+                        gate_up=cat_rows([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                        gate_up_bias=None,
+                        down=w(p + "mlp.down_proj.weight"),
+                        down_bias=None,
+                    )
+                )
+        self.embed = w("embed_tokens.weight")
+        self.final_norm = w("norm.weight")
+        dim = self.head_dim
+        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.rope = _DefaultRope(inv_freq)
+        return self
 
     def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
         # LlamaRMSNorm: statistics in fp32, normalised value back in the input dtype, then the weight.
@@ -117,15 +163,14 @@ class PackedLlama:
     def _run(self, samples: Sequence[Sample], stop: int, queries: bool) -> Tensor:
         """Layers 0..stop-1 on the packed tokens; with `queries`, all layers, the last one on the query
         rows only, and the final norm."""
-        m = self.model
-        device = m.embed_tokens.weight.device
+        device = self.embed.device
         lengths = [len(s.tokens) for s in samples]
         ids = torch.tensor([t for s in samples for t in s.tokens], dtype=torch.long, device=device)
         pos = torch.cat([torch.arange(n, device=device) for n in lengths])  # [T], restarts per sample
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
-        x = m.embed_tokens(ids)  # [T, d]
+        x = F.embedding(ids, self.embed)  # [T, d]
         if stop == 0:
             return x
         rows = None
@@ -136,7 +181,7 @@ class PackedLlama:
                 device=device,
             )
         groups = attention_groups(lengths, starts, device)
-        cos, sin = m.rotary_emb(x, pos[None])  # [1, T, hd] each, x's dtype
+        cos, sin = self.rope(x, pos[None])  # [1, T, hd] each, x's dtype
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, hd]
         h, kv, hd = self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(self.layers[:stop]):
@@ -151,7 +196,7 @@ class PackedLlama:
             gu = F.linear(self._norm(x, layer.norm2), layer.gate_up, layer.gate_up_bias)
             gate, up = gu.chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
-        return self._norm(x, m.norm.weight) if queries else x
+        return self._norm(x, self.final_norm) if queries else x
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, groups: list[_Group]) -> Tensor:
         """Causal attention per sample: packed [T, heads, hd] -> per group of similar lengths, padded
@@ -209,6 +254,30 @@ def attention_groups(lengths: list[int], starts: list[int], device: Any, fill: f
     return groups
 
 
+class _DefaultRope:
+    """transformers' LlamaRotaryEmbedding.forward for 'default' RoPE (attention scaling 1.0), op for op."""
+
+    def __init__(self, inv_freq: Tensor):
+        self.inv_freq = inv_freq
+
+    def __call__(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * 1.0
+        sin = emb.sin() * 1.0
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+class PackedST2SI:
+    """The feature pass of an ST2SI module without an ILP, on a PackedLlama alone (inference only)."""
+
+    def __init__(self, packed: PackedLlama):
+        self.packed = packed
+
+    def hidden_at(self, samples: Sequence[Sample]) -> Tensor:
+        return self.packed.query_states(samples)
+
+
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [T, heads, hd] rotated by the per-token angles (transformers' rotate_half convention)."""
     half = x.shape[-1] // 2
@@ -233,4 +302,29 @@ def packed_for(backbone: nn.Module, cache: dict[str, Any]) -> PackedLlama | None
     return cache["packed"]
 
 
-__all__ = ["PackedLlama", "packed_for", "supports"]
+__all__ = ["PackedLlama", "PackedST2SI", "packed_for", "supports"]
+
+
+def cat_rows(parts: list[Any]) -> Any:
+    """torch.cat(parts) (2-D, along rows); a view without a copy where the parts already lie one after
+    another in one storage (gate_proj and up_proj do in a safetensors file: its names are sorted)."""
+    import torch
+
+    first = parts[0]
+    adjacent = all(p.is_contiguous() and p.dtype == first.dtype for p in parts)
+    if adjacent:
+        storage = first.untyped_storage().data_ptr()
+        end = first.data_ptr() + first.nbytes
+        for p in parts[1:]:
+            if (
+                p.untyped_storage().data_ptr() != storage
+                or p.data_ptr() != end
+                or p.shape[1:] != first.shape[1:]
+            ):
+                adjacent = False
+                break
+            end += p.nbytes
+    if not adjacent:
+        return torch.cat(parts)
+    rows = sum(p.shape[0] for p in parts)
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
