@@ -182,7 +182,7 @@ def evaluate(
         raise St2siError(f"split must be valid or test, not {split!r}")
     candidates = protocol_candidates(protocol)
     t0 = time.time()
-    head = choose_head(zoo, domain, head_ref).head
+    head = choose_head(zoo, domain, head_ref, backbone).head
     meta = HeadMeta.of(head)
     dataset_art = zoo.get(domain, kind="dataset")
     bb_art = zoo.get(backbone or meta.backbone or "", kind="backbone")

@@ -302,3 +302,28 @@ def test_no_lm_over_id_only_line_without_an_id_only_head(tmp_path):
     proc = cli(zoo, "zoo", "ls", "--domain", "toy")
     assert "LM over ID-only" not in proc.stderr
     assert "Default head: toy/ilp, the only head for domain toy." in proc.stderr
+
+
+def test_a_backbone_given_without_a_head_picks_among_that_backbones_heads(zoo):
+    """`eval --backbone B` without `--head`: the default among the heads trained on B (the best on
+    validation overall may be another backbone's); none on B is a one-line mismatch."""
+    from st2si_cli.errors import MismatchError
+    from st2si_cli.heads.choice import choose_head
+
+    fp32 = FeatureOptions(dtype="fp32")
+    opt = adapt(zoo, "toy", backbone="tiny-opt", head_cfg=HeadConfig(max_epochs=1), feature_opts=fp32)
+    choice = choose_head(zoo, "toy", backbone="tiny-opt")
+    assert choice.head.id == opt.id and "on backbone" in choice.describe()
+    with pytest.raises(MismatchError, match="no head of domain toy was trained on backbone tiny-llama"):
+        choose_head(zoo, "toy", backbone="tiny-llama")
+    llama = adapt(
+        zoo,
+        "toy",
+        backbone="tiny-llama",
+        head_cfg=HeadConfig(max_epochs=1),
+        feature_opts=fp32,
+        name="toy/llama",
+    )
+    assert choose_head(zoo, "toy", backbone="tiny-llama").head.id == llama.id
+    assert choose_head(zoo, "toy", backbone="tiny-opt").head.id == opt.id
+    assert evaluate(zoo, "toy", backbone="tiny-llama", feature_opts=fp32)["head_id"] == llama.id

@@ -316,7 +316,7 @@ def eval_cmd(
 
     zoo = open_zoo(create=False)
     check_candidates(zoo, domain, protocol)
-    choice = choose_head(zoo, domain, head)
+    choice = choose_head(zoo, domain, head, backbone)
     if head is None:
         err.print(safe_text(choice.describe()), markup=False, soft_wrap=True)
     if line := lm_over_id_only(zoo, domain, choice.head):

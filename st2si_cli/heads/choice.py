@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from st2si_cli.errors import ZooError
+from st2si_cli.errors import MismatchError, ZooError
 from st2si_cli.zoo.meta import DatasetMeta, HeadMeta, Inputs
 from st2si_cli.zoo.store import Artifact, Zoo
 
@@ -92,9 +92,14 @@ def _current_version(zoo: Zoo, domain: str, pinned: Artifact, heads: list[Artifa
     return None
 
 
-def default_head(zoo: Zoo, domain: str) -> HeadChoice | None:
-    """The head a command uses for `domain` when none is given, with the reason; None if it has none."""
+def default_head(zoo: Zoo, domain: str, backbone: str | None = None) -> HeadChoice | None:
+    """The head a command uses for `domain` when none is given, with the reason; None if it has none.
+    `backbone` (an artifact ID): only heads trained on that backbone count."""
     heads = current_heads(zoo, domain)
+    label = domain
+    if backbone is not None:
+        heads = [h for h in heads if HeadMeta.of(h).backbone == backbone]
+        label = f"{domain} on backbone {backbone[:12]}"
     if not heads:
         return None
     pinned = zoo.pinned_head(domain)
@@ -109,23 +114,31 @@ def default_head(zoo: Zoo, domain: str) -> HeadChoice | None:
     n = len(heads)
     best = best_on_validation(heads)
     if n == 1:
-        return HeadChoice(heads[0], f"the only head for domain {domain}{stale}")
+        return HeadChoice(heads[0], f"the only head for domain {label}{stale}")
     if best is None:
         return HeadChoice(
-            heads[0], f"the newest of {n} heads for domain {domain}, none with validation {METRIC}{stale}"
+            heads[0], f"the newest of {n} heads for domain {label}, none with validation {METRIC}{stale}"
         )
     scored = sum(valid_score(h) is not None for h in heads)
     of = f"{n} heads" if scored == n else f"{scored} heads with validation metrics ({n - scored} without)"
     return HeadChoice(
-        best, f"the best on validation {METRIC} ({valid_score(best):.4f}) of {of} for domain {domain}{stale}"
+        best, f"the best on validation {METRIC} ({valid_score(best):.4f}) of {of} for domain {label}{stale}"
     )
 
 
-def choose_head(zoo: Zoo, domain: str, ref: str | None = None) -> HeadChoice:
-    """`ref` if given, else the domain's default head (see `default_head`)."""
+def choose_head(zoo: Zoo, domain: str, ref: str | None = None, backbone: str | None = None) -> HeadChoice:
+    """`ref` if given, else the domain's default head (see `default_head`); `backbone` (a name or ID):
+    the default among the heads trained on that backbone."""
     if ref:
         return HeadChoice(zoo.get(ref, kind="head"), "given by --head")
-    choice = default_head(zoo, domain)
+    bb_id = zoo.get(backbone, kind="backbone").id if backbone else None
+    choice = default_head(zoo, domain, bb_id)
+    if choice is None and bb_id is not None and (other := default_head(zoo, domain)) is not None:
+        raise MismatchError(
+            f"no head of domain {domain} was trained on backbone {backbone} (the default one, "
+            f"{other.head.name or other.head.short_id}, uses another): pass --head, or adapt one with "
+            f"--backbone {backbone}"
+        )
     if choice is None:
         raise ZooError(f"no head for domain {domain!r}: run `st2si adapt --domain {domain}` first")
     return choice
