@@ -172,7 +172,7 @@ def evaluate(
     The features are computed in `feature_opts.dtype`; None (and no `feature_opts`): the dtype the head
     was trained on, so the head's own feature cache is used and its recorded metrics are reproduced."""
     from st2si_cli.heads.choice import choose_head
-    from st2si_cli.heads.registry import kind_of, user_ranks
+    from st2si_cli.heads.registry import kind_of
     from st2si_cli.heads.store import check_compatible, head_text_config
     from st2si_cli.metrics import RankingProtocol, metrics_from_ranks
     from st2si_cli.model.samples import TEST, VALID
@@ -207,10 +207,16 @@ def evaluate(
         "split": split,
         "protocol": RankingProtocol(ties, mask_history, ks, ranking=protocol).record(),
     }
-    if candidates is None:
-        ranks = user_ranks(zoo, head, fs, ds.sequences, role, ties=ties, mask_history=mask_history)
-        result["metrics"] = metrics_from_ranks(ranks, ks)
-        result["metrics"].update(_beyond(zoo, head, fs, ds, dataset_art, role, ks, ties, mask_history))
+    if candidates is None:  # one scoring pass: the ranks and the top-k lists of the same scores
+        from st2si_cli.data.catalog import retired_items
+        from st2si_cli.heads.top_lists import beyond_metrics, user_top_k
+
+        never = retired_items(zoo, dataset_art)  # listed never, ranked as ever
+        top = user_top_k(
+            zoo, head, fs, ds.sequences, role, max(ks), ties=ties, mask_history=mask_history, never=never
+        )
+        result["metrics"] = metrics_from_ranks(top.ranks, ks)
+        result["metrics"].update(beyond_metrics(top, ds.sequences, ks, int(meta.n_items or ds.n_items)))
     elif weight is None:
         raise St2siError(f"protocol {protocol} scores ILP heads only; {head.name} is a {kind.name} head")
     else:
@@ -220,25 +226,6 @@ def evaluate(
         result["metrics"].update(alignment_accuracy(weight, fs))
     result["seconds"] = round(time.time() - t0, 2)
     return result
-
-
-def _beyond(
-    zoo: Zoo,
-    head: Artifact,
-    fs: Any,
-    ds: Any,
-    dataset_art: Artifact,
-    role: int,
-    ks: Any,
-    ties: str,
-    mask: bool,
-) -> dict[str, float]:
-    """Beyond-accuracy metrics of the head's top-k lists (`st2si_cli.metrics.beyond`; retired items never listed)."""
-    from st2si_cli.data.catalog import retired_items
-    from st2si_cli.heads.top_lists import beyond_metrics
-
-    never = retired_items(zoo, dataset_art)
-    return beyond_metrics(zoo, head, fs, ds.sequences, role, ks, ties=ties, mask_history=mask, never=never)
 
 
 def _candidate_metrics(

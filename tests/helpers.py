@@ -58,6 +58,17 @@ def quick_head(zoo: Zoo, domain: str = "toy", **kwargs: Any) -> Any:
     )
 
 
+def quick_adapter(zoo: Zoo, domain: str = "toy", *, name: str, max_epochs: int = 2) -> Any:
+    """A small sequence adapter head on the same fp32 tiny-opt features as `quick_head`."""
+    from st2si_cli.adapt import FeatureOptions, adapt
+    from st2si_cli.model.adapter import AdapterConfig
+
+    cfg = AdapterConfig(hidden=16, layers=1, heads=2, max_len=8, batch_size=16, max_epochs=max_epochs)
+    return adapt(
+        zoo, domain, backbone="tiny-opt", head_cfg=cfg, feature_opts=FeatureOptions(dtype="fp32"), name=name
+    )
+
+
 def write_generic_source(folder: str | Path, n_users: int = 10, seed: int = 0) -> Path:
     """A generic-format source folder (items.csv + interactions.csv) holding a synthetic dataset."""
     ds = synthetic_dataset(n_users=n_users, seed=seed)

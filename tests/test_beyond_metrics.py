@@ -9,15 +9,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from helpers import build_zoo, quick_head, run_cli, synthetic_dataset
+from helpers import build_zoo, quick_adapter, quick_head, run_cli, synthetic_dataset
 
-from st2si_cli.adapt import FeatureOptions, adapt, evaluate
+from st2si_cli.adapt import evaluate
 from st2si_cli.features.cache import load_feature_set
 from st2si_cli.heads.fusion import fuse_heads
 from st2si_cli.heads.registry import user_ranks
 from st2si_cli.heads.top_lists import user_top_k
 from st2si_cli.metrics.beyond import NAMES, beyond_accuracy, tail_items, training_popularity
-from st2si_cli.model.adapter import AdapterConfig
 from st2si_cli.model.samples import TEST, VALID
 from st2si_cli.model.scoring import top_k
 from st2si_cli.zoo.meta import Inputs
@@ -30,15 +29,7 @@ def heads(tmp_path_factory):
     """A zoo with the synthetic domain "toy" and three heads on one feature cache: ILP, adapter, fusion."""
     zoo = build_zoo(tmp_path_factory.mktemp("beyond") / "zoo", {"toy": synthetic_dataset()})
     ilp = quick_head(zoo, "toy", name="toy/ilp")
-    cfg = AdapterConfig(hidden=16, layers=1, heads=2, max_len=8, batch_size=16, max_epochs=2)
-    ad = adapt(
-        zoo,
-        "toy",
-        backbone="tiny-opt",
-        head_cfg=cfg,
-        feature_opts=FeatureOptions(dtype="fp32"),
-        name="toy/ad",
-    )
+    ad = quick_adapter(zoo, "toy", name="toy/ad", max_epochs=2)
     fused = fuse_heads(zoo, ilp, [ad], name="toy/fused")
     fs = load_feature_set(zoo, zoo.get(Inputs.of(ilp).first("features"), kind="features"))
     return zoo, {"ilp": ilp, "adapter": ad, "fusion": fused}, fs

@@ -12,12 +12,11 @@ import sqlite3
 import subprocess
 
 import pytest
-from helpers import build_zoo, quick_head, run_cli, synthetic_dataset
+from helpers import build_zoo, quick_adapter, quick_head, run_cli, synthetic_dataset
 
-from st2si_cli.adapt import FeatureOptions, adapt, evaluate, read_dataset
+from st2si_cli.adapt import evaluate, read_dataset
 from st2si_cli.data.prepare import store_dataset
 from st2si_cli.metrics.beyond import NAMES
-from st2si_cli.model.adapter import AdapterConfig
 from st2si_cli.report import build_report, render
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,15 +29,7 @@ def zoo(tmp_path_factory):
     """The synthetic domain "toy" with two heads on one feature cache: an ILP and a sequence adapter."""
     zoo = build_zoo(tmp_path_factory.mktemp("report") / "zoo", {"toy": synthetic_dataset()})
     quick_head(zoo, "toy", name="toy/ilp")
-    cfg = AdapterConfig(hidden=16, layers=1, heads=2, max_len=8, batch_size=16, max_epochs=3)
-    adapt(
-        zoo,
-        "toy",
-        backbone="tiny-opt",
-        head_cfg=cfg,
-        feature_opts=FeatureOptions(dtype="fp32"),
-        name="toy/ad",
-    )
+    quick_adapter(zoo, "toy", name="toy/ad", max_epochs=3)
     return zoo
 
 

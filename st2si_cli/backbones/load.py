@@ -3,12 +3,15 @@ query token [Q] added to the tokenizer and embeddings."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from st2si_cli.backbones import hf
 from st2si_cli.errors import St2siError, ZooError
-from st2si_cli.zoo.store import Zoo
+from st2si_cli.zoo.store import Artifact, Zoo
 
 
 @dataclass
@@ -123,17 +126,11 @@ def load_backbone(
     folder = zoo.view(art)
     torch_dtype = resolve_dtype(dtype, device)
     hf.refuse_custom_code(folder)
-    try:
+    with _removed_while_loading(zoo, art, folder):
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         model = AutoModel.from_pretrained(
             folder, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=False
         )
-    except (OSError, ValueError):
-        if zoo.find(art.id, kind="backbone") is None or not folder.is_dir():  # lost a race with `zoo rm`
-            raise ZooError(
-                f"backbone {art.name or art.short_id} was removed from the zoo while loading"
-            ) from None
-        raise
     if query == "new":
         add_query_token(model, tokenizer)
     model.to(device).eval()
@@ -159,14 +156,8 @@ def _load_inference_only(zoo: Zoo, ref: str, dtype: str, query: str) -> Backbone
     folder = zoo.view(art)
     torch_dtype = resolve_dtype(dtype, "cpu")
     hf.refuse_custom_code(folder)
-    try:
+    with _removed_while_loading(zoo, art, folder):
         got = load_fast(folder, torch_dtype, "cpu", query)
-    except (OSError, ValueError):
-        if zoo.find(art.id, kind="backbone") is None or not folder.is_dir():  # lost a race with `zoo rm`
-            raise ZooError(
-                f"backbone {art.name or art.short_id} was removed from the zoo while loading"
-            ) from None
-        raise
     if got is None:
         return None
     packed, tokenizer = got
@@ -200,3 +191,16 @@ def add_query_token(model: Any, tokenizer: Any) -> int:
 
 
 # ---- building backbones into the zoo ------------------------------------------------------------
+
+
+@contextmanager
+def _removed_while_loading(zoo: Zoo, art: Artifact, folder: Path) -> Iterator[None]:
+    """A load that fails because `zoo rm` removed the backbone meanwhile: one line saying so."""
+    try:
+        yield
+    except (OSError, ValueError):
+        if zoo.find(art.id, kind="backbone") is None or not folder.is_dir():
+            raise ZooError(
+                f"backbone {art.name or art.short_id} was removed from the zoo while loading"
+            ) from None
+        raise

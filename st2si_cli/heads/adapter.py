@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from st2si_cli.heads.base import HeadKind, Placing, Trained, batched_top_k
-from st2si_cli.heads.store import head_meta, load_head_tensors
+from st2si_cli.heads.store import head_meta, stored_module_args
 from st2si_cli.progress import Reporter
-from st2si_cli.zoo.meta import HeadMeta
 from st2si_cli.zoo.store import Artifact, Zoo
 
 
@@ -87,10 +86,7 @@ class AdapterKind(HeadKind):
     def load(self, zoo: Zoo, head: Artifact) -> Any:
         from st2si_cli.model.adapter import load_adapter
 
-        meta = HeadMeta.of(head)
-        return load_adapter(
-            load_head_tensors(zoo, head), meta.train or {}, int(meta.d_feat or 0), int(meta.n_items or 0)
-        )
+        return load_adapter(*stored_module_args(zoo, head))
 
     def ranks(
         self, scorer: Any, fs: Any, sequences: Any, role: int, *, ties: str, exclude: Any = None

@@ -17,7 +17,14 @@ from st2si_cli.errors import MismatchError
 from st2si_cli.heads.adapter import ADAPTER, SASREC
 from st2si_cli.heads.base import HeadKind, Placing, Trained, batched_top_k
 from st2si_cli.heads.ilp import ILP, ILP_KINDS
-from st2si_cli.heads.store import HeadOrigin, head_meta, head_text_config, load_head_tensors, store_head
+from st2si_cli.heads.store import (
+    HeadOrigin,
+    head_meta,
+    head_text_config,
+    load_head_tensors,
+    store_head,
+    stored_module_args,
+)
 from st2si_cli.progress import Reporter
 from st2si_cli.zoo.meta import HeadMeta, Inputs
 from st2si_cli.zoo.store import Artifact, Zoo
@@ -70,10 +77,7 @@ class FusionKind(HeadKind):
     def load(self, zoo: Zoo, head: Artifact) -> Any:
         from st2si_cli.model.fusion import load_fusion
 
-        meta = HeadMeta.of(head)
-        return load_fusion(
-            load_head_tensors(zoo, head), meta.train or {}, int(meta.d_feat or 0), int(meta.n_items or 0)
-        )
+        return load_fusion(*stored_module_args(zoo, head))
 
     def ranks(
         self, scorer: Any, fs: Any, sequences: Any, role: int, *, ties: str, exclude: Any = None

@@ -90,6 +90,13 @@ def load_head_tensors(zoo: Zoo, art: Artifact) -> dict[str, Any]:
     return load_file(str(zoo.file(art, "head.safetensors")))
 
 
+def stored_module_args(zoo: Zoo, head: Artifact) -> tuple[dict[str, Any], dict[str, Any], int, int]:
+    """(tensors, training settings, feature width, items) a head's module (an adapter, a fusion) is
+    rebuilt from."""
+    meta = HeadMeta.of(head)
+    return load_head_tensors(zoo, head), meta.train or {}, int(meta.d_feat or 0), int(meta.n_items or 0)
+
+
 def load_head_weight(zoo: Zoo, art: Artifact) -> Any:
     """The ILP weight [N, d] of an ILP head (a MismatchError for heads of other kinds)."""
     tensors = load_head_tensors(zoo, art)

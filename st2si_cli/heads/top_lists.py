@@ -81,23 +81,10 @@ def user_top_k(
 
 
 def beyond_metrics(
-    zoo: Zoo,
-    head: Artifact,
-    fs: Any,
-    sequences: Sequence[Sequence[int]],
-    role: int,
-    ks: Sequence[int] = (10,),
-    *,
-    ties: str = "pessimistic",
-    mask_history: bool = False,
-    never: Sequence[int] = (),
+    top: TopLists, sequences: Sequence[Sequence[int]], ks: Sequence[int], n_items: int
 ) -> dict[str, float]:
-    """`st2si_cli.metrics.beyond.beyond_accuracy` of the head's top-k lists (popularity: training interactions)."""
+    """`st2si_cli.metrics.beyond.beyond_accuracy` of top-k lists (popularity: training interactions)."""
     from st2si_cli.metrics.beyond import beyond_accuracy, training_popularity
 
-    n_items = int(head.meta.get("n_items") or 0)
     ks = sorted({min(k, n_items) for k in ks})  # a list holds at most the whole catalog
-    top = user_top_k(
-        zoo, head, fs, sequences, role, max(ks), ties=ties, mask_history=mask_history, never=never
-    )
     return beyond_accuracy(top.items, training_popularity(sequences, n_items), ks, n_items=n_items)

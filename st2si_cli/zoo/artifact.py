@@ -28,6 +28,11 @@ def sha256_file(path: Path, on_chunk: Callable[[int], Any] | None = None) -> str
     return h.hexdigest()
 
 
+def is_sha256(value: Any) -> bool:
+    """Whether `value` is a full sha256 in hex, the form of every artifact ID and blob name."""
+    return isinstance(value, str) and len(value) == 64 and not value.strip("0123456789abcdef")
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 

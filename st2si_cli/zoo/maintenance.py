@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from st2si_cli.errors import ZooError
 from st2si_cli.zoo import manifests
-from st2si_cli.zoo.artifact import Artifact, RemovalPlan, VerifyReport, input_ids, sha256_file
+from st2si_cli.zoo.artifact import Artifact, RemovalPlan, VerifyReport, input_ids, is_sha256, sha256_file
 from st2si_cli.zoo.integrity import record_stats
 from st2si_cli.zoo.locks import FileLock, is_locked, owner_pid, pid_alive
 from st2si_cli.zoo.schema import connect, write_txn
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 # A tmp/ entry with no owner recorded in its name counts as stale once nothing in it changed for this long.
 UNOWNED_STALE_S = 3600.0
-_HEX = set("0123456789abcdef")
 
 
 def _label(art: Artifact) -> str:
@@ -170,7 +169,7 @@ def dangling_inputs(zoo: Zoo) -> list[tuple[str, str]]:
         except ValueError:
             continue
         for ref in sorted(refs):
-            if len(ref) == 64 and set(ref) <= _HEX and ref not in indexed:
+            if is_sha256(ref) and ref not in indexed:
                 out.append((art_id, ref))
     return out
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import sqlite_utils
 
+from st2si_cli.zoo.artifact import is_sha256
 from st2si_cli.zoo.locks import tmp_prefix
 
 FOLDER = "manifests"
-_HEX = set("0123456789abcdef")
 
 
 def manifest_path(root: Path, art_id: str) -> Path:
@@ -161,10 +161,6 @@ class Rebuild:
     moved_aside: str | None = None  # where the damaged index went
 
 
-def _valid_sha(sha: Any) -> bool:
-    return isinstance(sha, str) and len(sha) == 64 and set(sha) <= _HEX
-
-
 def register(db: sqlite_utils.Database, root: Path, manifests: Iterable[Manifest], rebuild: Rebuild) -> None:
     """Insert the artifacts of these manifests into the index (inside the caller's transaction). An
     artifact whose blob files are not all present is skipped, and so is an unreadable manifest; a name
@@ -176,7 +172,7 @@ def register(db: sqlite_utils.Database, root: Path, manifests: Iterable[Manifest
             rebuild.skipped.append((str(m.path), "not a readable manifest"))
             continue
         files = rec["files"]
-        if not all(_valid_sha(sha) for sha in files.values()):
+        if not all(is_sha256(sha) for sha in files.values()):
             rebuild.skipped.append((str(m.path), "lists a malformed blob name"))
             continue
         paths = {sha: root / "blobs" / sha[:2] / sha for sha in files.values()}

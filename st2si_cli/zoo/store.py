@@ -37,6 +37,7 @@ from st2si_cli.zoo.artifact import (
     VerifyReport,
     canonical_json,
     input_ids,
+    is_sha256,
 )
 from st2si_cli.zoo.integrity import check_blob, stat_key
 from st2si_cli.zoo.locks import FileLock, tmp_prefix
@@ -225,7 +226,7 @@ class Zoo(Lookups):
         """Inside the put's transaction: every input the meta names must still be in the zoo (`zoo rm`
         checks dependents in its own transaction, so an input and its dependent never cross)."""
         for ref in sorted(input_ids(meta)):
-            if len(ref) != 64 or not all(c in "0123456789abcdef" for c in ref):
+            if not is_sha256(ref):
                 continue
             if self.db.execute("SELECT 1 FROM artifacts WHERE id = ?", [ref]).fetchone() is None:
                 raise ZooError(
