@@ -114,7 +114,7 @@ def adapt(
     many points of the kind's sweep grid (0: all of them) and keep the best on validation; None: no sweep.
     """
     from st2si_cli.heads.registry import kind_for_config
-    from st2si_cli.heads.store import HeadOrigin, store_head
+    from st2si_cli.heads.store import HeadOrigin
 
     reporter = reporter or Reporter()
     text = text or TextConfig()
@@ -131,13 +131,28 @@ def adapt(
         "features_cached": FeaturesMeta.of(feat_art).timings,
     }
     trained = kind.train(fs, ds, head_cfg, reporter=reporter, sweep_trials=sweep_trials)
+    return store_trained(zoo, trained, HeadOrigin(domain, bb_art, dataset_art, text, name), feat_art, timings)
+
+
+def store_trained(
+    zoo: Zoo,
+    trained: Any,
+    origin: Any,
+    feat_art: Artifact,
+    timings: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Artifact:
+    """Store a head trained on the feature cache `feat_art` (`heads.base.Trained`), with the cache's
+    dtype and ID among its inputs, `timings` (the feature pass's) beside its own, and `extra` meta."""
+    from st2si_cli.heads.store import store_head
+
     meta = {
         **trained.meta,
+        **(extra or {}),
         "dtype": FeaturesMeta.of(feat_art).dtype,
         "inputs": {"features": feat_art.id},
         "timings": {**timings, **trained.meta["timings"]},
     }
-    origin = HeadOrigin(domain, bb_art, dataset_art, text, name)
     return store_head(zoo, trained.tensors, origin, trained.config, meta)
 
 

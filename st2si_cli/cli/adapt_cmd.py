@@ -42,13 +42,25 @@ from st2si_cli.zoo.meta import HeadMeta
 def adapt_cmd(
     domain: str = typer.Option(..., "--domain", help="Dataset name in the zoo (from `st2si prepare`)."),
     backbone: str = backbone_option("Backbone name or ID in the zoo."),
-    head_kind: HeadKind = typer.Option(
-        HeadKind.ilp,
+    head_kind: HeadKind | None = typer.Option(
+        None,
         "--head",
-        help="ilp: the paper's item linear projection; "
+        show_default=False,
+        help="Train one head instead of the recipe. ilp: the paper's item linear projection (the "
+        "paper-faithful option); "
         "ilp-text: ILP rows initialised from each item's text feature; adapter: "
         "sequence adapter (SASRec over the LM's features, item text and IDs); sasrec: the same "
-        "adapter on item IDs only, the in-tool ID-only reference.",
+        "adapter on item IDs only, the in-tool ID-only reference. Left out: the recipe (ID-only "
+        "adapters, the swept ILP and their fusion, the best on validation kept).",
+    ),
+    budget: str = typer.Option(
+        "60m",
+        "--budget",
+        help="Recipe: training time allowed (90s, 30m, 2h or none); no epoch starts past it, a rerun "
+        "with a larger one continues. The feature pass is not counted.",
+    ),
+    seeds: int = typer.Option(
+        3, "--seeds", min=1, max=16, help="Recipe: ID-only adapters (seeds 0..N-1) in the ensemble."
     ),
     sweep: bool = typer.Option(
         False,
@@ -155,8 +167,14 @@ def adapt_cmd(
     """Train a new head for a domain on a frozen backbone (features cached in the zoo).
 
     \b
+    Without --head: the recipe (ID-only adapters, the swept ILP, their fusion; each stage stored as
+    a head DOMAIN/recipe-..., the best on validation becomes the domain's default).
+
+    \b
     Examples:
-      st2si adapt --domain ml-100k --backbone smollm2-135m
+      st2si adapt --domain ml-100k                       # the recipe, within --budget 60m
+      st2si adapt --domain ml-100k --budget 2h           # continues a recipe the budget stopped
+      st2si adapt --domain ml-100k --head ilp            # the paper's head alone
       st2si adapt --domain ml-100k --head adapter --epochs 50 --json
     """
     import dataclasses
@@ -166,7 +184,30 @@ def adapt_cmd(
     from st2si_cli.heads.registry import get_kind
     from st2si_cli.model.text import TextConfig
 
-    kind = get_kind(head_kind.value)
+    if head_kind is None:
+        from st2si_cli.cli.recipe_cmd import parse_budget_option, refuse_head_options
+
+        refuse_head_options(
+            {
+                "--sweep": sweep,
+                "--lr": lr is not None,
+                "--batch-size": batch_size is not None,
+                "--epochs": epochs is not None,
+                "--patience": patience is not None,
+                "--weight-decay": weight_decay is not None,
+                "--schedule": schedule is not Schedule.constant,
+                "--warmup": bool(warmup),
+                "--dropout": dropout is not None,
+                "--hidden": hidden is not None,
+                "--seed": bool(seed),
+                "--name": name is not None,
+                "--positions": positions is Positions.newest,
+                "--no-multi-query": no_multi_query,
+                "--no-alignment": no_alignment,
+            }
+        )
+        budget_s = parse_budget_option(budget)
+    kind = get_kind(head_kind.value if head_kind is not None else "adapter")
     fields = {f.name for f in dataclasses.fields(kind.default_config())}
     if kind.reads_every_query and positions is Positions.newest:
         raise typer.BadParameter(
@@ -198,6 +239,21 @@ def adapt_cmd(
         trim_periods=trim_periods,
         positions=positions.value,
     )
+    feature_opts = FeatureOptions(dtype=dtype.value, device=device, batch_tokens=batch_tokens, alignment=True)
+    if head_kind is None:
+        from st2si_cli.cli.recipe_cmd import run_recipe_cmd
+
+        run_recipe_cmd(
+            zoo,
+            domain,
+            backbone=backbone,
+            text=text,
+            feature_opts=feature_opts,
+            seeds=seeds,
+            budget_s=budget_s,
+            json_out=json_out,
+        )
+        return
     # Settings left out keep the head kind's own defaults.
     given = {
         "lr": lr,
@@ -227,9 +283,7 @@ def adapt_cmd(
             backbone=backbone,
             text=text,
             head_cfg=head_cfg,
-            feature_opts=FeatureOptions(
-                dtype=dtype.value, device=device, batch_tokens=batch_tokens, alignment=True
-            ),
+            feature_opts=feature_opts,
             name=name,
             reporter=reporter,
             sweep_trials=sweep_trials if sweep else None,
@@ -249,7 +303,7 @@ def adapt_cmd(
                 "timings": hm.timings,
             }
         )
-        _say_default_and_reference(zoo, domain, head)
+        say_default_and_reference(zoo, domain, head)
         return
     out.print(
         metrics_table(
@@ -263,10 +317,10 @@ def adapt_cmd(
         f"training {t['training_seconds']:.1f}s",
         markup=False,
     )
-    _say_default_and_reference(zoo, domain, head)
+    say_default_and_reference(zoo, domain, head)
 
 
-def _say_default_and_reference(zoo: Any, domain: str, head: Any = None) -> None:
+def say_default_and_reference(zoo: Any, domain: str, head: Any = None, *, reference: bool = True) -> None:
     """On stderr: the domain's default head and why, and how `head` (default: the best LM head) does
     against the domain's in-tool ID-only SASRec, where it has one."""
     from st2si_cli.heads.choice import default_head, lm_over_id_only
@@ -275,7 +329,7 @@ def _say_default_and_reference(zoo: Any, domain: str, head: Any = None) -> None:
     if choice is not None:
         shown = f"Default head: {choice.head.name or choice.head.short_id}, {choice.reason}."
         err.print(safe_text(shown), markup=False, soft_wrap=True)
-    line = lm_over_id_only(zoo, domain, head)
+    line = lm_over_id_only(zoo, domain, head) if reference else None
     if line:
         err.print(safe_text(line), markup=False, soft_wrap=True)
 
@@ -345,56 +399,5 @@ def eval_cmd(
         metrics_table(
             f"{result['head']} on {domain} ({split.value}, {protocol}, ties {ties.value})",
             {split.value: result["metrics"]},
-        )
-    )
-
-
-def fuse_cmd(
-    domain: str = typer.Option(..., "--domain", help="Dataset name in the zoo."),
-    ilp: str = typer.Option(..., "--ilp", help="ILP head (name or ID)."),
-    adapter: list[str] = typer.Option(
-        ...,
-        "--adapter",
-        help="Adapter head of the same features (name or ID); repeat it to average several (an ensemble).",
-    ),
-    name: str | None = typer.Option(
-        None, "--name", help="Name of the new head (default DOMAIN/BACKBONE).", callback=check_new_name
-    ),
-    json_out: bool = json_option("Print the head's record as JSON."),
-) -> None:
-    """Fuse an ILP head and adapter heads: log-probabilities mixed with a weight chosen on validation.
-
-    \b
-    Example:
-      st2si fuse --domain ml-100k --ilp ml-100k/smollm2-135m --adapter ml-100k/adapter
-    """
-    from st2si_cli.heads.choice import metrics_record
-    from st2si_cli.heads.fusion import fuse_heads
-    from st2si_cli.heads.store import check_compatible
-
-    zoo = open_zoo()
-    dataset = zoo.get(domain, kind="dataset")
-    ilp_head = zoo.get(ilp, kind="head")
-    adapters = [zoo.get(ref, kind="head") for ref in adapter]
-    for part in (ilp_head, *adapters):
-        check_compatible(part, dataset=dataset)
-    head = fuse_heads(zoo, ilp_head, adapters, name=name)
-    hm = HeadMeta.of(head)
-    if json_out:
-        print_jsonl(
-            {
-                **metrics_record(head),
-                "kind": "fusion",
-                "valid": hm.metrics.valid,
-                "sweep": hm.sweep,
-                "timings": hm.timings,
-            }
-        )
-        _say_default_and_reference(zoo, domain, head)
-        return
-    out.print(
-        metrics_table(
-            f"{head.name} (w = {hm.fusion_w} on the ILP, chosen on validation)",
-            {"valid": hm.metrics.valid, "test": hm.metrics.test},
         )
     )

@@ -15,6 +15,7 @@ import typer
 from st2si_cli import __version__
 from st2si_cli.cli import (
     adapt_cmd,
+    fuse_cmd,
     items_cmd,
     prepare_cmd,
     pretrain_cmd,
@@ -94,7 +95,7 @@ def _example(*lines: str) -> str:
 
 app.command("adapt")(adapt_cmd.adapt_cmd)
 app.command("eval")(adapt_cmd.eval_cmd)
-app.command("fuse")(adapt_cmd.fuse_cmd)
+app.command("fuse")(fuse_cmd.fuse_cmd)
 app.command(
     "prepare",
     epilog=_example(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from st2si_cli.heads.base import HeadKind, Placing, Trained, batched_top_k
+from st2si_cli.heads.base import HeadKind, Placing, Trained, batched_top_k, budget_cut
 from st2si_cli.heads.store import head_meta, stored_module_args
 from st2si_cli.progress import Reporter
 from st2si_cli.zoo.store import Artifact, Zoo
@@ -38,7 +38,15 @@ class AdapterKind(HeadKind):
         return isinstance(cfg, AdapterConfig) and bool(cfg.use_text) == self.use_text
 
     def train(
-        self, fs: Any, ds: Any, cfg: Any, *, reporter: Reporter, sweep_trials: int | None = None
+        self,
+        fs: Any,
+        ds: Any,
+        cfg: Any,
+        *,
+        reporter: Reporter,
+        sweep_trials: int | None = None,
+        deadline: float | None = None,
+        start: dict[str, Any] | None = None,
     ) -> Trained:
         """An adapter trained with early stopping on validation NDCG@10 (the best of a sweep of
         `ADAPTER_GRID` with `sweep_trials`)."""
@@ -52,10 +60,13 @@ class AdapterKind(HeadKind):
             raise ValueError(f"a {self.name} head trains with use_text={self.use_text}")
 
         def train(c: Any) -> Any:
-            return train_adapter(fs, ds.sequences, ds.n_items, c, on_epoch=reporter.epoch)
+            init = start if sweep_trials is None else None
+            return train_adapter(
+                fs, ds.sequences, ds.n_items, c, on_epoch=reporter.epoch, deadline=deadline, init_state=init
+            )
 
         cfg, result, seconds, sweep_meta = train_maybe_swept(
-            cfg, train, ADAPTER_GRID, ADAPTER_SWEEP_BASE, sweep_trials, reporter.message
+            cfg, train, ADAPTER_GRID, ADAPTER_SWEEP_BASE, sweep_trials, reporter.message, deadline=deadline
         )
         d_feat = int(fs.feats.shape[1])
         model = load_adapter(result.state_dict, cfg.to_dict(), d_feat, ds.n_items)
@@ -73,6 +84,7 @@ class AdapterKind(HeadKind):
             timings={"training_seconds": round(seconds, 2)},
             d_feat=d_feat,
             sweep=sweep_meta,
+            cut_by_budget=budget_cut(result, sweep_meta),
         )
         config = {
             "kind": self.config_kind,
@@ -134,7 +146,7 @@ def adapter_last_scores(adapter: Any, fs: Any, windows: Any) -> tuple[Any, Any]:
 
     from st2si_cli.train.adapter_data import collate
 
-    feats, ids, lengths, targets = collate(fs, windows, adapter.n_items)
+    feats, ids, lengths, targets = collate(fs, windows, adapter.n_items, feats=adapter.cfg.use_text)
     with torch.no_grad():
         scores = adapter.score_last(feats, ids, lengths)
     return scores, targets[torch.arange(len(lengths)), lengths - 1]

@@ -55,11 +55,22 @@ class HeadKind(ABC):
 
     @abstractmethod
     def train(
-        self, fs: Any, ds: Any, cfg: Any, *, reporter: Reporter, sweep_trials: int | None = None
+        self,
+        fs: Any,
+        ds: Any,
+        cfg: Any,
+        *,
+        reporter: Reporter,
+        sweep_trials: int | None = None,
+        deadline: float | None = None,
+        start: dict[str, Any] | None = None,
     ) -> Trained:
         """Train on the feature set `fs` of dataset `ds`, choosing on validation only.
 
-        `sweep_trials`: that many points of the kind's sweep grid (0: all), the best on validation kept."""
+        `sweep_trials`: that many points of the kind's sweep grid (0: all), the best on validation kept.
+        `deadline` (a `time.monotonic()` value): no epoch (or sweep trial) starts after it; the best so
+        far is kept and the meta says `cut_by_budget`. `start`: the tensors of a head of this kind and
+        settings, cut by a deadline, to continue from (kinds that cannot continue start afresh)."""
 
     @abstractmethod
     def load(self, zoo: Zoo, head: Artifact) -> Any:
@@ -133,3 +144,9 @@ def batched_top_k(
     if not out_s:
         return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
     return torch.cat(out_s), torch.cat(out_i)
+
+
+def budget_cut(result: Any, sweep: dict[str, Any] | None) -> bool | None:
+    """True where a deadline stopped the training (an epoch loop, or a sweep before its last trial);
+    None otherwise, so the meta of a head trained to the end is what it always was."""
+    return True if getattr(result, "cut", False) or (sweep or {}).get("cut") else None

@@ -54,16 +54,26 @@ class FusionKind(HeadKind):
         return isinstance(cfg, FusionConfig)
 
     def train(
-        self, fs: Any, ds: Any, cfg: Any, *, reporter: Reporter, sweep_trials: int | None = None
+        self,
+        fs: Any,
+        ds: Any,
+        cfg: Any,
+        *,
+        reporter: Reporter,
+        sweep_trials: int | None = None,
+        deadline: float | None = None,
+        start: dict[str, Any] | None = None,
     ) -> Trained:
         from st2si_cli.model.adapter import load_adapter
         from st2si_cli.model.fusion import Fusion
 
         t0 = time.time()
         cfg = cfg or self.default_config()
-        ilp = ILP.train(fs, ds, cfg.ilp, reporter=reporter, sweep_trials=sweep_trials)
+        ilp = ILP.train(fs, ds, cfg.ilp, reporter=reporter, sweep_trials=sweep_trials, deadline=deadline)
         parts = [
-            (ADAPTER if c.use_text else SASREC).train(fs, ds, c, reporter=reporter, sweep_trials=sweep_trials)
+            (ADAPTER if c.use_text else SASREC).train(
+                fs, ds, c, reporter=reporter, sweep_trials=sweep_trials, deadline=deadline
+            )
             for c in cfg.adapters
         ]
         d_feat = int(fs.feats.shape[1])
@@ -72,7 +82,7 @@ class FusionKind(HeadKind):
         sweep, metrics = choose_w(fusion, fs, ds.sequences, cfg.weights)
         train = _fusion_train(fusion.w, ilp.meta["train"], [p.meta["train"] for p in parts])
         meta = _fusion_meta(train, sweep, metrics, d_feat, time.time() - t0)
-        return Trained(fusion.tensors([p.tensors for p in parts]), _config(fusion, ds.n_items), meta)
+        return Trained(fusion.tensors([p.tensors for p in parts]), _config(fusion, ds.n_items, d_feat), meta)
 
     def load(self, zoo: Zoo, head: Artifact) -> Any:
         from st2si_cli.model.fusion import load_fusion
@@ -97,14 +107,15 @@ class FusionKind(HeadKind):
         rows = user_rows(fs, role, len(sequences))
         users = user_sequences(fs, sequences)
         windows = [eval_windows(users, role, a.cfg.max_len) for a in scorer.adapters]
-        starts = range(0, len(rows), batch)
-        for (ilp, targets), b0 in zip(
-            ilp_score_batches(scorer.ilp_weight, fs, rows, batch), starts, strict=True
-        ):
-            parts = [
-                adapter_last_scores(a, fs, w[b0 : b0 + batch])[0] for a, w in zip(scorer.adapters, windows)
+        for b0 in range(0, len(rows), batch):
+            scored = [
+                adapter_last_scores(a, fs, w[b0 : b0 + batch]) for a, w in zip(scorer.adapters, windows)
             ]
-            yield scorer.mix(ilp, parts), targets
+            targets = scored[0][1]
+            ilp = None
+            if scorer.ilp_weight is not None:
+                ilp, targets = next(ilp_score_batches(scorer.ilp_weight, fs, rows[b0 : b0 + batch], batch))
+            yield scorer.mix(ilp, [part for part, _ in scored]), targets
 
     def top_k(
         self, scorer: Any, feats: list[Any], catalog_ids: list[list[int | None]], k: int, exclude: Any
@@ -117,10 +128,13 @@ class FusionKind(HeadKind):
         from st2si_cli.heads.placement import extend_adapter, ilp_rows, set_rows
         from st2si_cli.model.fusion import ILP_TENSOR
 
-        ilp = zoo.find(Inputs.of(head).first("ilp_head") or "", kind="head")
-        own_map = ILP_KINDS.get(HeadMeta.of(ilp).kind if ilp is not None else ILP.name, ILP).own_map
-        rows, info = ilp_rows(tensors[ILP_TENSOR], own_map, placing)
-        out = {ILP_TENSOR: set_rows(tensors[ILP_TENSOR], rows, placing.n_items)}
+        out: dict[str, Any] = {}
+        info: dict[str, Any] = {"method": "adapter item text"}
+        if ILP_TENSOR in tensors:  # an ensemble of adapters alone has none
+            ilp = zoo.find(Inputs.of(head).first("ilp_head") or "", kind="head")
+            own_map = ILP_KINDS.get(HeadMeta.of(ilp).kind if ilp is not None else ILP.name, ILP).own_map
+            rows, info = ilp_rows(tensors[ILP_TENSOR], own_map, placing)
+            out[ILP_TENSOR] = set_rows(tensors[ILP_TENSOR], rows, placing.n_items)
         prefixes = sorted({k.split(".", 1)[0] + "." for k in tensors if k != ILP_TENSOR})
         for prefix in prefixes:  # "adapter." for the first adapter, "adapter1." ... for an ensemble's others
             adapter = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -135,12 +149,20 @@ class FusionKind(HeadKind):
 
         inputs = Inputs.of(head)
         domain = HeadMeta.of(head).domain or head.domain or "DOMAIN"
-        cmd = ["st2si", "fuse", "--domain", domain, "--ilp", name_of(inputs.first("ilp_head"))]
+        cmd = ["st2si", "fuse", "--domain", domain]
+        if inputs.first("ilp_head"):
+            cmd += ["--ilp", name_of(inputs.first("ilp_head"))]
         for role, ids in inputs.refs.items():
             if role.startswith("adapter"):
                 for ref in ids:
                     cmd += ["--adapter", name_of(ref)]
         return [shlex.join([*cmd, "--name", head.name or head.short_id])]
+
+    def id_only(self, train: Any) -> bool:
+        """An ensemble of ID-only adapters without an ILP (the recipe's ID-only reference)."""
+        train = train or {}
+        adapters = train.get("adapters") or [train.get("adapter") or {}]
+        return "ilp" not in train and all(a.get("use_text") is False for a in adapters)
 
 
 FUSION = FusionKind()
@@ -156,7 +178,7 @@ def _split_scores(fusion: Any, fs: Any, sequences: Any, role: int) -> tuple[Any,
     rows = fs.rows(role)
     order = torch.argsort(fs.owner[rows])
     rows = rows[order]
-    ilp = fs.feats[rows].float() @ fusion.ilp_weight.float().T
+    ilp = fusion.ilp_scores(fs.feats[rows]) if fusion.ilp_weight is not None else None
     users = user_sequences(fs, sequences)
     scores = []
     for adapter in fusion.adapters:
@@ -164,7 +186,9 @@ def _split_scores(fusion: Any, fs: Any, sequences: Any, role: int) -> tuple[Any,
         parts = []
         with torch.no_grad():
             for b0 in range(0, len(windows), EVAL_BATCH):
-                feats, ids, lengths, _ = collate(fs, windows[b0 : b0 + EVAL_BATCH], adapter.n_items)
+                feats, ids, lengths, _ = collate(
+                    fs, windows[b0 : b0 + EVAL_BATCH], adapter.n_items, feats=adapter.cfg.use_text
+                )
                 parts.append(adapter.score_last(feats, ids, lengths))
         scores.append(torch.cat(parts))
     return ilp, scores, fs.targets[rows]
@@ -179,6 +203,8 @@ def choose_w(
     from st2si_cli.model.samples import TEST, VALID
 
     ilp_s, ad_s, targets = _split_scores(fusion, fs, sequences, VALID)
+    if ilp_s is None:  # an ensemble of adapters alone: nothing to weigh
+        weights = (0.0,)
     trials = []
     for w in weights:
         fusion.w = w
@@ -202,6 +228,8 @@ def choose_w(
 
 def _fusion_train(w: float, ilp: Any, adapters: list[Any]) -> dict[str, Any]:
     train: dict[str, Any] = {"w": w, "ilp": ilp, "adapter": adapters[0]}
+    if ilp is None:  # an ensemble of adapters alone
+        del train["ilp"]
     if len(adapters) > 1:  # written only for ensembles, so a one-adapter fusion keeps its old identity
         train["adapters"] = adapters
     return train
@@ -223,19 +251,20 @@ def _fusion_meta(
     )
 
 
-def _config(fusion: Any, n_items: int) -> dict[str, Any]:
-    return {"kind": CONFIG_KIND, "n_items": n_items, "hidden": int(fusion.ilp_weight.shape[1])}
+def _config(fusion: Any, n_items: int, d_feat: int) -> dict[str, Any]:
+    return {"kind": CONFIG_KIND, "n_items": n_items, "hidden": d_feat}
 
 
 def fuse_heads(
     zoo: Zoo,
-    ilp: Artifact,
+    ilp: Artifact | None,
     adapters: list[Artifact],
     *,
     name: str | None = None,
     weights: tuple[float, ...] = WEIGHTS,
 ) -> Artifact:
-    """Store the fusion of a stored ILP head and adapter heads of the same cache, w chosen on validation."""
+    """Store the fusion of a stored ILP head and adapter heads of the same cache, w chosen on validation;
+    without an ILP (None), the ensemble of the adapters alone."""
     from st2si_cli.data.prepare import load_dataset
     from st2si_cli.features.cache import load_feature_set
     from st2si_cli.model.fusion import Fusion
@@ -243,41 +272,47 @@ def fuse_heads(
     t0 = time.time()
     feats_ref = _check_parts(ilp, adapters)
     fs = load_feature_set(zoo, zoo.get(feats_ref, kind="features"))
-    ilp_meta = HeadMeta.of(ilp)
-    dataset = zoo.get(ilp_meta.dataset or "", kind="dataset")
+    first = ilp if ilp is not None else adapters[0]
+    first_meta = HeadMeta.of(first)
+    dataset = zoo.get(first_meta.dataset or "", kind="dataset")
     ds = load_dataset(zoo, dataset.id)
-    fusion = Fusion(ILP.load(zoo, ilp).float(), [ADAPTER.load(zoo, a) for a in adapters], 0.0)
+    ilp_weight = ILP.load(zoo, ilp).float() if ilp is not None else None
+    fusion = Fusion(ilp_weight, [ADAPTER.load(zoo, a) for a in adapters], 0.0)
     sweep, metrics = choose_w(fusion, fs, ds.sequences, weights)
-    train = _fusion_train(fusion.w, ilp_meta.train, [HeadMeta.of(a).train for a in adapters])
-    inputs: dict[str, Any] = {"features": feats_ref, "ilp_head": ilp.id, "adapter_head": adapters[0].id}
+    ilp_train = HeadMeta.of(ilp).train if ilp is not None else None
+    train = _fusion_train(fusion.w, ilp_train, [HeadMeta.of(a).train for a in adapters])
+    inputs: dict[str, Any] = {"features": feats_ref, "adapter_head": adapters[0].id}
+    if ilp is not None:
+        inputs["ilp_head"] = ilp.id
     if len(adapters) > 1:
         inputs["adapter_heads"] = [a.id for a in adapters]
     d_feat = int(HeadMeta.of(adapters[0]).d_feat or 0)
     meta = _fusion_meta(train, sweep, metrics, d_feat, time.time() - t0)
-    meta.update(dtype=ilp_meta.dtype, inputs=inputs)
-    backbone = zoo.get(ilp_meta.backbone or "", kind="backbone")
-    origin = HeadOrigin(ilp.domain or dataset.name, backbone, dataset, head_text_config(ilp), name)
+    meta.update(dtype=first_meta.dtype, inputs=inputs)
+    backbone = zoo.get(first_meta.backbone or "", kind="backbone")
+    origin = HeadOrigin(first.domain or dataset.name, backbone, dataset, head_text_config(first), name)
     tensors = fusion.tensors([load_head_tensors(zoo, a) for a in adapters])
-    return store_head(zoo, tensors, origin, _config(fusion, ds.n_items), meta)
+    return store_head(zoo, tensors, origin, _config(fusion, ds.n_items, d_feat), meta)
 
 
-def _check_parts(ilp: Artifact, adapters: list[Artifact]) -> str:
+def _check_parts(ilp: Artifact | None, adapters: list[Artifact]) -> str:
     """The feature cache the heads to fuse share; a MismatchError where they cannot be fused."""
     if not adapters:
         raise MismatchError("fuse needs at least one adapter head")
-    ilp_kind = HeadMeta.of(ilp).kind
-    if ilp_kind not in ILP_KINDS:
+    ilp_kind = HeadMeta.of(ilp).kind if ilp is not None else None
+    if ilp is not None and ilp_kind not in ILP_KINDS:
         raise MismatchError(f"fuse needs an ILP head first, not a {ilp_kind} head ({ilp.name})")
+    first = ilp if ilp is not None else adapters[0]
     for adapter in adapters:
         kind = HeadMeta.of(adapter).kind
         if kind not in (ADAPTER.name, SASREC.name):
             raise MismatchError(f"fuse mixes adapter heads with the ILP, not a {kind} head")
         for key in ("backbone", "dataset", "catalog_hash", "text"):
-            if ilp.meta.get(key) != adapter.meta.get(key):
+            if first.meta.get(key) != adapter.meta.get(key):
                 raise MismatchError(
-                    f"heads {ilp.name} and {adapter.name} differ in {key}: they cannot be fused"
+                    f"heads {first.name} and {adapter.name} differ in {key}: they cannot be fused"
                 )
-    feats_refs = {Inputs.of(head).first("features") for head in (*adapters, ilp)} - {None}
+    feats_refs = {Inputs.of(head).first("features") for head in (*adapters, first)} - {None}
     if len(feats_refs) != 1:
         raise MismatchError("the heads to fuse were trained on different feature caches")
     return feats_refs.pop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from st2si_cli.heads.base import HeadKind, Placing, Trained
+from st2si_cli.heads.base import HeadKind, Placing, Trained, budget_cut
 from st2si_cli.heads.store import HeadOrigin, head_meta, load_head_weight, store_head
 from st2si_cli.progress import Reporter
 from st2si_cli.zoo.meta import HeadMeta
@@ -41,7 +41,15 @@ class IlpKind(HeadKind):
         )
 
     def train(
-        self, fs: Any, ds: Any, cfg: Any, *, reporter: Reporter, sweep_trials: int | None = None
+        self,
+        fs: Any,
+        ds: Any,
+        cfg: Any,
+        *,
+        reporter: Reporter,
+        sweep_trials: int | None = None,
+        deadline: float | None = None,
+        start: dict[str, Any] | None = None,
     ) -> Trained:
         from st2si_cli.model.samples import TEST, VALID
         from st2si_cli.train.head import alignment_accuracy, evaluate_split, steps_per_epoch, train_head
@@ -51,10 +59,19 @@ class IlpKind(HeadKind):
 
         def train(c: Any) -> Any:
             reporter.training_start(steps_per_epoch(fs, c), c.max_epochs)
-            return train_head(fs, ds.n_items, c, on_epoch=reporter.epoch, on_step=reporter.training_step)
+            init = start["weight"] if start is not None and sweep_trials is None else None
+            return train_head(
+                fs,
+                ds.n_items,
+                c,
+                on_epoch=reporter.epoch,
+                on_step=reporter.training_step,
+                init=init,
+                deadline=deadline,
+            )
 
         cfg, result, seconds, sweep_meta = train_maybe_swept(
-            cfg, train, ILP_GRID, ILP_SWEEP_BASE, sweep_trials, reporter.message
+            cfg, train, ILP_GRID, ILP_SWEEP_BASE, sweep_trials, reporter.message, deadline=deadline
         )
         metrics = {
             "valid": evaluate_split(result.weight, fs, VALID, ties=cfg.ties),
@@ -70,6 +87,7 @@ class IlpKind(HeadKind):
             history=result.history,
             timings={"training_seconds": round(seconds, 2)},
             sweep=sweep_meta,
+            cut_by_budget=budget_cut(result, sweep_meta),
         )
         return Trained(*ilp_tensors(result.weight), meta)
 

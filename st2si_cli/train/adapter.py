@@ -39,6 +39,7 @@ class AdapterResult:
     best_valid: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    cut: bool = False  # stopped by the deadline before early stopping fired
 
 
 @torch.no_grad()
@@ -61,7 +62,9 @@ def adapter_ranks(
     )
     ranks: list[Tensor] = []
     for b0 in range(0, len(windows), EVAL_BATCH):
-        feats, ids, lengths, targets = collate(fs, windows[b0 : b0 + EVAL_BATCH], model.n_items, device)
+        feats, ids, lengths, targets = collate(
+            fs, windows[b0 : b0 + EVAL_BATCH], model.n_items, device, feats=model.cfg.use_text
+        )
         scores = model.score_last(feats, ids, lengths).cpu()
         last = targets.cpu()[torch.arange(len(lengths)), lengths.cpu() - 1]
         ex = exclude[b0 : b0 + EVAL_BATCH] if exclude is not None else None
@@ -95,8 +98,14 @@ def train_adapter(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     *,
     device: Any = "cpu",
+    deadline: float | None = None,
+    init_state: dict[str, Tensor] | None = None,
 ) -> AdapterResult:
     """AdamW with early stopping on validation NDCG@10; returns the best epoch's weights.
+
+    `deadline` (a `time.monotonic()` value): no epoch starts after it; the best epoch so far is kept
+    and the result is marked `cut`. `init_state`: start from these weights (a stage cut by a deadline
+    continues from its best epoch), with a fresh optimiser; epoch numbers start again at 1.
 
     The loss is cross-entropy over all items at every real step of a window (mean over steps).
     Initialisation and dropout draw from a forked RNG seeded with `cfg.seed`, and the window order
@@ -113,19 +122,27 @@ def train_adapter(
         torch.manual_seed(cfg.seed)
         model = SequenceAdapter(cfg, fs.feats.shape[1], n_items, item_text)
         model.set_query_stats(fs.feats[fs.rows(TRAIN)])
+        if init_state is not None:
+            model.load_state_dict(init_state)
         model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         stop = EarlyStopping(cfg.patience)
         best_state = adapter_tensors(model)
         history: list[dict[str, Any]] = []
+        if init_state is not None:  # the start is the point to beat
+            stop.observe(evaluate_adapter(model, fs, sequences, VALID, ties=cfg.ties, users=users), 0)
+        cut = False
         for epoch in range(1, cfg.max_epochs + 1):
+            if deadline is not None and epoch > 1 and time.monotonic() > deadline:
+                cut = True
+                break
             e0 = time.time()
             model.train()
             total, steps = 0.0, 0
             order = torch.randperm(len(windows), generator=gen)
             for b0 in range(0, len(windows), cfg.batch_size):
                 batch = [windows[int(k)] for k in order[b0 : b0 + cfg.batch_size]]
-                feats, ids, lengths, targets = collate(fs, batch, n_items, device)
+                feats, ids, lengths, targets = collate(fs, batch, n_items, device, feats=cfg.use_text)
                 h = model(feats, ids, lengths)
                 real = targets >= 0
                 loss = F.cross_entropy(h[real] @ model.item_vectors().T, targets[real])
@@ -155,6 +172,7 @@ def train_adapter(
         best_valid=stop.best_metrics,
         history=history,
         seconds=time.time() - t0,
+        cut=cut,
     )
 
 

@@ -80,9 +80,11 @@ def eval_windows(users: Sequence[UserRows], role: int, max_len: int) -> list[Use
 
 
 def collate(
-    fs: FeatureSet, windows: Sequence[UserRows], n_items: int, device: Any = "cpu"
+    fs: FeatureSet, windows: Sequence[UserRows], n_items: int, device: Any = "cpu", *, feats: bool = True
 ) -> tuple[Tensor, ...]:
-    """Right-padded (feats [B, T, d], ids [B, T], lengths [B], targets [B, T] with -100 at padding)."""
+    """Right-padded (feats [B, T, d], ids [B, T], lengths [B], targets [B, T] with -100 at padding).
+
+    `feats=False` (an ID-only adapter reads none): feats is [B, T, 0], nothing gathered."""
     lengths = torch.tensor([len(ids) for _, ids in windows], dtype=torch.long)
     b, t = len(windows), int(lengths.max())
     rows = torch.zeros(b, t, dtype=torch.long)
@@ -92,8 +94,10 @@ def collate(
         ids[k, : len(i)] = torch.tensor(i, dtype=torch.long)
     pad = torch.arange(t)[None, :] >= lengths[:, None]
     targets = fs.targets[rows].masked_fill(pad, -100)
-    feats = fs.feats[rows].float().masked_fill(pad[..., None], 0.0)
-    return feats.to(device), ids.to(device), lengths.to(device), targets.to(device)
+    if not feats:
+        return torch.zeros(b, t, 0, device=device), ids.to(device), lengths.to(device), targets.to(device)
+    x = fs.feats[rows].float().masked_fill(pad[..., None], 0.0)
+    return x.to(device), ids.to(device), lengths.to(device), targets.to(device)
 
 
 def item_text_features(fs: FeatureSet, n_items: int) -> Tensor:

@@ -52,6 +52,7 @@ class HeadResult:
     best_valid: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    cut: bool = False  # stopped by the deadline before early stopping fired
 
 
 def training_rows(fs: FeatureSet, multi_query: bool = True, alignment: bool = True) -> Tensor:
@@ -137,8 +138,12 @@ def train_head(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     init: Tensor | None = None,
+    deadline: float | None = None,
 ) -> HeadResult:
-    """AdamW on the ILP with early stopping on validation NDCG@10; returns the best epoch's head."""
+    """AdamW on the ILP with early stopping on validation NDCG@10; returns the best epoch's head.
+
+    `deadline` (a `time.monotonic()` value): no epoch starts after it; the best so far is kept and the
+    result is marked `cut`."""
     t0 = time.time()
     if features_of is None:
 
@@ -168,7 +173,11 @@ def train_head(
     stop = EarlyStopping(cfg.patience)
     best_weight = weight.detach().clone()
     history: list[dict[str, Any]] = []
+    cut = False
     for epoch in range(1, cfg.max_epochs + 1):
+        if deadline is not None and epoch > 1 and time.monotonic() > deadline:
+            cut = True
+            break
         e0 = time.time()
         perm = rows[torch.randperm(rows.numel(), generator=gen)]
         total, steps = 0.0, 0
@@ -209,6 +218,7 @@ def train_head(
         best_valid=stop.best_metrics,
         history=history,
         seconds=time.time() - t0,
+        cut=cut,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -58,16 +59,20 @@ def sweep(
     train: Callable[[Any], Any],
     *,
     on_trial: Callable[[int, Trial], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Any, Any, list[Trial]]:
     """Train `train(cfg)` for each point applied to the dataclass `base`; return (best cfg, its result, trials).
 
     `train` returns an object with `best_valid` (metrics dict with "NDCG@10"), `best_epoch` and `seconds`.
+    `should_stop()` is asked before each trial after the first: True ends the sweep there.
     """
     if not points:
         raise ValueError("the sweep has no trials")
     best_cfg = best_result = None
     trials: list[Trial] = []
     for k, point in enumerate(points):
+        if k and should_stop is not None and should_stop():
+            break
         cfg = replace(base, **point)
         result = train(cfg)
         trial = Trial(
@@ -104,9 +109,12 @@ def train_maybe_swept(
     fixed: Mapping[str, Any],
     trials: int | None,
     message: Callable[[str], None] | None = None,
+    *,
+    deadline: float | None = None,
 ) -> tuple[Any, Any, float, dict[str, Any] | None]:
     """(config, result, training seconds, sweep record or None): `train(cfg)` once when `trials` is None,
-    else a sweep of that many grid points (0: all) around `cfg` with the `fixed` settings applied."""
+    else a sweep of that many grid points (0: all) around `cfg` with the `fixed` settings applied.
+    Past `deadline` (`time.monotonic()`) no further trial starts; the record then says `cut`."""
     if trials is None:
         result = train(cfg)
         return cfg, result, result.seconds, None
@@ -119,6 +127,13 @@ def train_maybe_swept(
                 f"(best epoch {trial.best_epoch}, {trial.seconds:.0f}s)"
             )
 
-    best_cfg, result, done = sweep(replace(cfg, **fixed), points, train, on_trial=on_trial)
+    def past_deadline() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
+    best_cfg, result, done = sweep(
+        replace(cfg, **fixed), points, train, on_trial=on_trial, should_stop=past_deadline
+    )
     record = sweep_record(done, {k: getattr(best_cfg, k) for k in grid}, grid, fixed)
+    if len(done) < len(points) or getattr(result, "cut", False):
+        record["cut"] = True
     return best_cfg, result, sum(t.seconds for t in done), record

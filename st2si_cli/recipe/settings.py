@@ -1,0 +1,77 @@
+"""The recipe's settings, derived from the data rather than tuned to one dataset.
+
+The sequence adapter's batch size and patience follow from the number of training windows: an epoch
+of few steps changes the model little, so patience counted in epochs would stop a small dataset
+early (MovieLens-100k: 2,412 windows are 19 steps an epoch at 128 windows a step). So the batch is
+the largest of 128, 64, 32 that still gives `MIN_STEPS` steps an epoch, and patience is counted in
+steps (`PATIENCE_STEPS`) and turned into epochs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+MIN_STEPS = 64  # steps an epoch the adapter's batch size aims for
+BATCHES = (128, 64, 32)  # windows a step, the largest that gives MIN_STEPS steps (else the smallest)
+PATIENCE_STEPS = 1000  # steps without a better validation NDCG@10 before an adapter stops
+PATIENCE_EPOCHS = (10, 30)  # bounds of that patience in epochs
+DEFAULT_SEEDS = 3  # ID-only adapters in the recipe's ensemble
+DEFAULT_SWEEP_TRIALS = 8  # points of the ILP grid the recipe tries
+DEFAULT_BUDGET_S = 3600.0
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    batch_size: int
+    patience: int
+    steps_per_epoch: int
+    windows: int
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "rule": f"batch: largest of {list(BATCHES)} with >= {MIN_STEPS} steps an epoch; "
+            f"patience: {PATIENCE_STEPS} steps in epochs, within {list(PATIENCE_EPOCHS)}",
+            "windows": self.windows,
+            "batch_size": self.batch_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "patience": self.patience,
+        }
+
+
+def adapter_plan(n_windows: int) -> AdapterPlan:
+    """Batch size and patience (epochs) of a sequence adapter trained on `n_windows` windows."""
+    if n_windows < 1:
+        raise ValueError("no training windows: some user needs at least 4 items")
+    batch = next((b for b in BATCHES if n_windows / b >= MIN_STEPS), BATCHES[-1])
+    steps = math.ceil(n_windows / batch)
+    low, high = PATIENCE_EPOCHS
+    patience = min(high, max(low, math.ceil(PATIENCE_STEPS / steps)))
+    return AdapterPlan(batch, patience, steps, n_windows)
+
+
+def adapter_config(plan: AdapterPlan, seed: int, base: Any = None) -> Any:
+    """The ID-only adapter (SASRec inside the tool) of one recipe seed."""
+    from st2si_cli.model.adapter import AdapterConfig
+
+    base = base or AdapterConfig(use_text=False)
+    return replace(base, use_text=False, batch_size=plan.batch_size, patience=plan.patience, seed=seed)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_budget(text: str) -> float | None:
+    """Seconds of a budget written as 90s, 30m, 1.5h or a bare number of minutes; None for 'none'."""
+    value = text.strip().lower()
+    if value in ("none", "0", "unlimited"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", value)
+    if not m:
+        raise ValueError(f"a budget is a time like 90s, 30m or 2h (or none), not {text!r}")
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "m"]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"a budget must be more than 0, not {text!r}")
+    return seconds
