@@ -264,6 +264,8 @@ def main() -> int:
             argv = [
                 "adapt",
                 *dom,
+                "--head",
+                "ilp",
                 "--backbone",
                 args.backbone,
                 *extra,

@@ -86,7 +86,7 @@ def million_items(
         env = child_env(OMP_NUM_THREADS=str(threads))
         z = ["--zoo", root]
         adapt = run_timed(
-            st2si_argv(*z, "adapt", "--domain", "million", "--backbone", backbone, "--dtype", "fp32",
+            st2si_argv(*z, "adapt", "--domain", "million", "--head", "ilp", "--backbone", backbone, "--dtype", "fp32",
                        "--epochs", "1", "--patience", "1", "--json", *([] if alignment else ["--no-alignment"])),
             env=env,
         )  # fmt: skip

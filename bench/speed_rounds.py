@@ -159,7 +159,7 @@ class Rounds:
         self.scratch.append(zoo)
         e = str(self.args.epochs)
         run = run_timed(
-            st2si_argv("--zoo", str(zoo.root), "adapt", "--domain", self.domain, "--backbone", self.args.backbone,
+            st2si_argv("--zoo", str(zoo.root), "adapt", "--domain", self.domain, "--head", "ilp", "--backbone", self.args.backbone,
                        "--dtype", "bf16", "--epochs", e, "--patience", e, "--max-items", str(self.args.max_items),
                        "--json"),
             env=self.env,

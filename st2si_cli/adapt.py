@@ -56,10 +56,17 @@ def get_features(
     """(features artifact, FeatureSet, backbone artifact): from the cache, else one forward pass.
 
     `ds` is the loaded dataset of `dataset_art` where the caller has it already.
+
+    Under `torchrun --nproc_per_node N` every rank calls it and gets the same cache: each rank computes
+    its share of the pass (on its own GPU where `opts.device` is "cuda": cuda:LOCAL_RANK) and rank 0
+    stores it (`features.cache.compute_features`).
     """
+    import os
+
     from st2si_cli.backbones.load import load_backbone, resolve_dtype
     from st2si_cli.backbones.pull import ensure_backbone
     from st2si_cli.features.cache import cache_key, cache_name, compute_features, dtype_name, load_feature_set
+    from st2si_cli.features.ranks import gather, world
 
     reporter = reporter or Reporter()
     bb_art = ensure_backbone(zoo, backbone_ref)
@@ -68,11 +75,18 @@ def get_features(
     key = cache_key(
         bb_art.id, dataset_art.id, text, dtype_name(resolve_dtype(dtype, opts.device)), opts.alignment
     )
-    cached = zoo.find(cache_name(key), kind="features")
+    rank, size = world()
+    cached = zoo.find(cache_name(key), kind="features") if rank == 0 else None
+    if size > 1:  # every rank must take the same branch (compute_features meets the others): rank 0's
+        cached_id = gather(cached.id if cached is not None else None)[0]
+        cached = zoo.get(cached_id, kind="features") if cached_id is not None else None
     if cached is not None:
         reporter.message(f"Using cached features {cached.name} ({cached.meta.get('positions')} positions)")
         return cached, load_feature_set(zoo, cached), bb_art
-    backbone = load_backbone(zoo, bb_art.id, dtype=dtype, device=opts.device, query=text.query)
+    device = opts.device
+    if size > 1 and device == "cuda":  # one card per rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    backbone = load_backbone(zoo, bb_art.id, dtype=dtype, device=device, query=text.query)
     ds = ds if ds is not None else read_dataset(zoo, dataset_art.id)
     reporter.message(
         f"Computing features with {bb_art.name or bb_art.short_id} ({dtype_name(backbone.dtype)})"
@@ -104,8 +118,12 @@ def adapt(
     name: str | None = None,
     reporter: Reporter | None = None,
     sweep_trials: int | None = None,
-) -> Artifact:
+) -> Artifact | None:
     """Train a new head for `domain` on a frozen backbone; store and return it.
+
+    Under `torchrun --nproc_per_node N -m st2si_cli adapt ...` every rank computes its share of the
+    feature pass (`get_features`); rank 0 alone then trains and stores the head, and the other ranks
+    (workers) return None once the features are stored.
 
     The head's kind follows from `head_cfg` (`heads.registry.kind_for_config`): a `HeadConfig` gives the
     paper's item linear projection ("ilp"; with `init="text"` each row starts from its item's alignment
@@ -113,6 +131,7 @@ def adapt(
     item text features, plus ID embeddings), a `FusionConfig` both, mixed. `sweep_trials`: train that
     many points of the kind's sweep grid (0: all of them) and keep the best on validation; None: no sweep.
     """
+    from st2si_cli.features.ranks import is_worker
     from st2si_cli.heads.registry import kind_for_config
     from st2si_cli.heads.store import HeadOrigin
 
@@ -126,6 +145,8 @@ def adapt(
     ds = read_dataset(zoo, dataset_art.id)
     t0 = time.time()
     feat_art, fs, bb_art = get_features(zoo, backbone, dataset_art, text, feature_opts, reporter, ds=ds)
+    if is_worker():  # the features are stored: training is rank 0's
+        return None
     timings = {
         "features_seconds": round(time.time() - t0, 2),
         "features_cached": FeaturesMeta.of(feat_art).timings,

@@ -200,7 +200,7 @@ def test_adapt_eval_and_pretrain_print_one_metrics_shape(cli, base_zoo, tmp_path
     common = ("--domain", "toy", "--backbone", "tiny-opt", "--epochs", "1", "--json")
     records = {}
     for name, args in {
-        "adapt": ("adapt", *common, "--dtype", "fp32", "--name", "toy/shape"),
+        "adapt": ("adapt", *common, "--head", "ilp", "--dtype", "fp32", "--name", "toy/shape"),
         "eval": ("eval", "--domain", "toy", "--head", "toy/shape", "--json"),
         "pretrain": ("pretrain", *common, "--batch-size", "8", "--out", "shape-ft"),
     }.items():

@@ -276,7 +276,19 @@ def test_adapt_head_sasrec_from_the_cli_and_the_lm_over_id_only_line(zoo_copy):
     # a new LM head is shown against the best ID-only head of the domain
     proc = cli(
         zoo_copy,
-        *("adapt", "--domain", "toy", "--backbone", "tiny-opt", "--dtype", "fp32", "--epochs", "2"),
+        *(
+            "adapt",
+            "--domain",
+            "toy",
+            "--backbone",
+            "tiny-opt",
+            "--dtype",
+            "fp32",
+            "--head",
+            "ilp",
+            "--epochs",
+            "2",
+        ),
         *("--name", "toy/ilp2"),
     )
     assert proc.returncode == 0, proc.stderr

@@ -51,6 +51,8 @@ def test_smollm2_end_to_end_on_real_data(tmp_path):
     r = run_cli(
         zoo,
         "adapt",
+        "--head",
+        "ilp",
         "--domain",
         "sci-slice",
         "--backbone",
@@ -121,6 +123,10 @@ def test_quickstart_runs_to_the_end_offline(tmp_path):
         "quickstart",
         "--max-items",
         "5",
+        "--max-users",
+        "30",
+        "--budget",
+        "2m",
         "--users",
         "2",
         env={"HF_HUB_OFFLINE": "1"},
@@ -130,3 +136,4 @@ def test_quickstart_runs_to_the_end_offline(tmp_path):
     assert "NDCG@10" in r.stdout and "held-out next item" in r.stdout
     assert r.stdout.count("held-out next item:") == 2
     assert "[5/5]" in r.stderr and "Done in" in r.stderr
+    assert "/recipe" in r.stdout and "[3/5] The recipe" in r.stderr

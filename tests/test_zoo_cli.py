@@ -365,7 +365,18 @@ def test_a_dataset_and_a_backbone_may_share_a_name(tmp_path: Path) -> None:
         == 0
     )
     proc = run_cli_here(
-        root, "adapt", "--domain", "tiny-opt", "--backbone", "tiny-opt", "--epochs", "1", "--dtype", "fp32"
+        root,
+        "adapt",
+        "--domain",
+        "tiny-opt",
+        "--backbone",
+        "tiny-opt",
+        "--head",
+        "ilp",
+        "--epochs",
+        "1",
+        "--dtype",
+        "fp32",
     )
     assert proc.returncode == 0, proc.stderr
     assert_one_error_line(

@@ -290,6 +290,8 @@ def adapt_cmd(
         )
     finally:
         reporter.close()
+    if head is None:  # a torchrun worker rank: its share of the feature pass is done, rank 0 trains
+        return
     hm = HeadMeta.of(head)
     if json_out:
         print_jsonl(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import typer
 
@@ -11,7 +12,8 @@ from st2si_cli.cli.output import err, metrics_table, out
 from st2si_cli.cli.reporting import RichReporter
 from st2si_cli.zoo.meta import DatasetMeta, HeadMeta
 
-QUICKSTART_MAX_ITEMS = 20  # newest items per history: keeps the feature pass to minutes on 2 cores
+QUICKSTART_MAX_ITEMS = 20  # items per history window, windows not overlapping: keeps the pass to minutes
+QUICKSTART_BUDGET = "3m"  # the recipe's training time
 
 
 def quickstart_cmd(
@@ -22,10 +24,19 @@ def quickstart_cmd(
     max_items: int = typer.Option(
         QUICKSTART_MAX_ITEMS, "--max-items", min=1, help="Newest history items per user."
     ),
+    budget: str = typer.Option(
+        QUICKSTART_BUDGET, "--budget", help="Training time of the recipe (90s, 3m, 1h or none)."
+    ),
+    max_users: int = typer.Option(
+        0,
+        "--max-users",
+        min=0,
+        help="Use only the first N users (a quicker look; the domain is then named DOMAIN-firstN). 0: all.",
+    ),
     users: int = typer.Option(3, "--users", min=0, help="Sample users to show recommendations for."),
     k: int = typer.Option(5, "-k", min=1, help="Recommendations per sample user."),
 ) -> None:
-    """Prepare MovieLens-100k, build the SmolLM2 backbone, adapt a head, evaluate, recommend.
+    """Prepare MovieLens-100k, build the SmolLM2 backbone, run the recipe, evaluate, recommend.
 
     \b
     Example:
@@ -33,17 +44,21 @@ def quickstart_cmd(
     """
     from rich.table import Table
 
-    from st2si_cli.adapt import adapt
     from st2si_cli.backbones.pull import ensure_backbone
-    from st2si_cli.data.prepare import prepare_dataset, resolve_source_name
+    from st2si_cli.cli.recipe_cmd import parse_budget_option
+    from st2si_cli.data.prepare import resolve_source_name
     from st2si_cli.model.text import TextConfig
+    from st2si_cli.recipe.run import run_recipe
     from st2si_cli.recommend import Request, recommend
 
+    budget_s = parse_budget_option(budget)
     t0 = time.time()
     zoo = open_zoo()
+    if max_users:
+        domain = f"{domain}-first{max_users}"
     err.print(f"[1/5] Preparing MovieLens-100k from the recbole wheel as {domain!r}", markup=False)
     folder, fmt, _ = resolve_source_name("movielens-100k")
-    ds_art, ds = prepare_dataset(folder, format=fmt, domain=domain, zoo=zoo)
+    ds_art, ds = _prepare(zoo, folder, fmt, domain, max_users)
     st = DatasetMeta.of(ds_art).stats
     err.print(
         f"      {st.users:,} users, {st.items:,} items, {st.interactions:,} interactions",
@@ -56,19 +71,23 @@ def quickstart_cmd(
     err.print(f"      {bb.name} ({bb.short_id}) ready in {time.time() - t:.0f}s", markup=False)
 
     err.print(
-        f"[3/5] Adapting an ILP head (frozen backbone, newest {max_items} items per history)", markup=False
+        f"[3/5] The recipe within {budget}: ID-only adapters, the swept ILP over the frozen backbone's "
+        f"features ({max_items}-item windows), their fusion",
+        markup=False,
     )
     reporter = RichReporter()
     try:
-        head = adapt(
+        result = run_recipe(
             zoo,
             domain,
             backbone=bb.name or bb.id,
-            text=TextConfig(max_items=max_items, positions="newest"),
+            text=TextConfig(max_items=max_items, stride=max_items),
+            budget_s=budget_s,
             reporter=reporter,
         )
     finally:
         reporter.close()
+    head = result.chosen
     hm = HeadMeta.of(head)
 
     err.print(
@@ -76,10 +95,21 @@ def quickstart_cmd(
     )
     out.print(
         metrics_table(
-            f"{head.name}, best epoch {hm.best_epoch}",
-            {"valid": hm.metrics.valid, "test": hm.metrics.with_alignment("test")},
+            f"{head.name} (chosen on validation)",
+            {"valid": hm.metrics.valid, "test": hm.metrics.test},
         )
     )
+    if result.reference is not None and result.reference.id != head.id:
+        ref = HeadMeta.of(result.reference)
+        out.print(
+            metrics_table(
+                f"{result.reference.name}: the in-tool ID-only SASRec ensemble, for comparison",
+                {"valid": ref.metrics.valid, "test": ref.metrics.test},
+            )
+        )
+    share = result.lm_share()
+    if share is not None:
+        err.print(f"      LM over ID-only: {share:+.1%} NDCG@10 on validation", markup=False)
 
     err.print(f"[5/5] Recommendations for {users} sample users", markup=False)
     picks = list(range(min(users, ds.n_users)))
@@ -111,3 +141,21 @@ def quickstart_cmd(
         f"Done in {time.time() - t0:.0f}s. Try: st2si recommend --domain {domain} --user-history FILE",
         markup=False,
     )
+
+
+def _prepare(zoo: Any, folder: Any, fmt: str, domain: str, max_users: int) -> tuple[Any, Any]:
+    """The MovieLens dataset stored as `domain`; with `max_users`, only the first that many users."""
+    from st2si_cli.data.dataset import RawInteraction, build_dataset
+    from st2si_cli.data.prepare import parse_dataset, prepare_dataset, store_dataset
+
+    if not max_users:
+        return prepare_dataset(folder, format=fmt, domain=domain, zoo=zoo)
+    full, fmt = parse_dataset(folder, format=fmt)
+    items = {it["id"]: {k: v for k, v in it.items() if k != "id"} for it in full.items}
+    rows = [
+        RawInteraction(user=full.users[u], item=full.items[i]["id"], timestamp=float(t), order=t)
+        for u in range(min(max_users, len(full.users)))
+        for t, i in enumerate(full.sequences[u])
+    ]
+    ds = build_dataset(items, rows, source=f"{folder} (first {max_users} users)")
+    return store_dataset(zoo, ds, domain=domain, fmt=fmt, source=str(folder)), ds

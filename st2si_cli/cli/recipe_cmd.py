@@ -79,6 +79,8 @@ def run_recipe_cmd(
         )
     finally:
         reporter.close()
+    if result.worker:
+        return
     share = result.lm_share()
     if json_out:
         print_jsonl(

@@ -10,6 +10,7 @@ module's `hidden_at` (`model/st2si.py`), as in every other path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -19,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from st2si_cli import __version__
 from st2si_cli.data.dataset import Dataset
-from st2si_cli.features.forward import query_features, run_batches
+from st2si_cli.features.forward import query_features
+from st2si_cli.features.ranks import barrier, gather, split_blocks, world
+from st2si_cli.features.shards import (
+    finish_on_ranks,
+    missing_runs,
+    read_shards,
+    resume_shards,
+    run_shards,
+)
 from st2si_cli.model.samples import Sample, build_samples, plan_batches
 from st2si_cli.model.text import ItemTokenizer, TextConfig
 from st2si_cli.zoo.artifact import Artifact, canonical_json, write_safetensors_atomic
@@ -111,13 +120,29 @@ def compute_features(
 ) -> tuple[Artifact, FeatureSet]:
     """The feature cache for (backbone, dataset, text settings): loaded if present, else computed
     (`_compute_features`, whose keyword arguments `options` are). The work is claimed with a lock
-    file: a second process with the same key waits for the first, then reuses its finished cache."""
+    file: a second process with the same key waits for the first, then reuses its finished cache.
+
+    Under `torchrun --nproc_per_node N` every rank calls it: each computes its block of the pass into
+    the shared staging folder, rank 0 stores the cache, and every rank gets it back."""
     alignment = options.get("alignment", True)
     key = cache_key(backbone.artifact_id, dataset_id, text, dtype_name(backbone.dtype), alignment)
-    existing = zoo.find(cache_name(key), kind="features")
-    if existing is not None:
-        return existing, load_feature_set(zoo, existing)
-    with zoo.claim(cache_name(key)):
+    rank, size = world()
+    if size == 1:
+        existing = zoo.find(cache_name(key), kind="features")
+        if existing is not None:
+            return existing, load_feature_set(zoo, existing)
+        with zoo.claim(cache_name(key)):
+            return _compute_features(zoo, backbone, ds, dataset_id, text, **options)
+    # The lock under torchrun. The claim is an exclusive flock of one process: were every rank to take
+    # it, rank 1 would block on the lock rank 0 holds while rank 0 waits for rank 1 at a meeting, for
+    # ever. So rank 0 alone takes it, for the whole job, before the first meeting (in `_compute_features`,
+    # where it tells the others whether the cache exists), and releases it once the cache is stored and
+    # every rank has met for the last time: no rank ever waits on the lock while another waits for it
+    # at a meeting, and no rank writes a shard before rank 0 owns the staging folder. Another process
+    # with the same key (a second job) still waits for the claim, and `zoo prune` sees the folder in use.
+    # Rank 0 waiting for such a process holds the others at the first meeting: hence the group's long
+    # timeout (`ranks.GROUP_TIMEOUT`).
+    with zoo.claim(cache_name(key)) if rank == 0 else contextlib.nullcontext():
         return _compute_features(zoo, backbone, ds, dataset_id, text, **options)
 
 
@@ -141,11 +166,23 @@ def _compute_features(
     compute; a rerun after a kill skips the batches the shards already hold. The finished cache is
     one artifact (kind "features").
     `on_start(total_tokens, total_samples)` and `on_progress(tokens, samples)` drive a progress bar.
+
+    Under torchrun (WORLD_SIZE > 1; rank 0 holds the claim, see `compute_features`) the batch plan is
+    split into one contiguous block per rank of about equal padded tokens (`ranks.split_blocks`); each
+    rank computes the batches of its block that no shard holds yet, into shards of the same staging
+    folder named as in one process. After a meeting rank 0 reads the other blocks' shards and stores
+    the cache (the same file and ID as one process's; its meta adds "ranks"), then tells the others
+    its ID and they load it. On a rank the progress callbacks count its own block.
     """
     import torch
 
     key = cache_key(backbone.artifact_id, dataset_id, text, dtype_name(backbone.dtype), alignment)
-    existing = zoo.find(cache_name(key), kind="features")
+    rank, size = world()
+    existing = zoo.find(cache_name(key), kind="features") if rank == 0 else None
+    if size > 1:  # rank 0 holds the claim: its answer is every rank's
+        existing_id = gather(existing.id if existing is not None else None)[0]
+        if existing_id is not None and existing is None:
+            existing = zoo.get(existing_id, kind="features")
     if existing is not None:
         return existing, load_feature_set(zoo, existing)
 
@@ -168,14 +205,19 @@ def _compute_features(
         "max_batch": max_batch,
     }
     spec_path = stage / "spec.json"
-    if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
-        for old in stage.glob("shard-*.safetensors"):  # shards of another plan cannot be reused
-            old.unlink()
-    spec_path.write_text(json.dumps(spec))
+    if rank == 0:
+        if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
+            for old in stage.glob("shard-*.safetensors"):  # shards of another plan cannot be reused
+                old.unlink()
+        spec_path.write_text(json.dumps(spec))
+    if size > 1:
+        barrier()  # the shards of another plan are gone before any rank reads or writes one
 
     total_tokens = sum(lengths)
+    lo, hi = split_blocks([len(b) * lengths[b[0]] for b in batches], size)[rank]
     if on_start:
-        on_start(total_tokens, len(samples))
+        mine = batches[lo:hi]
+        on_start(sum(lengths[i] for b in mine for i in b), sum(len(b) for b in mine))
     # Features land in one [P, d] matrix in sample order (no per-sample tensors: a million-item
     # catalog has a million alignment samples); plan_rows maps batches to its rows.
     first_row = torch.zeros(len(samples) + 1, dtype=torch.long)
@@ -188,101 +230,81 @@ def _compute_features(
                 store[0] = torch.zeros(int(first_row[-1]), d)
         return store[0]
 
-    done = resume_shards(stage, batches, first_row, matrix)
-    if on_progress and done:
-        on_progress(sum(lengths[i] for b in batches[:done] for i in b), sum(len(b) for b in batches[:done]))
+    if size == 1:  # one process: the shards continue one another from batch 0
+        done = resume_shards(stage, batches, first_row, matrix)
+        runs = [(done, len(batches))]
+    else:  # a rank: its block's batches that no shard holds, wherever they are
+        runs = missing_runs(read_shards(stage, batches, first_row, matrix, within=(lo, hi)))
+    held = [b for j, b in enumerate(batches[lo:hi], lo) if not any(a <= j < e for a, e in runs)]
+    if on_progress and held:
+        on_progress(sum(lengths[i] for b in held for i in b), sum(len(b) for b in held))
     computed_tokens = 0
-    with torch.inference_mode():
-        # A shard is a run of consecutive batches, closed once it holds `shard_seconds` of compute: sized
-        # by the work measured as it runs (not by sample count), so a kill loses at most about that much.
-        first, shard_t0 = done, time.perf_counter()
-        for j, b, h in run_batches(model, samples, batches, start=done):
-            matrix(h.shape[1])[plan_rows(first_row, [b])] = h
-            btok = sum(lengths[i] for i in b)
-            computed_tokens += btok
-            if on_progress:
-                on_progress(btok, len(b))
-            if j + 1 == len(batches) or time.perf_counter() - shard_t0 >= shard_seconds:
-                rows = plan_rows(first_row, batches[first : j + 1])
-                write_safetensors_atomic(
-                    {"feats": store[0][rows].to(backbone.dtype), "span": torch.tensor([first, j + 1])},
-                    stage / f"shard-{first:06d}.safetensors",  # named by its first batch: plan order
-                )
-                first, shard_t0 = j + 1, time.perf_counter()
+    for start, stop in runs:
+        computed_tokens += run_shards(
+            model,
+            samples,
+            batches,
+            start,
+            stop,
+            first_row,
+            matrix,
+            stage,
+            backbone.dtype,
+            shard_seconds,
+            on_progress,
+        )
 
-    seconds = time.time() - t0
-    fs = index_rows(samples)
-    fs.feats = matrix(backbone.hidden_size)
-    out = stage / "features.safetensors"
-    stored = fs.tensors()
-    stored["feats"] = fs.feats.to(backbone.dtype)  # bf16 features are exact in bf16
-    write_safetensors_atomic(stored, out)
-    meta = {
-        "key": key,
-        "inputs": {"backbone": backbone.artifact_id, "dataset": dataset_id},
-        "text": text.to_dict(),
-        "dtype": dtype_name(backbone.dtype),
-        "alignment": alignment,
-        "positions": int(fs.targets.numel()),
-        "samples": len(samples),
-        "hidden": int(fs.feats.shape[1]),
-        "timings": {
-            "seconds": round(seconds, 2),
-            "tokens": total_tokens,
-            "tokens_computed": computed_tokens,
-            "tokens_per_s": round(computed_tokens / seconds, 1) if seconds > 0 else None,
-            "batches": len(batches),
-            "padded_tokens": sum(len(b) * lengths[b[0]] for b in batches),
-        },
-        "versions": {"st2si": __version__, "torch": torch.__version__},
-    }
-    art = zoo.put(
-        "features",
-        {"features.safetensors": out},
-        meta,
-        name=cache_name(key),
-        identity={"key": key},
-        move=True,
-    )
-    import shutil
+    def store_cache(computed_tokens: int) -> tuple[Artifact, FeatureSet]:
+        seconds = time.time() - t0
+        fs = index_rows(samples)
+        fs.feats = matrix(backbone.hidden_size)
+        out = stage / "features.safetensors"
+        stored = fs.tensors()
+        stored["feats"] = fs.feats.to(backbone.dtype)  # bf16 features are exact in bf16
+        write_safetensors_atomic(stored, out)
+        meta = {
+            "key": key,
+            "inputs": {"backbone": backbone.artifact_id, "dataset": dataset_id},
+            "text": text.to_dict(),
+            "dtype": dtype_name(backbone.dtype),
+            "alignment": alignment,
+            "positions": int(fs.targets.numel()),
+            "samples": len(samples),
+            "hidden": int(fs.feats.shape[1]),
+            "timings": {
+                "seconds": round(seconds, 2),
+                "tokens": total_tokens,
+                "tokens_computed": computed_tokens,
+                "tokens_per_s": round(computed_tokens / seconds, 1) if seconds > 0 else None,
+                "batches": len(batches),
+                "padded_tokens": sum(len(b) * lengths[b[0]] for b in batches),
+            },
+            "versions": {"st2si": __version__, "torch": torch.__version__},
+        }
+        if size > 1:  # the meta, not the identity: the ID is the one a single process stores
+            meta["ranks"] = size
+        art = zoo.put(
+            "features",
+            {"features.safetensors": out},
+            meta,
+            name=cache_name(key),
+            identity={"key": key},
+            move=True,
+        )
+        import shutil
 
-    shutil.rmtree(stage, ignore_errors=True)
-    return art, fs
+        shutil.rmtree(stage, ignore_errors=True)
+        return art, fs
 
+    if size == 1:
+        return store_cache(computed_tokens)
 
-def plan_rows(first_row: Any, batches: Sequence[Sequence[int]]) -> Any:
-    """Rows of the [P, d] feature matrix held by `batches` (samples in batch order, queries in order)."""
-    import torch
+    def read_the_rest() -> list[int]:  # the blocks after rank 0's (it holds its own)
+        return read_shards(stage, batches, first_row, matrix, within=(hi, len(batches)))
 
-    starts = [int(first_row[i]) for b in batches for i in b]
-    ends = [int(first_row[i + 1]) for b in batches for i in b]
-    if not starts:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.cat([torch.arange(a, e) for a, e in zip(starts, ends)])
-
-
-def resume_shards(stage: Any, batches: list[list[int]], first_row: Any, matrix: Callable[[int], Any]) -> int:
-    """Copy the features of the shards on disk into `matrix(d)`; returns the first batch they do not cover.
-
-    Shards are read in order while each continues where the last ended; any other file (a different
-    plan, a damaged shard) is removed, so its batches are computed again.
-    """
-    from safetensors.torch import load_file
-
-    done = 0
-    for path in sorted(stage.glob("shard-*.safetensors")):
-        try:
-            loaded = load_file(str(path))
-            start, end = loaded["span"].tolist()
-        except Exception:  # noqa: BLE001 - an unreadable shard is recomputed, not fatal
-            start, end = -1, -1
-        rows = plan_rows(first_row, batches[start:end]) if start == done and end <= len(batches) else None
-        if rows is None or start >= end or loaded["feats"].shape[0] != rows.numel():
-            path.unlink()
-            continue
-        matrix(loaded["feats"].shape[1])[rows] = loaded["feats"].float()
-        done = end
-    return done
+    if rank != 0:
+        store.clear()  # a worker's features are in its shards now; it loads the stored cache instead
+    return finish_on_ranks(zoo, rank, computed_tokens, read_the_rest, store_cache, stage)
 
 
 def load_feature_set(zoo: Zoo, art: Artifact) -> FeatureSet:

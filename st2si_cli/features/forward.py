@@ -27,11 +27,16 @@ def forward_batch(backbone: Backbone, samples: Sequence[Sample]) -> list[Any]:
 
 
 def run_batches(
-    model: ST2SI, samples: Sequence[Sample], batches: Sequence[Sequence[int]], start: int = 0
+    model: ST2SI,
+    samples: Sequence[Sample],
+    batches: Sequence[Sequence[int]],
+    start: int = 0,
+    stop: int | None = None,
 ) -> Iterator[tuple[int, Sequence[int], Any]]:
-    """For each batch from `start` on: (its index, its sample indices, their query features [P, d] in
-    sample order, fp32 on the CPU). The caller chooses the grad mode (inference_mode for caches)."""
-    for j in range(start, len(batches)):
+    """For each batch from `start` to `stop` (default: the last): (its index, its sample indices, their
+    query features [P, d] in sample order, fp32 on the CPU). The caller chooses the grad mode
+    (inference_mode for caches)."""
+    for j in range(start, len(batches) if stop is None else stop):
         batch = batches[j]
         yield j, batch, model.hidden_at([samples[i] for i in batch]).float().cpu()
 

@@ -58,6 +58,7 @@ class RecipeResult:
     features_seconds: float = 0.0  # this run's wait for features (0 when cached)
     features_pass_seconds: float | None = None  # how long the cached pass took when it was computed
     plan: dict[str, Any] = field(default_factory=dict)
+    worker: bool = False  # a torchrun worker rank: it computed its share of the features, nothing else
 
     def lm_share(self) -> float | None:
         """Relative validation NDCG@10 of the fusion over the ID-only ensemble (None without both)."""
@@ -147,6 +148,11 @@ def run_recipe(
         zoo, backbone, dataset_art, text, feature_opts or FeatureOptions(), reporter, ds=ds
     )
     result = RecipeResult(features_seconds=round(time.monotonic() - t0, 2))
+    from st2si_cli.features.ranks import is_worker
+
+    if is_worker():  # a torchrun rank other than 0: its share of the feature pass is done, rank 0 trains
+        result.worker = True
+        return result
     result.features_pass_seconds = (FeaturesMeta.of(feat_art).timings or {}).get("seconds")
     plan = adapter_plan(_count_windows(fs, ds))
     result.plan = {"version": RECIPE_VERSION, "adapter": plan.record(), "seeds": seeds, "sweep": sweep_trials}

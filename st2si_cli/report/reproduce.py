@@ -39,9 +39,16 @@ def reproduce(zoo: Zoo, head: Artifact) -> list[str]:
             + (f" --placement {shlex.quote(str(method))}" if method else "")
         )
         return lines
-    from st2si_cli.heads.registry import DEFAULT, kind_of
+    from st2si_cli.heads.registry import kind_of
 
     kind = kind_of(head)
+    stage = (head.meta.get("recipe") or {}).get("stage")
+    if stage:  # a stage of the recipe: the recipe makes it (and reuses it when it is there)
+        backbone = hm.backbone_name or name_of(zoo, hm.backbone)
+        return [
+            shlex.join(["st2si", "adapt", "--domain", domain, "--backbone", backbone])
+            + f"   # the recipe; this head is its stage {stage}"
+        ]
     special = kind.command(zoo, head, lambda ref: name_of(zoo, ref))
     if special is not None:
         return special
@@ -52,9 +59,7 @@ def reproduce(zoo: Zoo, head: Artifact) -> list[str]:
             shlex.join(["st2si", "pretrain", "--domain", domain])
             + f"   # a tuned backbone{f' (run {run[:12]})' if run else ''}: its settings are in `st2si zoo info`"
         ]
-    cmd = ["st2si", "adapt", "--domain", domain, "--backbone", backbone]
-    if kind is not DEFAULT:
-        cmd += ["--head", kind.name]
+    cmd = ["st2si", "adapt", "--domain", domain, "--backbone", backbone, "--head", kind.name]
     train = dict(hm.train or {})
     library: list[str] = []
     swept: set[str] = set()
