@@ -132,6 +132,7 @@ def adapt(
     many points of the kind's sweep grid (0: all of them) and keep the best on validation; None: no sweep.
     """
     from st2si_cli.features.ranks import is_worker
+    from st2si_cli.heads.base import How
     from st2si_cli.heads.registry import kind_for_config
     from st2si_cli.heads.store import HeadOrigin
 
@@ -151,7 +152,7 @@ def adapt(
         "features_seconds": round(time.time() - t0, 2),
         "features_cached": FeaturesMeta.of(feat_art).timings,
     }
-    trained = kind.train(fs, ds, head_cfg, reporter=reporter, sweep_trials=sweep_trials)
+    trained = kind.train(fs, ds, head_cfg, reporter=reporter, how=How(sweep_trials=sweep_trials))
     return store_trained(zoo, trained, HeadOrigin(domain, bb_art, dataset_art, text, name), feat_art, timings)
 
 

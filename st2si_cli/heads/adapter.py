@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from st2si_cli.heads.base import HeadKind, Placing, Trained, batched_top_k, budget_cut
+from st2si_cli.heads.base import PLAIN, HeadKind, How, Placing, Trained, batched_top_k, budget_cut
 from st2si_cli.heads.store import head_meta, stored_module_args
 from st2si_cli.progress import Reporter
 from st2si_cli.zoo.store import Artifact, Zoo
@@ -37,19 +37,9 @@ class AdapterKind(HeadKind):
 
         return isinstance(cfg, AdapterConfig) and bool(cfg.use_text) == self.use_text
 
-    def train(
-        self,
-        fs: Any,
-        ds: Any,
-        cfg: Any,
-        *,
-        reporter: Reporter,
-        sweep_trials: int | None = None,
-        deadline: float | None = None,
-        start: dict[str, Any] | None = None,
-    ) -> Trained:
+    def train(self, fs: Any, ds: Any, cfg: Any, *, reporter: Reporter, how: How = PLAIN) -> Trained:
         """An adapter trained with early stopping on validation NDCG@10 (the best of a sweep of
-        `ADAPTER_GRID` with `sweep_trials`)."""
+        `ADAPTER_GRID` with `how.sweep_trials`)."""
         from st2si_cli.model.adapter import load_adapter
         from st2si_cli.model.samples import TEST, VALID
         from st2si_cli.train.adapter import evaluate_adapter, train_adapter
@@ -60,13 +50,25 @@ class AdapterKind(HeadKind):
             raise ValueError(f"a {self.name} head trains with use_text={self.use_text}")
 
         def train(c: Any) -> Any:
-            init = start if sweep_trials is None else None
+            init = how.start if how.sweep_trials is None else None
             return train_adapter(
-                fs, ds.sequences, ds.n_items, c, on_epoch=reporter.epoch, deadline=deadline, init_state=init
+                fs,
+                ds.sequences,
+                ds.n_items,
+                c,
+                on_epoch=reporter.epoch,
+                deadline=how.deadline,
+                init_state=init,
             )
 
         cfg, result, seconds, sweep_meta = train_maybe_swept(
-            cfg, train, ADAPTER_GRID, ADAPTER_SWEEP_BASE, sweep_trials, reporter.message, deadline=deadline
+            cfg,
+            train,
+            ADAPTER_GRID,
+            ADAPTER_SWEEP_BASE,
+            how.sweep_trials,
+            reporter.message,
+            deadline=how.deadline,
         )
         d_feat = int(fs.feats.shape[1])
         model = load_adapter(result.state_dict, cfg.to_dict(), d_feat, ds.n_items)

@@ -38,6 +38,23 @@ class Placing:
     id_from: dict[int, int] | None  # neighbour placement: new item -> its nearest trained item
 
 
+@dataclass(frozen=True)
+class How:
+    """How `HeadKind.train` trains, beside the settings.
+
+    `sweep_trials`: that many points of the kind's sweep grid (0: all), the best on validation kept
+    (None: no sweep). `deadline` (a `time.monotonic()` value): no epoch (or sweep trial) starts after
+    it; the best so far is kept and the meta says `cut_by_budget`. `start`: the tensors of a head of
+    this kind and settings, cut by a deadline, to continue from (a sweep starts afresh)."""
+
+    sweep_trials: int | None = None
+    deadline: float | None = None
+    start: dict[str, Any] | None = None
+
+
+PLAIN = How()
+
+
 class HeadKind(ABC):
     """One kind of head. `name` is the "head" string its meta records (and `adapt --head` takes)."""
 
@@ -54,23 +71,10 @@ class HeadKind(ABC):
         return False
 
     @abstractmethod
-    def train(
-        self,
-        fs: Any,
-        ds: Any,
-        cfg: Any,
-        *,
-        reporter: Reporter,
-        sweep_trials: int | None = None,
-        deadline: float | None = None,
-        start: dict[str, Any] | None = None,
-    ) -> Trained:
+    def train(self, fs: Any, ds: Any, cfg: Any, *, reporter: Reporter, how: How = PLAIN) -> Trained:
         """Train on the feature set `fs` of dataset `ds`, choosing on validation only.
 
-        `sweep_trials`: that many points of the kind's sweep grid (0: all), the best on validation kept.
-        `deadline` (a `time.monotonic()` value): no epoch (or sweep trial) starts after it; the best so
-        far is kept and the meta says `cut_by_budget`. `start`: the tensors of a head of this kind and
-        settings, cut by a deadline, to continue from (kinds that cannot continue start afresh)."""
+        `how`: a sweep, a deadline, a start (`How`)."""
 
     @abstractmethod
     def load(self, zoo: Zoo, head: Artifact) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 from st2si_cli.errors import MismatchError
 from st2si_cli.heads.adapter import ADAPTER, SASREC
-from st2si_cli.heads.base import HeadKind, Placing, Trained, batched_top_k
+from st2si_cli.heads.base import PLAIN, HeadKind, How, Placing, Trained, batched_top_k
 from st2si_cli.heads.ilp import ILP, ILP_KINDS
 from st2si_cli.heads.store import (
     HeadOrigin,
@@ -53,27 +53,16 @@ class FusionKind(HeadKind):
     def accepts(self, cfg: Any) -> bool:
         return isinstance(cfg, FusionConfig)
 
-    def train(
-        self,
-        fs: Any,
-        ds: Any,
-        cfg: Any,
-        *,
-        reporter: Reporter,
-        sweep_trials: int | None = None,
-        deadline: float | None = None,
-        start: dict[str, Any] | None = None,
-    ) -> Trained:
+    def train(self, fs: Any, ds: Any, cfg: Any, *, reporter: Reporter, how: How = PLAIN) -> Trained:
         from st2si_cli.model.adapter import load_adapter
         from st2si_cli.model.fusion import Fusion
 
         t0 = time.time()
         cfg = cfg or self.default_config()
-        ilp = ILP.train(fs, ds, cfg.ilp, reporter=reporter, sweep_trials=sweep_trials, deadline=deadline)
+        parts_how = How(how.sweep_trials, how.deadline)  # each part starts afresh
+        ilp = ILP.train(fs, ds, cfg.ilp, reporter=reporter, how=parts_how)
         parts = [
-            (ADAPTER if c.use_text else SASREC).train(
-                fs, ds, c, reporter=reporter, sweep_trials=sweep_trials, deadline=deadline
-            )
+            (ADAPTER if c.use_text else SASREC).train(fs, ds, c, reporter=reporter, how=parts_how)
             for c in cfg.adapters
         ]
         d_feat = int(fs.feats.shape[1])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from st2si_cli.heads.base import HeadKind, Placing, Trained, budget_cut
+from st2si_cli.heads.base import PLAIN, HeadKind, How, Placing, Trained, budget_cut
 from st2si_cli.heads.store import HeadOrigin, head_meta, load_head_weight, store_head
 from st2si_cli.progress import Reporter
 from st2si_cli.zoo.meta import HeadMeta
@@ -40,17 +40,7 @@ class IlpKind(HeadKind):
             isinstance(cfg, HeadConfig) and cfg.init == self.init
         )
 
-    def train(
-        self,
-        fs: Any,
-        ds: Any,
-        cfg: Any,
-        *,
-        reporter: Reporter,
-        sweep_trials: int | None = None,
-        deadline: float | None = None,
-        start: dict[str, Any] | None = None,
-    ) -> Trained:
+    def train(self, fs: Any, ds: Any, cfg: Any, *, reporter: Reporter, how: How = PLAIN) -> Trained:
         from st2si_cli.model.samples import TEST, VALID
         from st2si_cli.train.head import alignment_accuracy, evaluate_split, steps_per_epoch, train_head
         from st2si_cli.train.sweep import ILP_GRID, ILP_SWEEP_BASE, train_maybe_swept
@@ -59,7 +49,7 @@ class IlpKind(HeadKind):
 
         def train(c: Any) -> Any:
             reporter.training_start(steps_per_epoch(fs, c), c.max_epochs)
-            init = start["weight"] if start is not None and sweep_trials is None else None
+            init = how.start["weight"] if how.start is not None and how.sweep_trials is None else None
             return train_head(
                 fs,
                 ds.n_items,
@@ -67,11 +57,11 @@ class IlpKind(HeadKind):
                 on_epoch=reporter.epoch,
                 on_step=reporter.training_step,
                 init=init,
-                deadline=deadline,
+                deadline=how.deadline,
             )
 
         cfg, result, seconds, sweep_meta = train_maybe_swept(
-            cfg, train, ILP_GRID, ILP_SWEEP_BASE, sweep_trials, reporter.message, deadline=deadline
+            cfg, train, ILP_GRID, ILP_SWEEP_BASE, how.sweep_trials, reporter.message, deadline=how.deadline
         )
         metrics = {
             "valid": evaluate_split(result.weight, fs, VALID, ties=cfg.ties),

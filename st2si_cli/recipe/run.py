@@ -219,6 +219,7 @@ class _Run:
 
     def stage(self, key: str, label: str, kind: Any, cfg: Any, options: dict[str, Any]) -> StageOutcome:
         from st2si_cli.adapt import store_trained
+        from st2si_cli.heads.base import How
         from st2si_cli.heads.store import HeadOrigin, load_head_tensors
 
         settings = {"kind": kind.name, "train": cfg.to_dict(), **options}
@@ -245,9 +246,7 @@ class _Run:
             self.ds,
             cfg,
             reporter=StageReporter(self.reporter, label, self.t0, deadline),
-            sweep_trials=options.get("sweep_trials"),
-            deadline=deadline,
-            start=start,
+            how=How(options.get("sweep_trials"), deadline, start),
         )
         seconds = round(time.monotonic() - s0, 2)
         origin = HeadOrigin(self.domain, self.bb_art, self.dataset_art, self.text, self.name(key))
