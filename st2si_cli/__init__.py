@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "Dataset": "st2si_cli.data.dataset:Dataset",
     "load_dataset": "st2si_cli.data.prepare:load_dataset",
     "store_dataset": "st2si_cli.data.prepare:store_dataset",
+    "parse_dataset": "st2si_cli.data.prepare:parse_dataset",
     "drop_unused_items": "st2si_cli.data.prepare:drop_unused_items",
     # item text and the samples a backbone reads
     "TextConfig": "st2si_cli.model.text:TextConfig",
