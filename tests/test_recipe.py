@@ -199,3 +199,44 @@ def test_cli_recipe_within_a_budget(zoo):
     assert "The budget stopped" in r.stderr
     assert record["chosen"]["head"].startswith("toy/recipe")
     assert record["plan"]["adapter"]["batch_size"] == 32
+
+
+def test_an_ensemble_without_ilp_is_id_only_and_evaluates_and_recommends(zoo):
+    from st2si_cli.adapt import adapt, evaluate
+    from st2si_cli.heads.fusion import fuse_heads
+    from st2si_cli.recommend import Request, recommend
+
+    parts = [
+        adapt(
+            zoo,
+            "toy",
+            backbone="tiny-opt",
+            head_cfg=AdapterConfig(**{**SMALL_ADAPTER.to_dict(), "use_text": False, "seed": seed}),
+            feature_opts=FeatureOptions(dtype="fp32"),
+            name=f"toy/s{seed}",
+        )
+        for seed in (0, 1)
+    ]
+    ens = fuse_heads(zoo, None, parts, name="toy/ens")
+    meta = HeadMeta.of(ens)
+    assert id_only(ens) and meta.fusion_w == 0.0 and "ilp" not in meta.train
+    assert "ilp.weight" not in zoo.file(ens, "head.safetensors").read_bytes()[:2000].decode("latin-1")
+    result = evaluate(zoo, "toy", head_ref="toy/ens")
+    assert result["metrics"]["NDCG@10"] == pytest.approx(meta.metrics.test["NDCG@10"])
+    [rec] = recommend(
+        zoo,
+        "toy",
+        [Request(line=1, user="u", items=[{"title": "red lamp 1"}], catalog_ids=[1])],
+        k=3,
+        head_ref=ens.id,
+    )
+    assert len(rec["items"]) == 3
+    r = run_cli(
+        zoo, "fuse", "--domain", "toy", "--adapter", "toy/s0", "--adapter", "toy/s1", "--name", "toy/ens2"
+    )
+    assert r.returncode == 0, r.stderr
+    assert zoo.get("toy/ens2", kind="head").id == ens.id  # the same ensemble, one artifact
+    from st2si_cli.report.reproduce import reproduce
+
+    [command] = reproduce(zoo, ens)
+    assert command.startswith("st2si fuse --domain toy --adapter") and "--ilp" not in command
