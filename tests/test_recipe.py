@@ -156,8 +156,11 @@ def test_a_killed_recipe_resumes(zoo, tmp_path):
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     stored = zoo.find("toy/recipe-sasrec-s0", kind="head")
-    result = small_recipe(
-        zoo, seeds=3, adapter_base=AdapterConfig(hidden=16, layers=1, heads=2, max_len=8, max_epochs=400)
+    result = small_recipe(  # a short budget: the stages after the reused one stop soon
+        zoo,
+        seeds=3,
+        budget_s=5,
+        adapter_base=AdapterConfig(hidden=16, layers=1, heads=2, max_len=8, max_epochs=400),
     )
     assert result.stages[0].status == "reused" and result.stages[0].head.id == stored.id
     assert result.fusion is not None and result.chosen is not None
