@@ -243,16 +243,8 @@ def adapt_cmd(
     if head_kind is None:
         from st2si_cli.cli.recipe_cmd import run_recipe_cmd
 
-        run_recipe_cmd(
-            zoo,
-            domain,
-            backbone=backbone,
-            text=text,
-            feature_opts=feature_opts,
-            seeds=seeds,
-            budget_s=budget_s,
-            json_out=json_out,
-        )
+        recipe = {"backbone": backbone, "text": text, "feature_opts": feature_opts, "seeds": seeds}
+        run_recipe_cmd(zoo, domain, json_out=json_out, budget_s=budget_s, **recipe)
         return
     # Settings left out keep the head kind's own defaults.
     given = {

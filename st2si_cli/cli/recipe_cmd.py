@@ -51,32 +51,14 @@ def parse_budget_option(value: str) -> float | None:
         raise typer.BadParameter(str(e), param_hint="'--budget'") from None
 
 
-def run_recipe_cmd(
-    zoo: Any,
-    domain: str,
-    *,
-    backbone: str,
-    text: Any,
-    feature_opts: Any,
-    seeds: int,
-    budget_s: float | None,
-    json_out: bool,
-) -> None:
+def run_recipe_cmd(zoo: Any, domain: str, *, json_out: bool, **recipe: Any) -> None:
+    """Run the recipe (`recipe`: `run_recipe`'s keywords) with progress on stderr; its table or JSON."""
     from st2si_cli.cli.adapt_cmd import say_default_and_reference
     from st2si_cli.recipe.run import run_recipe
 
     reporter = RichReporter()
     try:
-        result = run_recipe(
-            zoo,
-            domain,
-            backbone=backbone,
-            text=text,
-            feature_opts=feature_opts,
-            seeds=seeds,
-            budget_s=budget_s,
-            reporter=reporter,
-        )
+        result = run_recipe(zoo, domain, reporter=reporter, **recipe)
     finally:
         reporter.close()
     if result.worker:
