@@ -18,7 +18,7 @@ from st2si_cli.adapt import FeatureOptions
 from st2si_cli.heads.choice import default_head, id_only
 from st2si_cli.model.adapter import AdapterConfig
 from st2si_cli.recipe.run import run_recipe
-from st2si_cli.recipe.settings import adapter_plan, parse_budget
+from st2si_cli.recipe.settings import RecipeStages, adapter_plan, parse_budget
 from st2si_cli.train.head import HeadConfig
 from st2si_cli.zoo.meta import HeadMeta
 
@@ -26,16 +26,16 @@ SMALL_ADAPTER = AdapterConfig(hidden=16, layers=1, heads=2, max_len=8, max_epoch
 SMALL_ILP = HeadConfig(max_epochs=2)
 
 
-def small_recipe(zoo, **kwargs):
-    options = {
-        "backbone": "tiny-opt",
-        "feature_opts": FeatureOptions(dtype="fp32"),
-        "seeds": 2,
-        "sweep_trials": 2,
-        "adapter_base": SMALL_ADAPTER,
-        "ilp_base": SMALL_ILP,
-    }
-    return run_recipe(zoo, "toy", **{**options, **kwargs})
+def small_recipe(zoo, budget_s=None, **stages):
+    small = {"seeds": 2, "sweep_trials": 2, "adapter_base": SMALL_ADAPTER, "ilp_base": SMALL_ILP}
+    return run_recipe(
+        zoo,
+        "toy",
+        backbone="tiny-opt",
+        feature_opts=FeatureOptions(dtype="fp32"),
+        stages=RecipeStages(**{**small, **stages}),
+        budget_s=budget_s,
+    )
 
 
 def test_adapter_plan_follows_the_number_of_windows():

@@ -242,8 +242,10 @@ def adapt_cmd(
     feature_opts = FeatureOptions(dtype=dtype.value, device=device, batch_tokens=batch_tokens, alignment=True)
     if head_kind is None:
         from st2si_cli.cli.recipe_cmd import run_recipe_cmd
+        from st2si_cli.recipe.settings import RecipeStages
 
-        recipe = {"backbone": backbone, "text": text, "feature_opts": feature_opts, "seeds": seeds}
+        recipe = {"backbone": backbone, "text": text, "feature_opts": feature_opts}
+        recipe["stages"] = RecipeStages(seeds=seeds)
         run_recipe_cmd(zoo, domain, json_out=json_out, budget_s=budget_s, **recipe)
         return
     # Settings left out keep the head kind's own defaults.

@@ -26,7 +26,7 @@ from typing import Any
 
 from st2si_cli import DEFAULT_BACKBONE
 from st2si_cli.progress import Reporter
-from st2si_cli.recipe.settings import DEFAULT_SEEDS, DEFAULT_SWEEP_TRIALS, adapter_config, adapter_plan
+from st2si_cli.recipe.settings import RecipeStages, adapter_config, adapter_plan
 from st2si_cli.zoo.meta import HeadMeta, Inputs
 from st2si_cli.zoo.store import Artifact, Zoo
 
@@ -121,22 +121,19 @@ def run_recipe(
     backbone: str = DEFAULT_BACKBONE,
     text: Any = None,
     feature_opts: Any = None,
-    seeds: int = DEFAULT_SEEDS,
-    sweep_trials: int = DEFAULT_SWEEP_TRIALS,
+    stages: RecipeStages = RecipeStages(),
     budget_s: float | None = None,
     reporter: Reporter | None = None,
-    adapter_base: Any = None,
-    ilp_base: Any = None,
 ) -> RecipeResult:
     """Run the recipe on `domain` (see the module's text); every stage stored as a head named
     `DOMAIN/recipe-<stage>`, the fusion as `DOMAIN/recipe`. `budget_s` bounds the training (the
-    feature pass is not counted: it is done once and cached). `adapter_base` / `ilp_base`: the
-    settings the stages start from (default: the kinds' defaults; batch size, patience and seed of
-    the adapters always follow from the data and the stage)."""
+    feature pass is not counted: it is done once and cached). `stages`: seeds, sweep and the settings
+    the stages start from (`RecipeStages`)."""
     from st2si_cli.adapt import FeatureOptions, get_features, read_dataset
     from st2si_cli.model.text import TextConfig
     from st2si_cli.zoo.meta import FeaturesMeta
 
+    seeds, sweep_trials = stages.seeds, stages.sweep_trials
     if seeds < 1:
         raise ValueError("the recipe needs at least one ID-only adapter (seeds >= 1)")
     reporter = reporter or Reporter()
@@ -163,12 +160,12 @@ def run_recipe(
         if key == "ilp-sweep":
             from st2si_cli.heads.ilp import ILP
 
-            cfg = ilp_base or ILP.default_config()
+            cfg = stages.ilp_base or ILP.default_config()
             outcome = run.stage(key, label, ILP, cfg, {"sweep_trials": sweep_trials})
         else:
             from st2si_cli.heads.adapter import SASREC
 
-            cfg = adapter_config(plan, int(key.rsplit("-s", 1)[1]), adapter_base)
+            cfg = adapter_config(plan, int(key.rsplit("-s", 1)[1]), stages.adapter_base)
             outcome = run.stage(key, label, SASREC, cfg, {})
         result.stages.append(outcome)
     _finish(run, result)

@@ -60,6 +60,18 @@ def adapter_config(plan: AdapterPlan, seed: int, base: Any = None) -> Any:
     return replace(base, use_text=False, batch_size=plan.batch_size, patience=plan.patience, seed=seed)
 
 
+@dataclass(frozen=True)
+class RecipeStages:
+    """What the recipe trains: `seeds` ID-only adapters, `sweep_trials` points of the ILP grid, each
+    from `adapter_base` / `ilp_base` (None: the kinds' defaults; the adapters' batch size, patience
+    and seed always follow from the data and the stage)."""
+
+    seeds: int = DEFAULT_SEEDS
+    sweep_trials: int = DEFAULT_SWEEP_TRIALS
+    adapter_base: Any = None
+    ilp_base: Any = None
+
+
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
