@@ -71,6 +71,29 @@ def pretrain_cmd(
         5e-5, "--lr", callback=check_positive, help="AdamW learning rate (backbone and ILP)."
     ),
     weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0, callback=check_finite),
+    head_lr: float | None = typer.Option(
+        None,
+        "--head-lr",
+        callback=check_positive,
+        help="The ILP's own learning rate (default: --lr): random item rows may want a larger step than "
+        "pretrained layers.",
+    ),
+    dropout: float = typer.Option(
+        0.0,
+        "--dropout",
+        min=0.0,
+        max=0.9,
+        callback=check_finite,
+        help="Dropout on the tuned layers' attention and MLP outputs, in training only (OPT-125m, the "
+        "authors' backbone, has 0.1 built in; Llama has none).",
+    ),
+    lora: int = typer.Option(
+        0,
+        "--lora",
+        min=0,
+        help="LoRA of this rank on every linear layer of the tuned layers (peft); only LoRA and the ILP "
+        "train. Folded into plain weights when stored (0: the weights themselves train).",
+    ),
     warmup_steps: int = typer.Option(
         100,
         "--warmup-steps",
@@ -210,6 +233,9 @@ def pretrain_cmd(
         cache_dtype=cache_dtype.value,
         init_heads=tuple(init_head),
         valid_every=valid_every,
+        dropout=dropout,
+        lora=lora,
+        head_lr=head_lr,
     )
     main_rank = launch_env()[0] == 0
     reporter = RichReporter(quiet=json_out or not main_rank)

@@ -43,6 +43,8 @@ def supports(backbone: nn.Module) -> bool:
         return False
     if any(hasattr(p, "ds_id") for p in backbone.parameters()):  # DeepSpeed ZeRO-3: partitioned weights
         return False
+    if any(".lora_" in n for n, _ in backbone.named_parameters()):  # LoRA (pretrain --lora): not folded in
+        return False
     return all(hasattr(backbone, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
 
 

@@ -49,6 +49,9 @@ class PretrainConfig:
     cache_dtype: str = "bf16"  # the activation cache's dtype: bf16 (half the disk) or fp32
     init_heads: tuple[str, ...] = ()  # ILP heads (names or IDs; IDs once the run starts) the ILP starts from
     valid_every: int = 0  # also validate every N optimizer steps within an epoch (0: at epoch ends only)
+    dropout: float = 0.0  # residual dropout on the tuned layers' attention and MLP outputs (OPT's placement)
+    lora: int = 0  # LoRA rank on the tuned layers' linear layers (0: the weights themselves train)
+    head_lr: float | None = None  # the ILP's learning rate (None: lr)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +70,9 @@ class PretrainConfig:
             d.pop("init_heads")
         if not self.valid_every:  # validation at epoch ends only keeps the keys it had before
             d.pop("valid_every")
+        for k, off in (("dropout", 0.0), ("lora", 0), ("head_lr", None)):  # off: the keys of before
+            if d[k] == off:
+                d.pop(k)
         return d
 
 
@@ -115,6 +121,12 @@ def check_config(cfg: PretrainConfig, domains: Sequence[str]) -> None:
         raise St2siError(f"valid_every must be >= 0 (0: at epoch ends only), not {cfg.valid_every}")
     if cfg.tune_layers < 0:
         raise St2siError(f"tune_layers must be >= 0 (0: all layers), not {cfg.tune_layers}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise St2siError(f"dropout must be in [0, 1), not {cfg.dropout}")
+    if cfg.lora < 0:
+        raise St2siError(f"lora must be >= 0 (0: no LoRA), not {cfg.lora}")
+    if cfg.lr < 0 or (cfg.head_lr is not None and cfg.head_lr < 0):
+        raise St2siError(f"learning rates must be >= 0, not {cfg.lr} / {cfg.head_lr}")
     if cfg.cache_dtype not in CACHE_DTYPES:
         raise St2siError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, not {cfg.cache_dtype!r}")
     if cfg.tune_layers and cfg.activation_cache and cfg.sampling == "crop":
@@ -150,6 +162,8 @@ def default_out_name(backbone: str, domains: Sequence[str], cfg: PretrainConfig,
     name = f"{backbone}-st2si-{'+'.join(domains)}"
     if cfg.tune_layers:
         name += f"-top{cfg.tune_layers}"
+    if cfg.lora:
+        name += f"-lora{cfg.lora}"
     for flag, on in (
         ("nomq", not cfg.multi_query),
         ("noalign", not cfg.alignment),

@@ -27,6 +27,7 @@ import torch
 
 from st2si_cli import DEFAULT_BACKBONE
 from st2si_cli.errors import St2siError
+from st2si_cli.model.layers import n_layers
 from st2si_cli.model.st2si import ST2SI, length_split_pays
 from st2si_cli.model.text import TextConfig
 from st2si_cli.pretrain import distributed as dist
@@ -36,6 +37,7 @@ from st2si_cli.pretrain.corpus import Corpus, build_corpus, steps_per_epoch
 from st2si_cli.pretrain.loop import full_data, make_engine, new_totals, train_epochs
 from st2si_cli.pretrain.result import PretrainResult, store_result
 from st2si_cli.pretrain.top import check_tune_layers, top_module_and_data
+from st2si_cli.pretrain.tuning import add_dropout, add_lora
 from st2si_cli.pretrain.warm_start import load_init_heads, resolve_init_heads
 from st2si_cli.pretrain.weights import load_trainable
 from st2si_cli.progress import Reporter
@@ -200,6 +202,11 @@ def _train(run: RunSetup, corpus: Corpus, model: torch.nn.Module, state: RunStat
         )
         module.to(info.device)
         data = full_data(run, corpus, corpus.pad_id)
+    first = n_layers(model) - cfg.tune_layers if cfg.tune_layers else 0
+    if cfg.lora:  # before the checkpoint is loaded: it holds the LoRA weights under peft's names
+        add_lora(model, cfg.lora, first)
+        module.to(info.device)
+    add_dropout(model, cfg.dropout, first)
     if cfg.init_heads:
         load_init_heads(run.zoo, cfg.init_heads, corpus.offsets, run.datasets, module.ilp)
     engine = make_engine(module, run, total_steps)

@@ -30,6 +30,7 @@ from st2si_cli.pretrain.corpus import (
     valid_view,
 )
 from st2si_cli.pretrain.evaluation import validate
+from st2si_cli.pretrain.tuning import param_groups
 from st2si_cli.train.early_stopping import exhausted, observe
 
 
@@ -77,8 +78,8 @@ def make_engine(module: ST2SI, run: RunSetup, total_steps: int) -> dist.Engine:
     """Torch AdamW (over the trainable parameters) and the warm-up + cosine schedule, in the run's engine."""
     cfg = run.cfg
     schedule = learning_rate_schedule(total_steps, cfg.warmup_steps)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = param_groups(module, cfg.lr, cfg.head_lr)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if run.ds_config is not None:
         return dist.DeepSpeedEngine(module, optimizer, schedule, run.info, run.ds_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

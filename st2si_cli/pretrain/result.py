@@ -20,6 +20,7 @@ from st2si_cli.pretrain.config import RunSetup, default_out_name
 from st2si_cli.pretrain.corpus import Corpus, steps_per_epoch
 from st2si_cli.pretrain.evaluation import final_metrics
 from st2si_cli.pretrain.loop import epoch_records
+from st2si_cli.pretrain.tuning import merge_lora
 from st2si_cli.pretrain.weights import load_trainable, store_backbone
 from st2si_cli.zoo.store import Artifact
 
@@ -40,7 +41,7 @@ def store_result(
     from safetensors.torch import load_file
 
     t0 = time.time()
-    best = load_file(str(run.stage / state.best_file))
+    best = merge_lora(load_file(str(run.stage / state.best_file)))  # LoRA folded in: a plain backbone
     run.reporter.message(f"Evaluating the best {_point_name(state)} on valid and test")
     union, per_domain = _final_metrics(run, corpus, best)
     eval_seconds = time.time() - t0
@@ -149,6 +150,9 @@ def run_flags(run: RunSetup) -> dict[str, Any]:
         "no-activation-cache": True if cfg.tune_layers and not cfg.activation_cache else None,
         "init-head": len(cfg.init_heads) or None,
         "valid-every": cfg.valid_every or None,
+        "dropout": cfg.dropout or None,
+        "lora": cfg.lora or None,
+        "head-lr": cfg.head_lr,
     }
 
 
