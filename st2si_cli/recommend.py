@@ -168,10 +168,17 @@ class RecommendModel:
 
     `top_k` ranks the catalog for a batch of parsed requests. Distinct item texts are tokenised once
     and kept for later batches of the same call.
+
+    Two engines answer (`engine`). "numpy" (`model/np_forward.py`: torch is never imported, which alone
+    costs more than a small backbone's answer) where every one of these holds: the head is an ILP
+    (`ilp`, `ilp-text`), the device is the CPU, the dtype (`--dtype`, else the head's) is float32, the
+    backbone folder is one the fast loader takes (`backbones/fast_load.py::plain_llama`: a plain Llama
+    in safetensors with a plain tokenizer.json), and neither `ST2SI_NO_FAST_LOAD` nor `ST2SI_NO_NUMPY`
+    is set. "torch" (the backbone through `load_backbone`, the head kind's own `top_k`) otherwise. Both
+    give the same items and scores up to float32 rounding (tests/test_np_forward.py).
     """
 
     def __init__(self, zoo: Zoo, head: Artifact, opts: Any):
-        from st2si_cli.backbones.load import load_backbone
         from st2si_cli.heads.registry import kind_of
         from st2si_cli.heads.store import head_text_config
         from st2si_cli.model.text import ItemTokenizer
@@ -179,10 +186,22 @@ class RecommendModel:
         self.opts = opts
         meta = HeadMeta.of(head)
         text = head_text_config(head)
+        dtype = opts.dtype or meta.dtype or "auto"
+        self.cache: dict[Any, list[int]] = {}
+        numpy_engine = _numpy_engine(zoo, head, meta, text.query, dtype, opts.device)
+        if numpy_engine is not None:
+            self.engine = "numpy"
+            self.model, tokenizer, self.scorer = numpy_engine
+            self.kind = kind_of(head)
+            self.itok = ItemTokenizer.create(tokenizer, text)
+            return
+        from st2si_cli.backbones.load import load_backbone
+
+        self.engine = "torch"
         self.backbone = load_backbone(
             zoo,
             meta.backbone or "",
-            dtype=opts.dtype or meta.dtype or "auto",
+            dtype=dtype,
             device=opts.device,
             query=text.query,
             inference_only=True,
@@ -191,7 +210,6 @@ class RecommendModel:
         self.scorer = self.kind.load(zoo, head)
         self.itok = ItemTokenizer.create(self.backbone.tokenizer, text)
         self.model = self.backbone.st2si()
-        self.cache: dict[Any, list[int]] = {}
 
     def _samples(self, good: list[Any]) -> list[Any]:
         from st2si_cli.model.samples import history_samples
@@ -216,14 +234,60 @@ class RecommendModel:
 
     def top_k(self, good: list[Any], retired: list[int] | None = None) -> tuple[Any, Any]:
         """(scores, catalog indices) [len(good), k] for parsed requests; `retired` items never appear."""
-        import torch
-
         from st2si_cli.data.catalog import exclude_retired
-        from st2si_cli.features.forward import features_per_sample
 
         opts = self.opts
-        feats = features_per_sample(self.model, self._samples(good), opts.batch_tokens, opts.max_batch)
+        samples = self._samples(good)
         exclude = [r.exclude for r in good] if opts.exclude_history else None
         exclude = exclude_retired(exclude, retired or [], len(good))
+        if self.engine == "numpy":
+            import numpy as np
+
+            from st2si_cli.model import np_forward
+
+            feats = np_forward.features_per_sample(self.model, samples, opts.batch_tokens, opts.max_batch)
+            return np_forward.ilp_top_k(
+                self.scorer, np.stack([f[-1] for f in feats]), opts.k, exclude=exclude
+            )
+
+        import torch
+
+        from st2si_cli.features.forward import features_per_sample
+
+        feats = features_per_sample(self.model, samples, opts.batch_tokens, opts.max_batch)
         with torch.inference_mode():
             return self.kind.top_k(self.scorer, feats, [r.catalog_ids for r in good], opts.k, exclude)
+
+
+NUMPY_KINDS = ("ilp", "ilp-text")  # head kinds the numpy engine answers (an ILP over the last query)
+
+
+def _numpy_engine(
+    zoo: Zoo, head: Artifact, meta: HeadMeta, query: str, dtype: str, device: str
+) -> tuple[Any, Any, Any] | None:
+    """(NumpyLlama, tokenizer, ILP weight [N, d] float32) where the numpy engine answers (see
+    `RecommendModel`), else None. The torch path's dtype is float32 exactly when `dtype` names it ("auto"
+    is left to torch: it may choose bf16 on CPUs that compute it natively)."""
+    import os
+
+    if os.environ.get("ST2SI_NO_NUMPY") or os.environ.get("ST2SI_NO_FAST_LOAD"):
+        return None
+    if device != "cpu" or meta.kind not in NUMPY_KINDS or dtype not in ("fp32", "float32"):
+        return None
+    from st2si_cli.backbones import hf
+    from st2si_cli.backbones.load import removed_while_loading
+    from st2si_cli.model.np_forward import load_numpy_llama, read_ilp_weight
+
+    weight = read_ilp_weight(zoo.file(head, "head.safetensors"))
+    if weight is None:  # the torch path says what is wrong with the head
+        return None
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    art = zoo.get(meta.backbone or "", kind="backbone")
+    folder = zoo.view(art)
+    hf.refuse_custom_code(folder)
+    with removed_while_loading(zoo, art, folder):
+        got = load_numpy_llama(folder, query)
+    if got is None or got[0].hidden_size != weight.shape[1]:
+        return None
+    model, tokenizer = got
+    return model, tokenizer, weight

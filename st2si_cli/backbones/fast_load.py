@@ -21,8 +21,9 @@ import json
 import mmap
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 # safetensors dtype names -> torch dtype attribute names (only the float types a backbone stores)
 _DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -116,21 +117,26 @@ def _safetensors_files(folder: Path) -> list[Path] | None:
     return [single] if single.is_file() else None
 
 
+def read_safetensors_header(f: BinaryIO) -> tuple[dict[str, Any], int]:
+    """(tensor name -> {"dtype", "shape", "data_offsets"}, byte offset of the data) of the safetensors
+    file open in `f` (read from its start; `__metadata__` left out). No torch: the numpy path reads it too."""
+    f.seek(0)
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+    return {k: v for k, v in header.items() if k != "__metadata__"}, 8 + n
+
+
 def mmap_safetensors(path: Path) -> dict[str, Any]:
     """Every tensor of a safetensors file as a CPU tensor over a private read-only-in-practice
     memory map of the file (copy on write: nothing is read until used, nothing is copied)."""
     import torch
 
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        header, base = read_safetensors_header(f)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    base = 8 + n
     flat = torch.frombuffer(mm, dtype=torch.uint8)  # one storage: neighbours in the file stay neighbours
     out: dict[str, Any] = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         dtype = getattr(torch, _DTYPES[info["dtype"]])  # KeyError: a dtype this loader leaves alone
         lo, hi = info["data_offsets"]
         shape = info["shape"]
@@ -156,10 +162,20 @@ def _rope_theta(cfg: dict[str, Any]) -> float | None:
     return float(cfg.get("rope_theta", 10000.0))
 
 
-def load_fast(folder: Path, dtype: Any, device: str, query: str) -> tuple[Any, FastTokenizer] | None:
-    """(PackedLlama, FastTokenizer) of a plain Llama folder on the CPU, or None (see the module)."""
-    from st2si_cli.model.fast import PackedLlama
+@dataclass
+class PlainLlama:
+    """What a plain Llama folder gives the fast loaders: its config.json, RoPE base and safetensors files."""
 
+    cfg: dict[str, Any]
+    rope_theta: float
+    files: list[Path]
+    tokenizer: FastTokenizer
+
+
+def plain_llama(folder: Path, device: str, query: str) -> PlainLlama | None:
+    """The checks of `load_fast` before the weights (no torch): None unless `folder` is a plain Llama
+    case on the CPU (see the module), `ST2SI_NO_FAST_LOAD` unset. The numpy path (`model/np_forward.py`)
+    takes the same folders."""
     if device != "cpu" or query == "new" or sys.byteorder != "little":
         return None
     if os.environ.get("ST2SI_NO_FAST_LOAD"):
@@ -182,6 +198,17 @@ def load_fast(folder: Path, dtype: Any, device: str, query: str) -> tuple[Any, F
     tokenizer = FastTokenizer.from_folder(folder)
     if tokenizer is None:
         return None
+    return PlainLlama(cfg, theta, files, tokenizer)
+
+
+def load_fast(folder: Path, dtype: Any, device: str, query: str) -> tuple[Any, FastTokenizer] | None:
+    """(PackedLlama, FastTokenizer) of a plain Llama folder on the CPU, or None (see the module)."""
+    from st2si_cli.model.fast import PackedLlama
+
+    plain = plain_llama(folder, device, query)
+    if plain is None:
+        return None
+    cfg, theta, files, tokenizer = plain.cfg, plain.rope_theta, plain.files, plain.tokenizer
     weights: dict[str, Any] = {}
     try:
         for path in files:
@@ -197,4 +224,11 @@ def load_fast(folder: Path, dtype: Any, device: str, query: str) -> tuple[Any, F
     return packed, tokenizer
 
 
-__all__ = ["FastTokenizer", "load_fast", "mmap_safetensors"]
+__all__ = [
+    "FastTokenizer",
+    "PlainLlama",
+    "load_fast",
+    "mmap_safetensors",
+    "plain_llama",
+    "read_safetensors_header",
+]

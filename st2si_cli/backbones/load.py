@@ -126,7 +126,7 @@ def load_backbone(
     folder = zoo.view(art)
     torch_dtype = resolve_dtype(dtype, device)
     hf.refuse_custom_code(folder)
-    with _removed_while_loading(zoo, art, folder):
+    with removed_while_loading(zoo, art, folder):
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         model = AutoModel.from_pretrained(
             folder, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=False
@@ -156,7 +156,7 @@ def _load_inference_only(zoo: Zoo, ref: str, dtype: str, query: str) -> Backbone
     folder = zoo.view(art)
     torch_dtype = resolve_dtype(dtype, "cpu")
     hf.refuse_custom_code(folder)
-    with _removed_while_loading(zoo, art, folder):
+    with removed_while_loading(zoo, art, folder):
         got = load_fast(folder, torch_dtype, "cpu", query)
     if got is None:
         return None
@@ -194,7 +194,7 @@ def add_query_token(model: Any, tokenizer: Any) -> int:
 
 
 @contextmanager
-def _removed_while_loading(zoo: Zoo, art: Artifact, folder: Path) -> Iterator[None]:
+def removed_while_loading(zoo: Zoo, art: Artifact, folder: Path) -> Iterator[None]:
     """A load that fails because `zoo rm` removed the backbone meanwhile: one line saying so."""
     try:
         yield

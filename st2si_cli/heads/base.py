@@ -132,8 +132,11 @@ def batched_top_k(
     exclude: list[list[int]] | None,
     batch: int = 256,
 ) -> tuple[Any, Any]:
-    """Top-k of a head that scores histories from their query features and item IDs, `batch` at a time."""
+    """Top-k of a head that scores histories from their query features and item IDs, `batch` at a time
+    (equal scores in catalog order, as `model/scoring.py::top_k`)."""
     import torch
+
+    from st2si_cli.model.scoring import best_k
 
     out_s, out_i = [], []
     for b0 in range(0, len(feats), batch):
@@ -142,7 +145,7 @@ def batched_top_k(
             for r, items in enumerate(exclude[b0 : b0 + batch]):
                 if items:
                     scores[r, items] = float("-inf")
-        s, i = scores.topk(min(k, scores.shape[1]), dim=1)
+        s, i = best_k(scores, k)
         out_s.append(s)
         out_i.append(i)
     if not out_s:

@@ -54,6 +54,7 @@ def user_top_k(
 
     from st2si_cli.metrics import rank_of_target
     from st2si_cli.model.samples import VALID
+    from st2si_cli.model.scoring import best_k
 
     cut = 2 if role == VALID else 1
     items, scores, ranks, targets = [], [], [], []
@@ -69,7 +70,7 @@ def user_top_k(
                 masked[r, hist] = float("-inf")
         if never:
             masked[:, list(never)] = float("-inf")
-        top_s, top_i = masked.topk(min(k, masked.shape[1]), dim=1)
+        top_s, top_i = best_k(masked, k)
         items.append(top_i)
         scores.append(top_s)
         targets.append(t)

@@ -74,7 +74,8 @@ def top_k(
     exclude: Sequence[Sequence[int]] | None = None,
     item_chunk: int = ITEM_CHUNK,
 ) -> tuple[Tensor, Tensor]:
-    """Top-k items per row without materialising all N logits at once. Returns (scores, indices) [B, k]."""
+    """Top-k items per row without materialising all N logits at once. Returns (scores, indices) [B, k],
+    best first; equal scores in catalog order (so every engine, and every chunk size, gives one answer)."""
     n_items = weight.shape[0]
     k = min(k, n_items)
     best_s = torch.full((hidden.shape[0], 0), float("-inf"))
@@ -89,12 +90,30 @@ def top_k(
                 cols = [j - c0 for j in items if c0 <= j < c1]
                 if cols:
                     scores[i, cols] = float("-inf")
-        s, idx = scores.topk(min(k, c1 - c0), dim=1)
-        best_s = torch.cat([best_s, s], 1)
-        best_i = torch.cat([best_i, idx + c0], 1)
-        best_s, order = best_s.topk(min(k, best_s.shape[1]), dim=1)
-        best_i = best_i.gather(1, order)
+        # the kept ones (lower catalog indices) first: position order is catalog order among equals
+        cand_s = torch.cat([best_s, scores], 1)
+        cand_i = torch.cat([best_i, torch.arange(c0, c1).expand_as(scores)], 1)
+        best_s, pos = best_k(cand_s, k)
+        best_i = cand_i.gather(1, pos)
     return best_s, best_i
+
+
+def best_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, positions) of the k best of each row, best first, equal values in position order (NaN
+    first, as torch sorts). topk, then a stable sort of the k; rows with a tie at the k-th value (or a
+    NaN) are sorted whole, since topk may have kept any of the equal ones."""
+    k = min(k, scores.shape[1])
+    s, pos = scores.topk(k, dim=1)
+    pos, order = pos.sort(dim=1)
+    s, order = s.gather(1, order).sort(dim=1, descending=True, stable=True)
+    pos = pos.gather(1, order)
+    if k:
+        redo = ((scores >= s[:, -1:]).sum(1) > k) | torch.isnan(s).any(1)
+        rows = torch.nonzero(redo).flatten()
+        if rows.numel():
+            full_s, full_pos = scores[rows].sort(dim=1, descending=True, stable=True)
+            s[rows], pos[rows] = full_s[:, :k], full_pos[:, :k]
+    return s, pos
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
