@@ -1,4 +1,5 @@
-"""Real data on a GPU: full tuning, top-K tuning and ILP heads with the real backbone, in one timed script.
+"""Real data on a GPU: full tuning, top-K tuning, tuning variants and ILP heads with the real backbone, in
+one timed script.
 
     python -m bench.gpu_real --data DATA_DIR --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out OUT --budget 480
     python -m bench.gpu_real --data SLICE --gguf tiny-llama --backbone tiny --out OUT --device cpu   # smoke
@@ -13,23 +14,43 @@ steps in order, each a child process on `--device`:
              batches), early stopping on valid NDCG@10, and `--max-minutes` from what is left of the
              budget (the record says what stopped it);
 - `topK`:    `pretrain --tune-layers K` (e.g. `top2`), the same with only the top K layers tuned;
+- variants:  `BASE+MOD+...`, a `pretrain` whose options are read from the step's name. BASE is `full`,
+             `topK` or `loraR` (LoRA of rank R on every layer, i.e. `full+loraR`); each MOD is one of
+             `dropoutP` (`--dropout P`), `loraR` (`--lora R`), `headlrX` (`--head-lr X`), `lrX` (`--lr X`
+             instead of the script's `--lr`) and `init` (`--init-head` with the head the `ilp` step made:
+             that step must come earlier in `--steps`, and a variant whose `ilp` step failed or was skipped
+             is skipped). E.g. `full+dropout0.1+init`, `lora8+init`, `full+headlr1e-3`, `top2+lora4+lr1e-4`.
+             Each stores the backbone `gpu-<step with + as ->` and the head `<domain>/gpu-...`;
 - `ilp`:     `adapt` (the paper's ILP on the frozen backbone), the same-hardware reference;
 - `trim`:    `adapt --trim-periods` (ILP; Amazon titles end in '.', so every query reads '..');
 - `attrs`:   `adapt --attributes title,brand,category` (ILP);
 - `quality`: `python -m bench.quality` on the heads the steps before made (no RecBole): per-user test ranks,
              history unmasked and masked, from st2si's metric code, for paired intervals against the
-             baselines measured elsewhere on the same split (`bench/gpu_compare.py`).
+             baselines measured elsewhere on the same split (`bench/gpu_compare.py`,
+             `bench/tuning_summary.py`). Each tuned backbone costs it one feature pass.
+
+An unknown step, a repeated one, or `+init` without an `ilp` step before it stop the script before it starts.
+
+Time: `full` may take `--full-share` of the budget left at its start, each `topK` `--top-share` (less
+their overhead). A variant takes an equal share of what is left once the later steps' needs are set aside
+(the ILP steps' and `quality`'s minimum, plus one feature pass per tuned backbone for `quality`): with
+three variants and `quality` after them, the first gets a third of that. `pretrain` checks its
+`--max-minutes` only at validation points, so a run ends up to one validation interval past it;
+`--valid-every N` (passed to every `pretrain` step) keeps that interval short, and a run from `--init-head`
+that only gets worse stops after `--patience` points, leaving its time to the steps after it.
 
 A `pretrain` step's epoch lines go to the log; its record (history, timings, metrics) is read back with
-`st2si zoo info`. After every step it rewrites `OUT/gpu-real-<domain>.json` (each step's command, seconds,
-exit status and record) and `OUT/gpu-real-<domain>.log` (the children's output), so a run cut short still
-leaves what it did. A step that does not fit in what is left of `--budget` is skipped and recorded as
-skipped. All metrics are st2si's own: full ranking, pessimistic ties.
+`st2si zoo info`, and the step's entry says which variant it ran (`variant`), the head it stored (`head`)
+and its `max_minutes`. After every step it rewrites `OUT/gpu-real-<domain>.json` (each step's command,
+seconds, exit status and record; `quality` adds its `result_file`) and `OUT/gpu-real-<domain>.log` (the
+children's output), so a run cut short still leaves what it did. A step that does not fit in what is left of
+`--budget` is skipped and recorded as skipped. All metrics are st2si's own: full ranking, pessimistic ties.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -41,11 +62,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import command_line
-
-STEPS = ("full", "quality", "ilp", "trim", "attrs", "top2")
-# Seconds a step needs at least, besides its training budget (loading, feature pass, final evaluation).
-OVERHEAD = {"ilp": 60, "full": 90, "trim": 60, "attrs": 60, "quality": 60}
-TOP_OVERHEAD = 90
+from bench.gpu_steps import (
+    ADAPT_STEPS,
+    OVERHEAD,
+    STEPS,
+    TOP_OVERHEAD,
+    VARIANT_OVERHEAD,
+    VARIANT_SYNTAX,
+    parse_variant,
+    plan_steps,
+    reserved_after,
+)
 
 
 def environment() -> dict[str, Any]:
@@ -169,32 +196,86 @@ RECORD_KEYS = ("metrics", "history", "timings", "best_epoch", "best_step", "stop
 RECORD_KEYS += ("config", "flags")
 
 
-def pretrain_step(d: Driver, step: str, made: list[str]) -> None:
-    """`full` or `topK`: pretrain with epoch lines in the log, then its run record."""
+def pretrain_step(d: Driver, steps: list[str], index: int, made: list[str], heads: dict[str, str]) -> None:
+    """`full`, `topK` or a variant: pretrain with epoch lines in the log, then its run record."""
     args = d.args
-    k = 0 if step == "full" else int(step[3:])
+    step = steps[index]
+    v = parse_variant(step)
+    assert v is not None
+    init_head = heads.get("ilp") if v.init else None
+    if v.init and init_head is None:
+        d.skip(step, "no ILP head to start from: the ilp step failed or was skipped")
+        return
+    if v.lora and importlib.util.find_spec("peft") is None:  # pretrain would fail after loading
+        d.skip(step, "peft is not installed (pip install 'st2si[lora]')")
+        return
     left = d.left()
-    overhead = OVERHEAD["full"] if step == "full" else TOP_OVERHEAD
-    minutes = (left * (args.full_share if step == "full" else args.top_share) - overhead) / 60
+    if v.plain:
+        overhead = OVERHEAD["full"] if step == "full" else TOP_OVERHEAD
+        minutes = (left * (args.full_share if step == "full" else args.top_share) - overhead) / 60
+        timeout = left
+    else:
+        held = reserved_after(steps, index)
+        share = (left - held) / (1 + sum(parse_variant(s) is not None for s in steps[index + 1 :]))
+        minutes = (share - VARIANT_OVERHEAD) / 60
+        timeout = left - held  # what the later steps need is never spent here
     if minutes < 0.5:
         d.skip(step, f"{left:.0f} s left")
         return
-    name = f"gpu-{step}"
-    argv = ["pretrain", "--domain", args.domain, "--backbone", args.backbone, "--out", name]
-    argv += ["--epochs", str(args.epochs), "--patience", str(args.patience), "--lr", str(args.lr)]
+    lr = v.lr if v.lr is not None else args.lr
+    argv = ["pretrain", "--domain", args.domain, "--backbone", args.backbone, "--out", v.name]
+    argv += ["--epochs", str(args.epochs), "--patience", str(args.patience), "--lr", str(lr)]
     argv += ["--warmup-steps", str(args.warmup_steps), "--batch-size", str(args.batch_size)]
     argv += ["--grad-accum", str(args.grad_accum), "--eval-batch-tokens", str(args.eval_batch_tokens)]
     argv += ["--max-minutes", f"{minutes:.2f}", "--device", args.device]
-    if k:
-        argv += ["--tune-layers", str(k)]
-    entry = d.st2si(step, argv, left, stdout_to_log=True)
+    if v.tune_layers:
+        argv += ["--tune-layers", str(v.tune_layers)]
+    if v.lora:
+        argv += ["--lora", str(v.lora)]
+    if v.dropout:
+        argv += ["--dropout", str(v.dropout)]
+    if v.head_lr is not None:
+        argv += ["--head-lr", str(v.head_lr)]
+    if init_head:
+        argv += ["--init-head", init_head]
+    if args.valid_every:
+        argv += ["--valid-every", str(args.valid_every)]
+    entry = d.st2si(step, argv, timeout, stdout_to_log=True)
+    entry.update(variant=v.record(init_head), head=f"{args.domain}/{v.name}", max_minutes=round(minutes, 2))
+    d.write()
     if entry["returncode"] != 0:
         return
-    made.append(f"{args.domain}/{name}")
-    info = d.st2si(f"{step}-record", ["zoo", "info", f"run/{name}", "--json"], 60)
+    made.append(f"{args.domain}/{v.name}")
+    info = d.st2si(f"{step}-record", ["zoo", "info", f"run/{v.name}", "--json"], 60)
     meta = (info.get("output") or [{}])[0].get("meta", {})
     info["output"] = [{key: meta[key] for key in RECORD_KEYS if key in meta}]
     d.write()
+
+
+def quality_step(d: Driver, made: list[str]) -> None:
+    """Per-user ranks of every head made so far (`bench.quality`, no RecBole); the entry names its file."""
+    args = d.args
+    cmd = [sys.executable, "-m", "bench.quality", "--domain", args.domain, "--models", ""]  # repo root
+    cmd += [
+        "--zoo",
+        args.zoo,
+        "--compute-features",
+        "--device",
+        args.device,
+        "--out",
+        args.out,
+        "--tag",
+        "gpu",
+    ]
+    cmd += ["--summary", str(Path(args.out) / "quality-summary-gpu.json")]
+    for head in made:
+        cmd += ["--head", head]
+    started = time.time()
+    entry = d.child("quality", cmd, d.left(), stdout_to_log=True)
+    written = [p for p in d.out.glob(f"*-quality-{args.domain}-gpu.json") if p.stat().st_mtime >= started]
+    if written:
+        entry["result_file"] = max(written, key=lambda p: p.stat().st_mtime).name
+        d.write()
 
 
 def main() -> int:
@@ -210,7 +291,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--budget", type=float, default=480, help="seconds for the whole script")
     ap.add_argument(
-        "--steps", default=",".join(STEPS), help=f"in order, from {', '.join(STEPS)} (topK: any K)"
+        "--steps",
+        default=",".join(STEPS),
+        help=f"in order, from {', '.join(STEPS)} (topK: any K) and pretrain variants {VARIANT_SYNTAX}",
     )
     ap.add_argument(
         "--full-share",
@@ -237,7 +320,17 @@ def main() -> int:
         "--patience", type=int, default=5, help="pretrain early-stopping patience (the authors': 5)"
     )
     ap.add_argument("--eval-batch-tokens", type=int, default=65536, help="padded tokens per validation batch")
+    ap.add_argument(
+        "--valid-every",
+        type=int,
+        default=0,
+        help="passed to every pretrain step: also validate every N optimizer steps (0: epoch ends only)",
+    )
     args = ap.parse_args()
+    try:
+        steps = plan_steps(args.steps)
+    except ValueError as e:
+        ap.error(str(e))
     args.zoo = args.zoo or tempfile.mkdtemp(prefix="st2si-gpu-zoo-")
     d = Driver(args)
     d.write()
@@ -251,11 +344,12 @@ def main() -> int:
     if d.st2si("prepare", ["prepare", args.data, *dom, "--json"], d.left())["returncode"] != 0:
         return 1
     made: list[str] = []  # heads the steps stored, for `quality`
-    for step in [s.strip() for s in args.steps.split(",") if s.strip()]:
+    heads: dict[str, str] = {}  # the head each ILP step made, for `+init`
+    for index, step in enumerate(steps):
         left = d.left()
-        if step in ("ilp", "trim", "attrs", "quality") and left < OVERHEAD[step]:
+        if step in (*ADAPT_STEPS, "quality") and left < OVERHEAD[step]:
             d.skip(step, f"{left:.0f} s left")
-        elif step in ("ilp", "trim", "attrs"):
+        elif step in ADAPT_STEPS:
             extra = {
                 "ilp": [],
                 "trim": ["--trim-periods"],
@@ -276,21 +370,15 @@ def main() -> int:
             ]
             entry = d.st2si(step, argv, left)
             if entry["returncode"] == 0:
-                made.append((entry.get("output") or [{}])[0].get("head", f"gpu-{step}"))
+                heads[step] = (entry.get("output") or [{}])[0].get("head", f"gpu-{step}")
+                made.append(heads[step])
         elif step == "quality":
             if not made:
                 d.skip(step, "no heads to score")
                 continue
-            cmd = [sys.executable, "-m", "bench.quality", *dom, "--models", ""]  # from the repository root
-            cmd += ["--zoo", args.zoo, "--compute-features", *dev, "--out", args.out, "--tag", "gpu"]
-            cmd += ["--summary", str(Path(args.out) / "quality-summary-gpu.json")]
-            for head in made:
-                cmd += ["--head", head]
-            d.child(step, cmd, left, stdout_to_log=True)
-        elif step == "full" or (step.startswith("top") and step[3:].isdigit()):
-            pretrain_step(d, step, made)
+            quality_step(d, made)
         else:
-            d.skip(step, "unknown step")
+            pretrain_step(d, steps, index, made, heads)
     d.record["total_seconds"] = round(time.time() - d.t0, 1)
     d.write()
     return 0
