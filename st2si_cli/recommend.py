@@ -169,13 +169,19 @@ class RecommendModel:
     `top_k` ranks the catalog for a batch of parsed requests. Distinct item texts are tokenised once
     and kept for later batches of the same call.
 
-    Two engines answer (`engine`). "numpy" (`model/np_forward.py`: torch is never imported, which alone
-    costs more than a small backbone's answer) where every one of these holds: the head is an ILP
-    (`ilp`, `ilp-text`), the device is the CPU, the dtype (`--dtype`, else the head's) is float32, the
-    backbone folder is one the fast loader takes (`backbones/fast_load.py::plain_llama`: a plain Llama
-    in safetensors with a plain tokenizer.json), and neither `ST2SI_NO_FAST_LOAD` nor `ST2SI_NO_NUMPY`
-    is set. "torch" (the backbone through `load_backbone`, the head kind's own `top_k`) otherwise. Both
-    give the same items and scores up to float32 rounding (tests/test_np_forward.py).
+    Two engines answer (`engine`). "numpy" (torch is never imported, which alone costs more than a small
+    backbone's answer: `model/np_forward.py` runs the backbone, `model/np_heads.py` the adapter heads) where
+    every one of these holds: the head is an ILP (`ilp`, `ilp-text`), a sequence adapter (`adapter`, the
+    ID-only `sasrec`) or a fusion of them (`fusion`, with or without an ILP) that `np_heads.load_scorer`
+    rebuilds; the device is the CPU; the backbone folder is one the fast loader takes
+    (`backbones/fast_load.py::plain_llama`: a plain Llama in safetensors with a plain tokenizer.json);
+    neither `ST2SI_NO_FAST_LOAD` nor `ST2SI_NO_NUMPY` is set; and, for a head that reads the backbone's
+    features, the dtype (`--dtype`, else the head's) is float32. A head that reads no feature (an ID-only
+    `sasrec`, a fusion of ID-only adapters without an ILP: `heads/choice.py::id_only`) never loads or runs
+    the backbone, whatever the dtype: only the tokenizer, since the item IDs it reads are the newest
+    window of the history that fits the text settings (one per query position). "torch" (the backbone
+    through `load_backbone`, the head kind's own `top_k`) otherwise. Both give the same items and scores
+    up to float32 rounding (tests/test_np_forward.py, tests/test_np_heads.py).
     """
 
     def __init__(self, zoo: Zoo, head: Artifact, opts: Any):
@@ -191,7 +197,7 @@ class RecommendModel:
         numpy_engine = _numpy_engine(zoo, head, meta, text.query, dtype, opts.device)
         if numpy_engine is not None:
             self.engine = "numpy"
-            self.model, tokenizer, self.scorer = numpy_engine
+            self.model, tokenizer, self.scorer = numpy_engine  # model None: the head reads no feature
             self.kind = kind_of(head)
             self.itok = ItemTokenizer.create(tokenizer, text)
             return
@@ -243,12 +249,17 @@ class RecommendModel:
         if self.engine == "numpy":
             import numpy as np
 
-            from st2si_cli.model import np_forward
+            from st2si_cli.model import np_forward, np_heads
 
-            feats = np_forward.features_per_sample(self.model, samples, opts.batch_tokens, opts.max_batch)
-            return np_forward.ilp_top_k(
-                self.scorer, np.stack([f[-1] for f in feats]), opts.k, exclude=exclude
-            )
+            if self.model is None:  # only the count of query positions (the window of IDs) is read
+                feats = [np.zeros((len(s.query_pos), 0), np.float32) for s in samples]
+            else:
+                feats = np_forward.features_per_sample(self.model, samples, opts.batch_tokens, opts.max_batch)
+            if isinstance(self.scorer, np.ndarray):  # an ILP weight
+                last = np.stack([f[-1] for f in feats])
+                return np_forward.ilp_top_k(self.scorer, last, opts.k, exclude=exclude)
+            catalog_ids = [r.catalog_ids for r in good]
+            return np_heads.top_k(self.scorer, feats, catalog_ids, opts.k, exclude)
 
         import torch
 
@@ -259,35 +270,58 @@ class RecommendModel:
             return self.kind.top_k(self.scorer, feats, [r.catalog_ids for r in good], opts.k, exclude)
 
 
-NUMPY_KINDS = ("ilp", "ilp-text")  # head kinds the numpy engine answers (an ILP over the last query)
+ILP_KINDS = ("ilp", "ilp-text")  # heads the numpy engine answers with an ILP weight over the last query
+NUMPY_KINDS = (*ILP_KINDS, "adapter", "sasrec", "fusion")  # every head kind the numpy engine answers
 
 
 def _numpy_engine(
     zoo: Zoo, head: Artifact, meta: HeadMeta, query: str, dtype: str, device: str
 ) -> tuple[Any, Any, Any] | None:
-    """(NumpyLlama, tokenizer, ILP weight [N, d] float32) where the numpy engine answers (see
-    `RecommendModel`), else None. The torch path's dtype is float32 exactly when `dtype` names it ("auto"
-    is left to torch: it may choose bf16 on CPUs that compute it natively)."""
+    """(NumpyLlama or None, tokenizer, scorer) where the numpy engine answers (see `RecommendModel`), else
+    None. The scorer is an ILP weight [N, d] float32, or an `np_heads` adapter or fusion; the NumpyLlama
+    is None for a scorer that reads no feature (then the weights are never read). The torch path's dtype
+    is float32 exactly when `dtype` names it ("auto" is left to torch: it may choose bf16 on CPUs that
+    compute it natively)."""
     import os
 
     if os.environ.get("ST2SI_NO_NUMPY") or os.environ.get("ST2SI_NO_FAST_LOAD"):
         return None
-    if device != "cpu" or meta.kind not in NUMPY_KINDS or dtype not in ("fp32", "float32"):
+    if device != "cpu" or meta.kind not in NUMPY_KINDS:
         return None
     from st2si_cli.backbones import hf
+    from st2si_cli.backbones.fast_load import plain_llama
     from st2si_cli.backbones.load import removed_while_loading
-    from st2si_cli.model.np_forward import load_numpy_llama, read_ilp_weight
+    from st2si_cli.model import np_heads
+    from st2si_cli.model.np_forward import NumpyLlama, read_ilp_weight
 
-    weight = read_ilp_weight(zoo.file(head, "head.safetensors"))
-    if weight is None:  # the torch path says what is wrong with the head
+    path = zoo.file(head, "head.safetensors")
+    scorer: Any
+    if meta.kind in ILP_KINDS:
+        scorer = read_ilp_weight(path)
+        d_feat, reads = (int(scorer.shape[1]) if scorer is not None else 0), True
+    else:
+        scorer = np_heads.load_scorer(
+            path, meta.kind, meta.train, int(meta.d_feat or 0), int(meta.n_items or 0)
+        )
+        d_feat, reads = int(meta.d_feat or 0), scorer is not None and scorer.reads_features
+    if scorer is None:  # the torch path says what is wrong with the head
+        return None
+    if reads and dtype not in ("fp32", "float32"):  # features in another dtype: torch computes them
         return None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     art = zoo.get(meta.backbone or "", kind="backbone")
     folder = zoo.view(art)
     hf.refuse_custom_code(folder)
     with removed_while_loading(zoo, art, folder):
-        got = load_numpy_llama(folder, query)
-    if got is None or got[0].hidden_size != weight.shape[1]:
+        plain = plain_llama(folder, "cpu", query)
+        if plain is None:
+            return None
+        if not reads:  # an ID-only head: the tokenizer alone
+            return None, plain.tokenizer, scorer
+        try:
+            model = NumpyLlama.from_files(plain.cfg, plain.files, plain.rope_theta)
+        except KeyError:  # a dtype or a weight name outside the plain layout
+            return None
+    if model.hidden_size != d_feat:
         return None
-    model, tokenizer = got
-    return model, tokenizer, weight
+    return model, plain.tokenizer, scorer

@@ -1,6 +1,7 @@
 """`recommend` without torch (model/np_forward.py): the numpy Llama forward equals the packed torch forward
 up to float32 rounding, the numpy top-k orders items as torch's `top_k` does (equal scores included),
-`recommend` gives the same answers either way, imports no torch, and leaves other heads to torch."""
+`recommend` gives the same answers either way, imports no torch, and leaves other cases to torch (the
+numpy engine's adapter, sasrec and fusion heads are tested in tests/test_np_heads.py)."""
 
 from __future__ import annotations
 
@@ -286,7 +287,7 @@ def test_recommend_runs_without_importing_torch(zoo, monkeypatch):
 @pytest.mark.parametrize(
     "head, env, dtype",
     [
-        ("toy/adapter", {}, None),  # not an ILP head
+        ("toy/adapter", {}, "bf16"),  # an adapter reading features in bf16 (tests/test_np_heads.py: others)
         ("toy/ilp", {"ST2SI_NO_NUMPY": "1"}, None),
         ("toy/ilp", {"ST2SI_NO_FAST_LOAD": "1"}, None),
         ("toy/ilp", {}, "bf16"),  # torch computes bf16

@@ -1,8 +1,10 @@
 """`recommend` without torch: the packed Llama forward and the ILP top-k in numpy, for inference in float32.
 
 `import torch` alone takes longer than a whole answer of a small backbone on the CPU, so `recommend`
-answers with these where it can (`st2si_cli/recommend.py` says when: an ILP head, a folder the fast
-loader takes, the CPU, float32). Everything mirrors the torch path op for op, in float32:
+answers with these where it can (`st2si_cli/recommend.py::RecommendModel` says when: an ILP head, or an
+adapter, sasrec or fusion head, whose scores `model/np_heads.py` computes from these features; a folder
+the fast loader takes, the CPU, float32; a head that reads no feature skips the forward altogether).
+Everything mirrors the torch path op for op, in float32:
 
     `NumpyLlama.query_states` = `model/fast.py::PackedLlama.query_states`: embedding rows; per layer
     RMSNorm (statistics in float32), q|k|v, RoPE with the 'default' tables computed as `_DefaultRope`
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from st2si_cli.backbones.fast_load import FastTokenizer, plain_llama, read_safetensors_header
+from st2si_cli.backbones.fast_load import read_safetensors_header
 from st2si_cli.model.samples import Sample, plan_batches
 
 ITEM_CHUNK = 65536  # model.scoring.ITEM_CHUNK (that module imports torch; a test keeps them equal)
@@ -220,18 +222,6 @@ def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
-def load_numpy_llama(folder: Path, query: str) -> tuple[NumpyLlama, FastTokenizer] | None:
-    """(NumpyLlama, FastTokenizer) of a backbone folder `backbones/fast_load.py::load_fast` takes (the same
-    checks, `ST2SI_NO_FAST_LOAD` included), or None: a folder the torch path must load."""
-    plain = plain_llama(folder, "cpu", query)
-    if plain is None:
-        return None
-    try:
-        return NumpyLlama.from_files(plain.cfg, plain.files, plain.rope_theta), plain.tokenizer
-    except KeyError:  # a dtype or a weight name outside the plain layout
-        return None
-
-
 def features_per_sample(
     model: NumpyLlama, samples: Sequence[Sample], batch_tokens: int = 16384, max_batch: int = 64
 ) -> list[np.ndarray]:
@@ -371,7 +361,6 @@ __all__ = [
     "Stored",
     "features_per_sample",
     "ilp_top_k",
-    "load_numpy_llama",
     "one_blas_thread",
     "read_ilp_weight",
     "read_safetensors",
