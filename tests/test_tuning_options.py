@@ -224,3 +224,24 @@ def test_deepspeed_in_process_matches_plain_with_lora_dropout_and_head_lr(zoo, m
     a, b = weights_of(zoo, plain.backbone), weights_of(zoo, ds.backbone)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-5)
+
+
+def test_the_recipe_runs_on_a_tuned_backbone(zoo):
+    """A backbone that pretrain stored (LoRA folded in) is one like any other: the recipe adapts on it."""
+    from st2si_cli.model.adapter import AdapterConfig
+    from st2si_cli.recipe.run import run_recipe
+    from st2si_cli.recipe.settings import RecipeStages
+
+    cfg = PretrainConfig(epochs=1, lr=1e-2, batch_size=8, tune_layers=1, lora=2)
+    tuned = pretrain(zoo, ["toy"], backbone=LLAMA, cfg=cfg, out="lora-for-recipe", device="cpu").backbone
+    stages = RecipeStages(
+        seeds=1,
+        sweep_trials=1,
+        adapter_base=AdapterConfig(hidden=16, layers=1, heads=2, max_len=8, max_epochs=2),
+        ilp_base=HeadConfig(max_epochs=2),
+    )
+    result = run_recipe(
+        zoo, "toy", backbone=tuned.name, feature_opts=FeatureOptions(dtype="fp32"), stages=stages
+    )
+    assert result.chosen is not None
+    assert all(s.head.meta["backbone"] == tuned.id for s in result.stages if s.head is not None)
