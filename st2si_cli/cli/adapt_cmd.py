@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer
 
 from st2si_cli.cli.options import (
@@ -35,7 +33,7 @@ from st2si_cli.cli.options import (
     seed_option,
 )
 from st2si_cli.cli.output import err, metrics_table, out, print_jsonl, safe_text
-from st2si_cli.cli.reporting import RichReporter
+from st2si_cli.cli.reporting import RichReporter, say_default_and_reference
 from st2si_cli.zoo.meta import HeadMeta
 
 
@@ -314,20 +312,6 @@ def adapt_cmd(
         markup=False,
     )
     say_default_and_reference(zoo, domain, head)
-
-
-def say_default_and_reference(zoo: Any, domain: str, head: Any = None, *, reference: bool = True) -> None:
-    """On stderr: the domain's default head and why, and how `head` (default: the best LM head) does
-    against the domain's in-tool ID-only SASRec, where it has one."""
-    from st2si_cli.heads.choice import default_head, lm_over_id_only
-
-    choice = default_head(zoo, domain)
-    if choice is not None:
-        shown = f"Default head: {choice.head.name or choice.head.short_id}, {choice.reason}."
-        err.print(safe_text(shown), markup=False, soft_wrap=True)
-    line = lm_over_id_only(zoo, domain, head) if reference else None
-    if line:
-        err.print(safe_text(line), markup=False, soft_wrap=True)
 
 
 def eval_cmd(

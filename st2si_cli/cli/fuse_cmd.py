@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from st2si_cli.cli.adapt_cmd import say_default_and_reference
 from st2si_cli.cli.options import check_new_name, json_option, open_zoo
 from st2si_cli.cli.output import metrics_table, out, print_jsonl
+from st2si_cli.cli.reporting import say_default_and_reference
 from st2si_cli.zoo.meta import HeadMeta
 
 

@@ -53,7 +53,7 @@ def parse_budget_option(value: str) -> float | None:
 
 def run_recipe_cmd(zoo: Any, domain: str, *, json_out: bool, **recipe: Any) -> None:
     """Run the recipe (`recipe`: `run_recipe`'s keywords) with progress on stderr; its table or JSON."""
-    from st2si_cli.cli.adapt_cmd import say_default_and_reference
+    from st2si_cli.cli.reporting import say_default_and_reference
     from st2si_cli.recipe.run import run_recipe
 
     reporter = RichReporter()

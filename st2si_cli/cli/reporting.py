@@ -1,10 +1,11 @@
-"""A `Reporter` that draws rich progress bars (with ETA) and epoch lines on stderr."""
+"""A `Reporter` that draws rich progress bars (with ETA) and epoch lines on stderr, and what `adapt` says
+of the domain's default head when it is done."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from st2si_cli.cli.output import err, make_progress, progress_enabled
+from st2si_cli.cli.output import err, make_progress, progress_enabled, safe_text
 from st2si_cli.progress import Reporter
 
 
@@ -70,3 +71,17 @@ class RichReporter(Reporter):
         )
         if self._train is not None and end:
             self.progress.reset(self._train, total=self._steps, description=f"epoch {record['epoch'] + 1}")
+
+
+def say_default_and_reference(zoo: Any, domain: str, head: Any = None, *, reference: bool = True) -> None:
+    """On stderr: the domain's default head and why, and how `head` (default: the best LM head) does
+    against the domain's in-tool ID-only SASRec, where it has one."""
+    from st2si_cli.heads.choice import default_head, lm_over_id_only
+
+    choice = default_head(zoo, domain)
+    if choice is not None:
+        shown = f"Default head: {choice.head.name or choice.head.short_id}, {choice.reason}."
+        err.print(safe_text(shown), markup=False, soft_wrap=True)
+    line = lm_over_id_only(zoo, domain, head) if reference else None
+    if line:
+        err.print(safe_text(line), markup=False, soft_wrap=True)

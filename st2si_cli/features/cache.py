@@ -304,7 +304,12 @@ def _compute_features(
 
     if rank != 0:
         store.clear()  # a worker's features are in its shards now; it loads the stored cache instead
-    return finish_on_ranks(zoo, rank, computed_tokens, read_the_rest, store_cache, stage)
+
+    def load_cache(art_id: str) -> tuple[Artifact, FeatureSet]:
+        art = zoo.get(art_id, kind="features")
+        return art, load_feature_set(zoo, art)
+
+    return finish_on_ranks(rank, computed_tokens, read_the_rest, store_cache, load_cache, stage)
 
 
 def load_feature_set(zoo: Zoo, art: Artifact) -> FeatureSet:

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from st2si_cli.errors import St2siError
 from st2si_cli.features.forward import run_batches
 from st2si_cli.features.ranks import gather
 from st2si_cli.model.samples import Sample
 from st2si_cli.zoo.artifact import Artifact, write_safetensors_atomic
-from st2si_cli.zoo.store import Zoo
-
-if TYPE_CHECKING:
-    from st2si_cli.features.cache import FeatureSet
 
 
 def run_shards(
@@ -58,25 +54,23 @@ def run_shards(
 
 
 def finish_on_ranks(
-    zoo: Zoo,
     rank: int,
     computed_tokens: int,
     read_the_rest: Callable[[], list[int]],
-    store_cache: Callable[[int], tuple[Artifact, FeatureSet]],
+    store_cache: Callable[[int], tuple[Artifact, Any]],
+    load_cache: Callable[[str], tuple[Artifact, Any]],
     stage: Any,
-) -> tuple[Artifact, FeatureSet]:
+) -> tuple[Artifact, Any]:
     """The end of a pass under torchrun, once every rank has computed its block: rank 0 reads the other
-    blocks' shards and stores the cache; the others wait for its ID and load the cache. What stops
-    rank 0 is raised on every rank (each rank meets the others exactly twice here, whatever happens)."""
+    blocks' shards and stores the cache (`store_cache(tokens)`); the others wait for its ID and load the
+    cache (`load_cache(id)`). Both give (artifact, FeatureSet). What stops rank 0 is raised on every rank
+    (each rank meets the others exactly twice here, whatever happens)."""
     total = sum(gather(computed_tokens))  # first meeting: every rank's shards are on disk
     if rank != 0:
         told = gather(None)[0]  # second meeting: rank 0 has stored the cache, or failed
         if isinstance(told, dict):
             raise St2siError(f"the feature pass failed on rank 0: {told['error']}")
-        art = zoo.get(told, kind="features")
-        from st2si_cli.features.cache import load_feature_set
-
-        return art, load_feature_set(zoo, art)
+        return load_cache(told)
     try:
         missing = read_the_rest()
         if missing:
