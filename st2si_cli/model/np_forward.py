@@ -320,6 +320,26 @@ def _best_first(v: np.ndarray) -> np.ndarray:
     return np.lexsort((-np.where(nan, 0.0, v), ~nan), axis=-1)
 
 
+def best_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`model/scoring.py::best_k` in numpy: (values, positions) [B, min(k, n)] of the k best of each row,
+    best first, equal values in position order, NaN first. Only the values at or above a row's k-th
+    largest are sorted (all of them, ties at the k-th included), so the order is the full sort's."""
+    rows, n = scores.shape
+    k = min(k, n)
+    pos = np.empty((rows, k), np.int64)
+    for r in range(rows):
+        row = scores[r]
+        if k == 0:
+            continue
+        if k == n or np.isnan(row).any():
+            cand = np.arange(n)
+        else:
+            kth = -np.partition(-row, k - 1)[k - 1]  # the k-th largest value
+            cand = np.flatnonzero(row >= kth)  # in position order
+        pos[r] = cand[_best_first(row[cand][None])[0][:k]]
+    return np.take_along_axis(scores, pos, axis=1), pos
+
+
 def ilp_top_k(
     weight: np.ndarray,
     hidden: np.ndarray,
@@ -349,12 +369,13 @@ def ilp_top_k(
         # the kept ones (lower catalog indices) first: position order is catalog order among equals
         v = np.concatenate([best_v, s], axis=1)
         i = np.concatenate([best_i, np.broadcast_to(np.arange(c0, c1), s.shape)], axis=1)
-        order = _best_first(v)[:, :k]
-        best_v, best_i = np.take_along_axis(v, order, axis=1), np.take_along_axis(i, order, axis=1)
+        best_v, order = best_k(v, k)
+        best_i = np.take_along_axis(i, order, axis=1)
     return best_v, best_i
 
 
 __all__ = [
+    "best_k",
     "ITEM_CHUNK",
     "NumpyLlama",
     "ONE_THREAD_TOKENS",

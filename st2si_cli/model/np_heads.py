@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from st2si_cli.model.fusion import ILP_TENSOR, adapter_prefix
-from st2si_cli.model.np_forward import _best_first, read_safetensors
+from st2si_cli.model.np_forward import best_k, read_safetensors
 
 # `model/adapter.py::AdapterConfig`'s fields (that module imports torch; a test keeps the two equal). A
 # recorded setting outside them is left to torch.
@@ -351,26 +351,6 @@ def load_scorer(
 # ---- top-k ---------------------------------------------------------------------------------------------
 
 
-def best_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """`model/scoring.py::best_k` in numpy: (values, positions) [B, min(k, n)] of the k best of each row,
-    best first, equal values in position order, NaN first. Only the values at or above a row's k-th
-    largest are sorted (all of them, ties at the k-th included), so the order is the full sort's."""
-    rows, n = scores.shape
-    k = min(k, n)
-    pos = np.empty((rows, k), np.int64)
-    for r in range(rows):
-        row = scores[r]
-        if k == 0:
-            continue
-        if k == n or np.isnan(row).any():
-            cand = np.arange(n)
-        else:
-            kth = -np.partition(-row, k - 1)[k - 1]  # the k-th largest value
-            cand = np.flatnonzero(row >= kth)  # in position order
-        pos[r] = cand[_best_first(row[cand][None])[0][:k]]
-    return np.take_along_axis(scores, pos, axis=1), pos
-
-
 def top_k(
     scorer: NumpyAdapter | NumpyFusion,
     feats: Sequence[np.ndarray],
@@ -401,7 +381,6 @@ __all__ = [
     "KINDS",
     "NumpyAdapter",
     "NumpyFusion",
-    "best_k",
     "erf",
     "gelu",
     "layer_norm",
