@@ -307,3 +307,36 @@ def test_a_batch_missing_after_the_meeting_stops_every_rank(tmp_path, template):
     assert z.ls(kind="features") == [] and z.ls(kind="head") == []
     stage = next((z.root / "tmp").glob("features-*"))
     assert (stage / "shard-000000.safetensors").exists()  # rank 0's block stays on disk for a rerun
+
+
+def test_torchrun_cli_recipe_shares_the_pass_and_rank_0_trains(tmp_path, template):
+    """`torchrun --nproc_per_node 2 -m st2si_cli adapt --domain D` as users type it: both ranks compute
+    a share of the pass, the stored cache is the bytes and ID of one process's, the recipe's stages are
+    trained once (by rank 0) and one JSON record is printed."""
+    z = zoo_copy(template, tmp_path / "two")
+    outside = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ST2SI_DEBUG")
+    }
+    env = {**outside, "OMP_NUM_THREADS": "1", "ST2SI_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    cmd += ["-m", "st2si_cli", "--zoo", str(z.root), "adapt", "--domain", "toy", "--backbone", "tiny-opt"]
+    cmd += ["--dtype", "fp32", "--batch-tokens", "256", "--budget", "2s", "--seeds", "1", "--json"]
+    job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stderr[-3000:]
+    records = [json.loads(line) for line in job.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 1, job.stdout  # rank 1 computed its share and printed nothing
+
+    [features] = z.ls(kind="features")
+    one_zoo = zoo_copy(template, tmp_path / "one")
+    opts = FeatureOptions(dtype="fp32", batch_tokens=256)
+    one, _, _ = get_features(one_zoo, "tiny-opt", one_zoo.get("toy", kind="dataset"), TextConfig(), opts)
+    assert features.id == one.id
+    assert (
+        z.file(features, "features.safetensors").read_bytes()
+        == one_zoo.file(one, "features.safetensors").read_bytes()
+    )
+    # two ranks, and batches enough for each to have a block of its own
+    assert features.meta["ranks"] == 2 and features.meta["timings"]["batches"] >= 4
+    assert records[0]["stages"][0]["stage"] == "sasrec-s0"
+    names = [h.name for h in z.ls(kind="head")]
+    assert len(names) == len(set(names)) and "toy/recipe-sasrec-s0" in names  # each stage stored once

@@ -20,7 +20,7 @@ from st2si_cli.model.adapter import AdapterConfig
 from st2si_cli.recipe.run import run_recipe
 from st2si_cli.recipe.settings import RecipeStages, adapter_plan, parse_budget
 from st2si_cli.train.head import HeadConfig
-from st2si_cli.zoo.meta import HeadMeta
+from st2si_cli.zoo.meta import HeadMeta, Inputs
 
 SMALL_ADAPTER = AdapterConfig(hidden=16, layers=1, heads=2, max_len=8, max_epochs=3)
 SMALL_ILP = HeadConfig(max_epochs=2)
@@ -64,15 +64,18 @@ def test_parse_budget():
 def test_recipe_stores_stages_chooses_on_validation_and_reuses(zoo):
     result = small_recipe(zoo)
     keys = [s.key for s in result.stages]
-    assert keys == ["sasrec-s0", "ilp-sweep", "sasrec-s1", "id-only", "recipe"]
+    assert keys == ["sasrec-s0", "ilp-sweep", "sasrec-s1", "adapter-s0", "id-only", "recipe", "lm-adapter"]
     assert all(s.head is not None for s in result.stages)
     assert [s.head.name for s in result.stages] == [
         "toy/recipe-sasrec-s0",
         "toy/recipe-ilp-sweep",
         "toy/recipe-sasrec-s1",
+        "toy/recipe-adapter-s0",
         "toy/recipe-id-only",
         "toy/recipe",
+        "toy/recipe-lm-adapter",
     ]
+    heads = {s.key: s.head for s in result.stages}
     # the adapters' batch size and patience follow from the windows, not the base config
     plan = result.plan["adapter"]
     train = HeadMeta.of(result.stages[0].head).train
@@ -82,22 +85,40 @@ def test_recipe_stores_stages_chooses_on_validation_and_reuses(zoo):
         False,
     )
     assert HeadMeta.of(result.stages[1].head).sweep["trials"]  # the ILP was swept
-    # the reference is ID-only, the fusion is not; the fusion is at least as good as both on validation
+    lm_train = HeadMeta.of(heads["adapter-s0"]).train
+    assert (lm_train["use_text"], lm_train["seed"], lm_train["batch_size"]) == (True, 0, plan["batch_size"])
+    # lm-adapter: the ILP with the reference's seeds, adapter-s0 in the place of sasrec-s0
+    parts = Inputs.of(heads["lm-adapter"])
+    assert parts.get("ilp_head") == (heads["ilp-sweep"].id,)
+    assert parts.get("adapter_heads") == (heads["adapter-s0"].id, heads["sasrec-s1"].id)
+    assert Inputs.of(heads["id-only"]).get("adapter_heads") == (heads["sasrec-s0"].id, heads["sasrec-s1"].id)
+    # the reference is ID-only, the fusions are not; each is at least as good as its parts on validation
     assert id_only(result.reference) and not id_only(result.fusion)
     valid = {s.key: s.valid_ndcg10 for s in result.stages}
     assert valid["recipe"] >= max(valid["id-only"], valid["ilp-sweep"]) - 1e-12
+    assert valid["lm-adapter"] >= valid["ilp-sweep"] - 1e-12
+    better = "lm-adapter" if valid["lm-adapter"] > valid["recipe"] else "recipe"
+    assert result.fusion.id == heads[better].id
     # the result is the best on validation of every stage, and the domain's default head
     assert result.chosen is not None and result.chosen.id in {s.head.id for s in result.stages}
     assert HeadMeta.of(result.chosen).metrics.valid["NDCG@10"] == max(valid.values())
     assert default_head(zoo, "toy").head.id == result.chosen.id
-    assert result.lm_share() == pytest.approx(valid["recipe"] / valid["id-only"] - 1)
+    lm = max(valid["recipe"], valid["lm-adapter"])
+    assert result.lm_share() == pytest.approx(lm / valid["id-only"] - 1)
 
     n_heads = len(zoo.ls(kind="head"))
     again = small_recipe(zoo)
-    assert [s.status for s in again.stages] == ["reused", "reused", "reused", "fused", "fused"]
+    assert [s.status for s in again.stages] == ["reused"] * 4 + ["fused"] * 3
     assert [s.head.id for s in again.stages] == [s.head.id for s in result.stages]
     assert len(zoo.ls(kind="head")) == n_heads  # nothing trained twice, no new artifact
     assert again.train_seconds < result.train_seconds
+
+
+def test_without_the_lm_adapter_stage(zoo):
+    result = small_recipe(zoo, lm_adapter=False)
+    assert [s.key for s in result.stages] == ["sasrec-s0", "ilp-sweep", "sasrec-s1", "id-only", "recipe"]
+    assert result.fusion.id == result.stages[-1].head.id
+    assert result.plan["lm_adapter"] is False
 
 
 def test_budget_stops_cleanly_and_a_larger_one_continues(zoo):
@@ -106,7 +127,7 @@ def test_budget_stops_cleanly_and_a_larger_one_continues(zoo):
     )
     status = {s.key: s.status for s in cut.stages}
     assert status["sasrec-s0"] == "cut"  # one epoch, then the budget
-    assert status["ilp-sweep"] == status["sasrec-s1"] == "skipped"
+    assert status["ilp-sweep"] == status["sasrec-s1"] == status["adapter-s0"] == "skipped"
     first = cut.stages[0].head
     assert first.meta["cut_by_budget"] is True and len(HeadMeta.of(first).history) == 1
     assert cut.fusion is None and cut.reference is not None  # an ensemble of the one adapter
@@ -117,8 +138,10 @@ def test_budget_stops_cleanly_and_a_larger_one_continues(zoo):
         "sasrec-s0": "continued",
         "ilp-sweep": "trained",
         "sasrec-s1": "trained",
+        "adapter-s0": "trained",
         "id-only": "fused",
         "recipe": "fused",
+        "lm-adapter": "fused",
     }
     continued = more.stages[0].head
     assert "cut_by_budget" not in continued.meta

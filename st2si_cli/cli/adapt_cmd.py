@@ -49,7 +49,8 @@ def adapt_cmd(
         "ilp-text: ILP rows initialised from each item's text feature; adapter: "
         "sequence adapter (SASRec over the LM's features, item text and IDs); sasrec: the same "
         "adapter on item IDs only, the in-tool ID-only reference. Left out: the recipe (ID-only "
-        "adapters, the swept ILP and their fusion, the best on validation kept).",
+        "adapters, the swept ILP, an adapter over the LM's features, their fusions, the best on "
+        "validation kept).",
     ),
     budget: str = typer.Option(
         "60m",
@@ -165,8 +166,9 @@ def adapt_cmd(
     """Train a new head for a domain on a frozen backbone (features cached in the zoo).
 
     \b
-    Without --head: the recipe (ID-only adapters, the swept ILP, their fusion; each stage stored as
-    a head DOMAIN/recipe-..., the best on validation becomes the domain's default).
+    Without --head: the recipe (ID-only adapters, the swept ILP, an adapter over the LM's features,
+    their fusions; each stage stored as a head DOMAIN/recipe-..., the best on validation becomes the
+    domain's default).
 
     \b
     Examples:

@@ -74,7 +74,7 @@ def quickstart_cmd(
 
     err.print(
         f"[3/5] The recipe within {budget}: ID-only adapters, the swept ILP over the frozen backbone's "
-        f"features ({max_items}-item windows), their fusion",
+        f"features ({max_items}-item windows), an adapter over them, their fusions",
         markup=False,
     )
     reporter = RichReporter()

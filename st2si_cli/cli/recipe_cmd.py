@@ -86,8 +86,9 @@ def run_recipe_cmd(zoo: Any, domain: str, *, json_out: bool, **recipe: Any) -> N
         _table(result)
     if share is not None and result.fusion is not None:
         n = len([s for s in result.stages if s.key.startswith("sasrec") and s.head is not None])
+        lm = result.fusion.name
         if share > 0:
-            line = f"LM over ID-only: {share:+.1%} NDCG@10 on validation (the ILP fused with {n} ID-only adapters, against the {n} alone)."
+            line = f"LM over ID-only: {share:+.1%} NDCG@10 on validation ({lm} against the {n} ID-only adapters alone)."
         else:
             line = f"LM over ID-only: {share:+.1%} NDCG@10 on validation: the language model adds nothing over {n} ID-only adapters on this data."
         err.print(line, markup=False, soft_wrap=True)

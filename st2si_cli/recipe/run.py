@@ -5,12 +5,13 @@ Stages, in order of value per minute:
   1. `sasrec-s0`: the sequence adapter on item IDs only (SASRec inside the tool): cheap and strong;
   2. `ilp-sweep`: the paper's ILP over the LM's features, a small grid swept on validation;
   3. `sasrec-s1`, ...: more ID-only adapters (other seeds) for the ensemble;
-then, in seconds, `id-only`: the ensemble of the ID-only adapters (the reference of the same size) and
-`recipe`: the ILP fused with that ensemble, the weight chosen on validation (w = 0 is the reference
-itself, w = 1 the ILP alone). Of all of them the best on validation is the result.
-
-The LM adapter (`--head adapter`) is not a stage: over ID-only adapters it bought nothing when fused
-with the ILP in our measurements, at several times their cost.
+  4. `adapter-s0`: the sequence adapter over the LM's features (`--head adapter`), seed 0, last: it
+     costs more than an ID-only one and helped on some data (MovieLens) but not on others;
+then, in seconds, `id-only`: the ensemble of the ID-only adapters (the reference of the same size),
+`recipe`: the ILP fused with that ensemble, and `lm-adapter`: the ILP fused with the same ensemble
+in which `adapter-s0` takes the place of its ID-only twin `sasrec-s0` (same size, same seeds), each
+weight chosen on validation (w = 0 is the adapters alone, w = 1 the ILP alone). Of all of them the
+best on validation is the result.
 
 A budget bounds the training: no epoch or sweep trial starts past it (the first stage always trains
 one epoch, so a head comes out), a stage cut by it keeps its best epoch (stored with `cut_by_budget`), stages not reached are skipped. Every finished stage is in the
@@ -30,12 +31,12 @@ from st2si_cli.recipe.settings import RecipeStages, adapter_config, adapter_plan
 from st2si_cli.zoo.meta import HeadMeta, Inputs
 from st2si_cli.zoo.store import Artifact, Zoo
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the adapter over the LM's features as a last stage
 
 
 @dataclass
 class StageOutcome:
-    key: str  # sasrec-s0, ilp-sweep, ..., id-only, recipe
+    key: str  # sasrec-s0, ilp-sweep, ..., adapter-s0, id-only, recipe, lm-adapter
     status: str  # trained | reused | continued | cut | skipped | fused
     head: Artifact | None = None
     seconds: float = 0.0
@@ -52,7 +53,7 @@ class StageOutcome:
 class RecipeResult:
     stages: list[StageOutcome] = field(default_factory=list)
     chosen: Artifact | None = None  # the best on validation of every stage
-    fusion: Artifact | None = None  # the ILP fused with the ID-only ensemble
+    fusion: Artifact | None = None  # the better on validation of `recipe` and `lm-adapter`
     reference: Artifact | None = None  # the ID-only ensemble of the same adapters
     train_seconds: float = 0.0  # this run's training, every stage (reused ones cost nothing)
     features_seconds: float = 0.0  # this run's wait for features (0 when cached)
@@ -152,9 +153,17 @@ def run_recipe(
         return result
     result.features_pass_seconds = (FeaturesMeta.of(feat_art).timings or {}).get("seconds")
     plan = adapter_plan(_count_windows(fs, ds))
-    result.plan = {"version": RECIPE_VERSION, "adapter": plan.record(), "seeds": seeds, "sweep": sweep_trials}
+    result.plan = {
+        "version": RECIPE_VERSION,
+        "adapter": plan.record(),
+        "seeds": seeds,
+        "sweep": sweep_trials,
+        "lm_adapter": stages.lm_adapter,
+    }
     run = _Run(zoo, domain, ds, fs, feat_art, bb_art, dataset_art, text, reporter, budget_s)
     keys = ["sasrec-s0", "ilp-sweep", *[f"sasrec-s{k}" for k in range(1, seeds)]]
+    if stages.lm_adapter:
+        keys.append("adapter-s0")
     for k, key in enumerate(keys, 1):
         label = f"stage {k}/{len(keys)} {key}"
         if key == "ilp-sweep":
@@ -163,10 +172,12 @@ def run_recipe(
             cfg = stages.ilp_base or ILP.default_config()
             outcome = run.stage(key, label, ILP, cfg, {"sweep_trials": sweep_trials})
         else:
-            from st2si_cli.heads.adapter import SASREC
+            from st2si_cli.heads.adapter import ADAPTER, SASREC
 
-            cfg = adapter_config(plan, int(key.rsplit("-s", 1)[1]), stages.adapter_base)
-            outcome = run.stage(key, label, SASREC, cfg, {})
+            use_text = key.startswith("adapter")
+            seed = int(key.rsplit("-s", 1)[1])
+            cfg = adapter_config(plan, seed, stages.adapter_base, use_text=use_text)
+            outcome = run.stage(key, label, ADAPTER if use_text else SASREC, cfg, {})
         result.stages.append(outcome)
     _finish(run, result)
     result.train_seconds = round(sum(s.seconds for s in result.stages), 2)
@@ -263,20 +274,33 @@ def _fmt(head: Artifact) -> str:
 
 
 def _finish(run: _Run, result: RecipeResult) -> None:
-    """The ID-only ensemble, the fusion, and the choice among every stage on validation."""
+    """The ID-only ensemble, the fusions, and the choice among every stage on validation."""
     from st2si_cli.heads.fusion import fuse_heads
 
-    adapters = [s.head for s in result.stages if s.key.startswith("sasrec") and s.head is not None]
-    ilp = next((s.head for s in result.stages if s.key == "ilp-sweep" and s.head is not None), None)
+    heads = {s.key: s.head for s in result.stages if s.head is not None}
+    adapters = [h for k, h in heads.items() if k.startswith("sasrec")]
+    ilp = heads.get("ilp-sweep")
+    lm_adapter = heads.get("adapter-s0")
+
+    def fused(key: str, parts: list[Artifact], with_ilp: Artifact | None) -> Artifact:
+        s0 = time.monotonic()
+        head = fuse_heads(run.zoo, with_ilp, parts, name=run.name(key))
+        result.stages.append(StageOutcome(key, "fused", head, time.monotonic() - s0))
+        return head
+
     if adapters:
-        s0 = time.monotonic()
-        result.reference = fuse_heads(run.zoo, None, adapters, name=run.name("id-only"))
-        result.stages.append(StageOutcome("id-only", "fused", result.reference, time.monotonic() - s0))
+        result.reference = fused("id-only", adapters, None)
+    lm_fusions = []
     if adapters and ilp is not None:
-        s0 = time.monotonic()
-        result.fusion = fuse_heads(run.zoo, ilp, adapters, name=run.name("recipe"))
-        result.stages.append(StageOutcome("recipe", "fused", result.fusion, time.monotonic() - s0))
+        lm_fusions.append(fused("recipe", adapters, ilp))
+    if lm_adapter is not None and ilp is not None:
+        # the same size and seeds as the ID-only reference: adapter-s0 in the place of sasrec-s0
+        twin = heads.get("sasrec-s0")
+        parts = [lm_adapter, *(h for h in adapters if h is not twin)]
+        lm_fusions.append(fused("lm-adapter", parts, ilp))
+    # the LM side of "LM over ID-only": the better of the fusions on validation (the first of equals)
+    result.fusion = max(lm_fusions, key=lambda h: _valid(h) or 0.0, default=None)
     scored = [s for s in result.stages if s.head is not None and s.valid_ndcg10 is not None]
-    # the best on validation; among equals the later stage (the fusion contains its parts as w = 0 or 1)
+    # the best on validation; among equals the later stage (a fusion contains its parts as w = 0 or 1)
     best = max(reversed(scored), key=lambda s: s.valid_ndcg10 or 0.0, default=None)
     result.chosen = best.head if best is not None else None

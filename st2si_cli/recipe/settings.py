@@ -52,22 +52,25 @@ def adapter_plan(n_windows: int) -> AdapterPlan:
     return AdapterPlan(batch, patience, steps, n_windows)
 
 
-def adapter_config(plan: AdapterPlan, seed: int, base: Any = None) -> Any:
-    """The ID-only adapter (SASRec inside the tool) of one recipe seed."""
+def adapter_config(plan: AdapterPlan, seed: int, base: Any = None, *, use_text: bool = False) -> Any:
+    """The adapter of one recipe seed: ID-only (SASRec inside the tool), or over the LM's features
+    with `use_text`."""
     from st2si_cli.model.adapter import AdapterConfig
 
-    base = base or AdapterConfig(use_text=False)
-    return replace(base, use_text=False, batch_size=plan.batch_size, patience=plan.patience, seed=seed)
+    base = base or AdapterConfig(use_text=use_text)
+    return replace(base, use_text=use_text, batch_size=plan.batch_size, patience=plan.patience, seed=seed)
 
 
 @dataclass(frozen=True)
 class RecipeStages:
-    """What the recipe trains: `seeds` ID-only adapters, `sweep_trials` points of the ILP grid, each
-    from `adapter_base` / `ilp_base` (None: the kinds' defaults; the adapters' batch size, patience
-    and seed always follow from the data and the stage)."""
+    """What the recipe trains: `seeds` ID-only adapters, `sweep_trials` points of the ILP grid, with
+    `lm_adapter` one adapter over the LM's features (seed 0, last: the budget reaches it where the
+    data is small), each from `adapter_base` / `ilp_base` (None: the kinds' defaults; the adapters'
+    batch size, patience and seed always follow from the data and the stage)."""
 
     seeds: int = DEFAULT_SEEDS
     sweep_trials: int = DEFAULT_SWEEP_TRIALS
+    lm_adapter: bool = True
     adapter_base: Any = None
     ilp_base: Any = None
 
