@@ -245,17 +245,24 @@ LINES = [
 TEXT = "".join(json.dumps(x) + "\n" for x in LINES)
 
 
-def answers(zoo, monkeypatch, engine, head="toy/ilp", **opts):
+def engine_answers(zoo, monkeypatch, engine, head, text=TEXT, **opts):
+    """`recommend`'s rows for `text` from the given engine ("numpy" or "torch", which must be the one
+    that answers), and whether it loaded a backbone."""
     monkeypatch.delenv("ST2SI_NO_NUMPY", raising=False)
     if engine == "torch":
         monkeypatch.setenv("ST2SI_NO_NUMPY", "1")
     rec = Recommender(zoo, "toy", RecommendOptions(head_ref=head, **opts))
     try:
-        rows = rec.answer(rec.parse(enumerate(TEXT.splitlines(), 1), "<test>"))
-        assert rec._load().engine == engine
+        rows = rec.answer(rec.parse(enumerate(text.splitlines(), 1), "<test>"))
+        model = rec._load()
+        assert model.engine == engine
+        return rows, model.model is not None
     finally:
         rec.close()
-    return rows
+
+
+def answers(zoo, monkeypatch, engine, head="toy/ilp", **opts):
+    return engine_answers(zoo, monkeypatch, engine, head, **opts)[0]
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ import pytest
 import torch
 from helpers import run_cli, toy_zoo_with_llama
 from safetensors.torch import save_file
-from test_np_forward import reference_top_k, tiny_gqa_folder
+from test_np_forward import LINES, engine_answers, reference_top_k, tiny_gqa_folder
+from test_np_forward import TEXT as NP_FORWARD_TEXT
 
 from st2si_cli.heads.base import batched_top_k
 from st2si_cli.model import np_heads
@@ -246,32 +247,15 @@ def zoo(tmp_path_factory):
     return z
 
 
-LINES = [
-    {"user": "a", "history": ["1", "2", "3"]},
-    {"user": "b", "history": [{"title": "red lamp wooden"}, "7", {"title": "Toy Story (1995)"}]},
-    {"user": "c", "history": ["12"]},
-    {"user": "d", "history": [str(i % 25) for i in range(30)]},
-    {"user": "e", "history": ["5", {"id": "6"}, "4", "9"]},
-    {"user": "f", "history": [{"title": "not in the catalog"}]},
-]
-TEXT = "".join(json.dumps(x) + "\n" for x in LINES)
+TEXT = NP_FORWARD_TEXT + json.dumps({"user": "f", "history": [{"title": "not in the catalog"}]}) + "\n"
 HEADS = ["toy/sasrec", "toy/adapter", "toy/fusion", "toy/fusion-text", "toy/ids-a", "toy/fusion-ids"]
 ID_ONLY = {"toy/sasrec", "toy/ids-a", "toy/fusion-ids"}
 
 
 def answers(zoo, monkeypatch, engine, head, **opts):
-    monkeypatch.delenv("ST2SI_NO_NUMPY", raising=False)
-    if engine == "torch":
-        monkeypatch.setenv("ST2SI_NO_NUMPY", "1")
-    rec = Recommender(zoo, "toy", RecommendOptions(head_ref=head, **opts))
-    try:
-        rows = rec.answer(rec.parse(enumerate(TEXT.splitlines(), 1), "<test>"))
-        model = rec._load()
-        assert model.engine == engine
-        if engine == "numpy":
-            assert (model.model is None) == (head in ID_ONLY)  # no backbone for an ID-only head
-    finally:
-        rec.close()
+    rows, has_backbone = engine_answers(zoo, monkeypatch, engine, head, TEXT, **opts)
+    if engine == "numpy":
+        assert has_backbone == (head not in ID_ONLY)  # no backbone for an ID-only head
     return rows
 
 
