@@ -11,6 +11,7 @@ is measured against. How w is chosen is `st2si_cli.heads.fusion`'s business.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,14 +59,20 @@ class Fusion:
         return out
 
 
+def fusion_parts(tensors: Mapping[str, Any], train: Mapping[str, Any]) -> list[tuple[dict[str, Any], Any]]:
+    """Each adapter of a stored fusion: (its tensors, prefix removed; its training settings), in order.
+    Torch-free: the numpy engine reads a fusion with it too."""
+    configs = train.get("adapters") or [train["adapter"]]
+    parts = []
+    for k, cfg in enumerate(configs):
+        prefix = adapter_prefix(k)
+        parts.append(({n[len(prefix) :]: v for n, v in tensors.items() if n.startswith(prefix)}, cfg))
+    return parts
+
+
 def load_fusion(tensors: dict[str, Any], train: dict[str, Any], d_feat: int, n_items: int) -> Fusion:
     """Rebuild a fusion from its stored tensors and training record ({"w", "adapter"[, "adapters"]})."""
     from st2si_cli.model.adapter import load_adapter
 
-    configs = train.get("adapters") or [train["adapter"]]
-    adapters = []
-    for k, cfg in enumerate(configs):
-        prefix = adapter_prefix(k)
-        part = {n[len(prefix) :]: v for n, v in tensors.items() if n.startswith(prefix)}
-        adapters.append(load_adapter(part, cfg, d_feat, n_items))
+    adapters = [load_adapter(part, cfg, d_feat, n_items) for part, cfg in fusion_parts(tensors, train)]
     return Fusion(tensors.get(ILP_TENSOR), adapters, float(train["w"]))

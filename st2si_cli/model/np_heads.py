@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from st2si_cli.model.fusion import ILP_TENSOR, adapter_prefix
+from st2si_cli.model.fusion import ILP_TENSOR, fusion_parts
 from st2si_cli.model.np_forward import best_k, read_safetensors
 
 # `model/adapter.py::AdapterConfig`'s fields (that module imports torch; a test keeps the two equal). A
@@ -334,12 +334,7 @@ def load_scorer(
         tensors = {k: v.float32() for k, v in read_safetensors(path).items()}
         if kind in ADAPTER_KINDS:
             return NumpyAdapter(tensors, train, d_feat, n_items)
-        configs = train.get("adapters") or [train["adapter"]]
-        adapters = []
-        for k, cfg in enumerate(configs):
-            prefix = adapter_prefix(k)
-            part = {n[len(prefix) :]: v for n, v in tensors.items() if n.startswith(prefix)}
-            adapters.append(NumpyAdapter(part, cfg, d_feat, n_items))
+        adapters = [NumpyAdapter(part, cfg, d_feat, n_items) for part, cfg in fusion_parts(tensors, train)]
         ilp = tensors.get(ILP_TENSOR)
         if ilp is not None and ilp.shape != (n_items, d_feat):
             return None
