@@ -46,6 +46,11 @@ def test_adapter_plan_follows_the_number_of_windows():
     assert adapter_plan(6000).batch_size == 64
     tiny = adapter_plan(40)
     assert (tiny.batch_size, tiny.patience) == (32, 30)
+    # few validation users: noisier validation, longer patience (x sqrt(4000 / users), within the bounds)
+    assert adapter_plan(2412, 943).patience == 28
+    assert adapter_plan(2412, 4000).patience == adapter_plan(2412, 9000).patience == 14
+    assert adapter_plan(8320, 8317).patience == adapter_plan(8320).patience == 16  # amazon-scientific
+    assert adapter_plan(20_000, 100).patience == 30
     with pytest.raises(ValueError):
         adapter_plan(0)
 

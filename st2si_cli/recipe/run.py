@@ -31,7 +31,7 @@ from st2si_cli.recipe.settings import RecipeStages, adapter_config, adapter_plan
 from st2si_cli.zoo.meta import HeadMeta, Inputs
 from st2si_cli.zoo.store import Artifact, Zoo
 
-RECIPE_VERSION = 2  # 2: the adapter over the LM's features as a last stage
+RECIPE_VERSION = 3  # 2: the adapter over the LM's features as a last stage; 3: patience x user noise
 
 
 @dataclass
@@ -152,7 +152,7 @@ def run_recipe(
         result.worker = True
         return result
     result.features_pass_seconds = (FeaturesMeta.of(feat_art).timings or {}).get("seconds")
-    plan = adapter_plan(_count_windows(fs, ds))
+    plan = adapter_plan(_count_windows(fs, ds), ds.n_users)
     result.plan = {
         "version": RECIPE_VERSION,
         "adapter": plan.record(),
