@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--id-only-command", default=None, help="the command of the ID-only reference alone")
     p.add_argument("--summary", default="bench/results/quality-summary.json")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--tag", default=None, help="added to the result file's name (another run the same day)")
     args = p.parse_args(argv)
 
     from st2si_cli import Zoo, load_dataset
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             "st2si_sasrec": " ".join(map(str, rows["id_only"]["ranks"])),
         },
     }
-    path = write_json(result_path(Path(args.out), f"recipe-{args.domain}"), record)
+    path = write_json(result_path(Path(args.out), f"recipe-{args.domain}", args.tag), record)
     summary_path = Path(args.summary)
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     entry = summary.setdefault(args.domain, {})
