@@ -6,7 +6,7 @@ Stages, in order of value per minute:
   2. `ilp-sweep`: the paper's ILP over the LM's features, a small grid swept on validation;
   3. `sasrec-s1`, ...: more ID-only adapters (other seeds) for the ensemble;
   4. `adapter-s0`: the sequence adapter over the LM's features (`--head adapter`), seed 0, last: it
-     costs more than an ID-only one and helped on some data (MovieLens) but not on others;
+     costs more than an ID-only one; it is tried, and validation decides whether it earns a place;
 then, in seconds, `id-only`: the ensemble of the ID-only adapters (the reference of the same size),
 `recipe`: the ILP fused with that ensemble, and `lm-adapter`: the ILP fused with the same ensemble
 in which `adapter-s0` takes the place of its ID-only twin `sasrec-s0` (same size, same seeds), each
