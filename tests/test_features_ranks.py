@@ -91,6 +91,23 @@ def zoo_copy(template, path):
     return Zoo(path)
 
 
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+
+
+def rank_env(env=None):
+    """The environment of a 2-rank job: this one's without a rank of its own, one thread a rank."""
+    outside = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ST2SI_DEBUG")
+    }
+    return {
+        **outside,
+        "OMP_NUM_THREADS": "1",
+        "ST2SI_NO_PROGRESS": "1",
+        "PYTHONPATH": str(REPO),
+        **(env or {}),
+    }
+
+
 def run_two_ranks(tmp_path, root, env=None, timeout=300):
     """The rank script under `python -m torch.distributed.run --nproc_per_node 2 --standalone`: (exit
     code, its output, each rank's record in rank order). A run past `timeout` is killed, workers too."""
@@ -98,21 +115,10 @@ def run_two_ranks(tmp_path, root, env=None, timeout=300):
     script.write_text(RANK_SCRIPT)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    outside = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ST2SI_DEBUG")
-    }
-    env = {
-        **outside,
-        "OMP_NUM_THREADS": "1",
-        "ST2SI_NO_PROGRESS": "1",
-        "PYTHONPATH": str(REPO),
-        **(env or {}),
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     job = subprocess.Popen(
-        [*cmd, str(script), str(root), str(out), str(MAX_BATCH)],
+        [*TORCHRUN_2, str(script), str(root), str(out), str(MAX_BATCH)],
         cwd=REPO,
-        env=env,
+        env=rank_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -314,14 +320,20 @@ def test_torchrun_cli_recipe_shares_the_pass_and_rank_0_trains(tmp_path, templat
     a share of the pass, the stored cache is the bytes and ID of one process's, the recipe's stages are
     trained once (by rank 0) and one JSON record is printed."""
     z = zoo_copy(template, tmp_path / "two")
-    outside = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ST2SI_DEBUG")
-    }
-    env = {**outside, "OMP_NUM_THREADS": "1", "ST2SI_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    cmd += ["-m", "st2si_cli", "--zoo", str(z.root), "adapt", "--domain", "toy", "--backbone", "tiny-opt"]
+    cmd = [
+        *TORCHRUN_2,
+        "-m",
+        "st2si_cli",
+        "--zoo",
+        str(z.root),
+        "adapt",
+        "--domain",
+        "toy",
+        "--backbone",
+        "tiny-opt",
+    ]
     cmd += ["--dtype", "fp32", "--batch-tokens", "256", "--budget", "2s", "--seeds", "1", "--json"]
-    job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    job = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stderr[-3000:]
     records = [json.loads(line) for line in job.stdout.splitlines() if line.startswith("{")]
     assert len(records) == 1, job.stdout  # rank 1 computed its share and printed nothing
