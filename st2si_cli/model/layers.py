@@ -13,16 +13,26 @@ layer) are exactly those of a full forward:
 
 Frozen parts stay in eval mode whatever mode the module is in (no dropout below k), so a frozen
 full forward and the cached path compute the same thing.
+
+Only the query positions' final states are read, so the last layer of a Llama-family backbone runs
+at those positions alone (`LastAtQueries`): keys and values at every token, then the attention output,
+the MLP and both residual adds at the queries only. Everything else in that layer scales with the
+queries, a few percent of the tokens, so top-1 tuning costs a fraction of a layer per token and
+top-K saves most of one of its K layers. Same arithmetic as the layer's own forward, through its own
+submodules (so LoRA and the dropout hooks act as they do there); tests/test_top_layers.py compares
+the two, values and gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from st2si_cli.errors import St2siError
 from st2si_cli.model.st2si import ST2SI
@@ -101,19 +111,88 @@ def states_entering(backbone: nn.Module, input_ids: Tensor, k: int) -> Tensor:
 
 @contextlib.contextmanager
 def _cut_at(backbone: nn.Module, k: int) -> Iterator[nn.ModuleList]:
-    """The backbone with only layers k.. in its layer list (restored afterwards)."""
+    """The backbone with only layers k.. in its layer list (restored afterwards); yields that list."""
     parent, attr, layers = decoder_stack(backbone)
-    setattr(parent, attr, nn.ModuleList(list(layers)[k:]))
+    cut = nn.ModuleList(list(layers)[k:])
+    setattr(parent, attr, cut)
     try:
-        yield layers
+        yield cut
     finally:
         setattr(parent, attr, layers)
 
 
-def run_from(backbone: nn.Module, input_ids: Tensor, hidden: Tensor, k: int) -> Tensor:
+def at_queries_fits(layer: nn.Module) -> bool:
+    """A Llama-family decoder layer (plain RoPE attention without dropout, pre-norm, MLP) with its
+    weights in place (not partitioned by DeepSpeed ZeRO-3), which `LastAtQueries` can stand in for."""
+    attn = getattr(layer, "self_attn", None)
+    return (
+        type(layer).__name__ == "LlamaDecoderLayer"
+        and attn is not None
+        and not getattr(getattr(attn, "config", None), "attention_dropout", 0.0)
+        and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+        and all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp"))
+        and not any(hasattr(p, "ds_id") for p in layer.parameters())
+    )
+
+
+class LastAtQueries(nn.Module):
+    """The last decoder layer computed at the query positions (rows, cols) only.
+
+    Returns its input with the layer's output written at those positions: the other positions are
+    never read (only the query states go on to the ILP), so nothing else is computed for them.
+    """
+
+    def __init__(self, layer: nn.Module, rows: Tensor, cols: Tensor):
+        super().__init__()
+        self.layer = layer
+        self.rows, self.cols = rows, cols
+
+    def forward(self, hidden_states: Tensor, position_embeddings: Any = None, **_: Any) -> Tensor:
+        from st2si_cli.model.fast import _rope
+
+        layer, attn = self.layer, self.layer.self_attn
+        x, rows, cols = hidden_states, self.rows, self.cols
+        b, w, _d = x.shape
+        p, hd = rows.numel(), attn.head_dim
+        cos, sin = (t.expand(b, -1, -1) for t in position_embeddings)  # [b, w, hd]
+        h = layer.input_layernorm(x)
+        q = _rope(attn.q_proj(h[rows, cols]).view(p, -1, hd), cos[rows, cols, None], sin[rows, cols, None])
+        k = _rope(attn.k_proj(h).view(b, w, -1, hd), cos[:, :, None], sin[:, :, None])  # [b, w, KV, hd]
+        v = attn.v_proj(h).view(b, w, -1, hd)
+        # each row's queries side by side: [b, m, H, hd], slot = the query's place within its row
+        counts = torch.bincount(rows, minlength=b)
+        order = torch.argsort(rows, stable=True)
+        slot = torch.empty_like(rows)
+        slot[order] = torch.arange(p, device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows[order]]
+        m = int(counts.max())
+        qpad = q.new_zeros(b, m, q.shape[1], hd).index_put((rows, slot), q)
+        qcol = torch.zeros(b, m, dtype=torch.long, device=rows.device).index_put((rows, slot), cols)
+        allowed = torch.arange(w, device=rows.device)[None, None, :] <= qcol[:, :, None]  # causal, [b, m, w]
+        o = F.scaled_dot_product_attention(
+            qpad.transpose(1, 2),
+            k.transpose(1, 2).to(q.dtype),
+            v.transpose(1, 2).to(q.dtype),
+            attn_mask=allowed[:, None],
+            scale=attn.scaling,
+            enable_gqa=k.shape[2] != q.shape[1],
+        )  # [b, H, m, hd]
+        y = x[rows, cols] + attn.o_proj(o.transpose(1, 2)[rows, slot].reshape(p, -1))
+        y = y + layer.mlp(layer.post_attention_layernorm(y))
+        return x.index_put((rows, cols), y.to(x.dtype))
+
+
+def run_from(
+    backbone: nn.Module,
+    input_ids: Tensor,
+    hidden: Tensor,
+    k: int,
+    queries: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Layers k.. and the final norm on `hidden` [B, L, d] (the states entering layer k) -> [B, L, d].
 
     `input_ids` [B, L] only give the model its shapes: their embeddings are replaced by `hidden`.
+    With `queries` (rows, cols), only those positions of the result are meant to be read: the last
+    layer then runs at them alone where it can (`LastAtQueries`); the other positions hold anything.
     """
 
     def swap(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -122,8 +201,10 @@ def run_from(backbone: nn.Module, input_ids: Tensor, hidden: Tensor, k: int) -> 
             return (h, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": h}
 
-    with _cut_at(backbone, k) as layers:
-        handle = layers[k].register_forward_pre_hook(swap, with_kwargs=True)
+    with _cut_at(backbone, k) as cut:
+        if queries is not None and at_queries_fits(cut[-1]):
+            cut[-1] = LastAtQueries(cut[-1], *queries)
+        handle = cut[0].register_forward_pre_hook(swap, with_kwargs=True)
         try:
             return backbone(input_ids=input_ids, use_cache=False).last_hidden_state
         finally:
@@ -151,23 +232,38 @@ class TopST2SI(FrozenBelowST2SI):
     `hidden` [B, L, d] holds the states entering layer `first_tuned`, right padded like `input_ids`.
     Rows of very different lengths run as separate narrower forwards, grouped as `ST2SI.query_states`
     groups them, so a frozen full forward and this one see the same widths. `hidden_at` (validation,
-    final metrics) still runs the whole backbone.
+    final metrics) still runs the whole backbone. `last_at_queries` (default on) runs the last layer at
+    the query positions only, where the backbone allows it (`LastAtQueries`); `ST2SI_WHOLE_LAST_LAYER=1`
+    turns it off (to time or check one against the other).
     """
+
+    def __init__(self, backbone: nn.Module, n_items: int, first_tuned: int, **kwargs: Any):
+        super().__init__(backbone, n_items, first_tuned, **kwargs)
+        self.last_at_queries = not os.environ.get("ST2SI_WHOLE_LAST_LAYER")
 
     def top_states(self, hidden: Tensor, input_ids: Tensor, query_rows: Tensor, query_cols: Tensor) -> Tensor:
         k = self.first_tuned
         groups = (
             self._length_groups(query_rows, query_cols, input_ids.shape[0]) if self.split_by_length else None
         )
+        at_queries = self.last_at_queries
         if groups is None:
-            return run_from(self.backbone, input_ids, hidden, k)[query_rows, query_cols]  # [P, d]
+            queries = (query_rows, query_cols) if at_queries else None
+            return run_from(self.backbone, input_ids, hidden, k, queries)[query_rows, query_cols]  # [P, d]
         parts = []
         for rows, width in groups:
-            h = run_from(self.backbone, input_ids[rows, :width], hidden[rows, :width], k)  # [b, w, d]
             where = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
             where[rows] = torch.arange(rows.numel(), device=input_ids.device)
             sel = torch.nonzero(where[query_rows] >= 0).flatten()  # the queries of these rows
-            parts.append((sel, h[where[query_rows[sel]], query_cols[sel]]))
+            qr, qc = where[query_rows[sel]], query_cols[sel]
+            h = run_from(
+                self.backbone,
+                input_ids[rows, :width],
+                hidden[rows, :width],
+                k,
+                (qr, qc) if at_queries else None,
+            )  # [b, w, d]
+            parts.append((sel, h[qr, qc]))
         out = parts[0][1].new_empty(query_rows.numel(), parts[0][1].shape[1])
         for sel, part in parts:
             out = out.index_put((sel,), part)
@@ -192,7 +288,9 @@ class TopST2SI(FrozenBelowST2SI):
 
 __all__ = [
     "FrozenBelowST2SI",
+    "LastAtQueries",
     "TopST2SI",
+    "at_queries_fits",
     "decoder_stack",
     "freeze_below",
     "n_layers",
