@@ -207,11 +207,39 @@ def test_the_result_is_a_backbone_and_head_that_eval_uses_unchanged(zoo):
     )
     assert res.backbone.name == "top2" and res.heads["toy"].meta["backbone"] == res.backbone.id
     assert res.heads["toy"].meta["method"] == "top-layers"
+    assert res.run.meta["timings"]["final_eval"] == "whole forward"  # a bf16 cache is not eval's arithmetic
     result = evaluate(zoo, "toy", backbone="top2", feature_opts=FeatureOptions(dtype="fp32"))
     assert result["head_id"] == res.heads["toy"].id
     for m in ("NDCG@10", "Recall@10", "MRR"):
         assert result["metrics"][m] == pytest.approx(res.run.meta["metrics"]["test"][m], abs=1e-6)
     assert not list((zoo.root / "tmp").glob("activations-*"))  # the staging folder went
+
+
+def test_on_an_fp32_cache_the_final_evaluation_reads_the_cache_and_gives_evals_metrics(zoo):
+    """The cache holds the final evaluation's inputs too (each history whole, costing only its last item
+    in tokens stored); on an fp32 cache the final metrics come from it, and equal what `st2si eval`
+    computes through the whole stored backbone."""
+    res = pretrain(
+        zoo,
+        ["toy"],
+        backbone="tiny-llama4",
+        cfg=PretrainConfig(**FAST, tune_layers=1, cache_dtype="fp32"),
+        out="top1-fp32",
+        device="cpu",
+    )
+    timings = res.run.meta["timings"]
+    assert timings["final_eval"] == "activation cache"
+    for split in ("valid", "test"):
+        result = evaluate(
+            zoo, "toy", backbone="top1-fp32", split=split, feature_opts=FeatureOptions(dtype="fp32")
+        )
+        assert result["head_id"] == res.heads["toy"].id
+        for m in ("NDCG@10", "Recall@10", "MRR"):
+            assert result["metrics"][m] == pytest.approx(res.run.meta["metrics"][split][m], abs=1e-6)
+    # stored: each history's whole input and each alignment sample, once (the rest are their prefixes)
+    _model, tokenizer = load_trainable(zoo, zoo.get("tiny-llama4"), "dot")
+    corpus = build_corpus(zoo, [zoo.get("toy", kind="dataset")], tokenizer, TextConfig(query="dot"))
+    assert timings["activation_cache"]["tokens_stored"] == sum(len(s.tokens) for s in corpus.eval_samples)
 
 
 def test_k_equal_to_the_layer_count_is_full_tuning(zoo):
@@ -326,7 +354,7 @@ def test_a_killed_activation_pass_resumes_to_identical_activations(zoo, tmp_path
     torch.testing.assert_close(resumed.get(i).float(), ref, rtol=1e-2, atol=1e-2)
 
 
-def test_prefix_roots_share_rows_only_between_a_sample_and_a_longer_one_of_its_owner():
+def test_prefix_roots_share_rows_only_between_a_sample_and_a_longer_or_equal_one_of_its_owner():
     from st2si_cli.model.samples import Sample
 
     samples = [
@@ -335,8 +363,11 @@ def test_prefix_roots_share_rows_only_between_a_sample_and_a_longer_one_of_its_o
         Sample([1, 2], [1], [9], [3], owner=1),  # a prefix of owner 0's, but another owner
         Sample([1, 2, 3, 4], [3], [8], [1], owner=0),
         Sample([1, 9, 3], [2], [7], [0], owner=0),
+        Sample([1, 2], [1], [9], [3], owner=1),  # the same as sample 2: reads it
+        Sample([1, 9, 3], [1, 2], [5, 7], [1, 2], owner=0),  # the same tokens as sample 4
+        Sample([1, 2, 3, 4, 5], [4], [8], [1], owner=0),  # a repeat of the longest: reads the first
     ]
-    assert prefix_roots(samples) == [1, 1, 2, 1, 4]
+    assert prefix_roots(samples) == [1, 1, 2, 1, 4, 2, 4, 1]
 
 
 def test_cache_reads_are_memory_mapped_slices(zoo):

@@ -113,7 +113,8 @@ def _shards(batches: list[list[int]], lengths: Sequence[int], shard_tokens: int)
 def prefix_roots(samples: Sequence[Sample]) -> list[int]:
     """Per sample, the sample whose cached rows it reads: itself, or the longest sample of the same owner
     that starts with its tokens (attention is causal, so a prefix's states are the first rows of the
-    longer sample's). A user's training input is a prefix of their validation input: cached once."""
+    longer sample's), the first of equal ones. A user's training and validation inputs are prefixes
+    of their whole history's, and a repeated sample reads the first: each cached once."""
     by_owner: dict[int, list[int]] = {}
     for i, s in enumerate(samples):
         by_owner.setdefault(s.owner, []).append(i)
@@ -121,9 +122,11 @@ def prefix_roots(samples: Sequence[Sample]) -> list[int]:
     for group in by_owner.values():
         for i in group:
             n, tokens = len(samples[i].tokens), samples[i].tokens
-            longer = [j for j in group if len(samples[j].tokens) > n and samples[j].tokens[:n] == tokens]
-            if longer:
-                roots[i] = max(longer, key=lambda j: (len(samples[j].tokens), -j))
+            covers = [
+                j for j in group if (len(samples[j].tokens) > n or j < i) and samples[j].tokens[:n] == tokens
+            ]
+            if covers:
+                roots[i] = max(covers, key=lambda j: (len(samples[j].tokens), -j))
     return roots
 
 

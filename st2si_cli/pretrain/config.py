@@ -101,6 +101,7 @@ class RunSetup:
         None  # after every optimizer step (tests stop runs here)
     )
     activations: dict[str, Any] | None = None  # top-K tuning: the activation cache's artifact, size and time
+    final_eval: str = "whole forward"  # what the final metrics ran: "whole forward" or "activation cache"
 
 
 def check_config(cfg: PretrainConfig, domains: Sequence[str]) -> None:

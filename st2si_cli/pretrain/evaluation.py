@@ -99,17 +99,23 @@ def validate(
 
 
 def final_metrics(
-    module: ST2SI, corpus: Corpus, cfg: PretrainConfig, precision: str
+    module: ST2SI,
+    corpus: Corpus,
+    cfg: PretrainConfig,
+    precision: str,
+    features_of: Callable[[list[int]], Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(union metrics, per-domain metrics) of the given weights: valid, test and text->ID accuracy.
 
     Per domain the head is its slice of the ILP, ranking that domain's items only (as `st2si eval` does).
+    `features_of(indices into corpus.eval_samples)` gives the query features (default: the module's
+    whole forward).
     """
     from st2si_cli.train.head import alignment_accuracy, evaluate_split
 
     module.eval()
     samples = corpus.eval_samples
-    feats = collect_features(module_features(module, samples, precision), samples, cfg)
+    feats = collect_features(features_of or module_features(module, samples, precision), samples, cfg)
     weight = module.ilp.weight.detach().float().cpu()
 
     def feature_set(keep: Callable[[int], bool], offset: int) -> FeatureSet:

@@ -93,6 +93,7 @@ def store_result(
         "train_seconds": round(state.seconds["train"], 2),
         "valid_seconds": round(state.seconds["valid"], 2),
         "final_eval_seconds": round(eval_seconds, 2),
+        "final_eval": run.final_eval,
         "epochs": len(ends),
         "epoch_seconds": round(sum(r["seconds"] for r in ends) / max(1, len(ends)), 2),
     }
@@ -159,7 +160,15 @@ def run_flags(run: RunSetup) -> dict[str, Any]:
 def _final_metrics(
     run: RunSetup, corpus: Corpus, best: dict[str, Tensor]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(union, per-domain) metrics of the best weights, loaded into a fresh module."""
+    """(union, per-domain) metrics of the best weights, loaded into a fresh module (top-K tuning on an
+    fp32 activation cache: its top layers on the cached inputs, the same arithmetic)."""
+    from st2si_cli.pretrain.top import cached_final_features
+
+    cached = cached_final_features(run, corpus, best)
+    if cached is not None:
+        run.final_eval = "activation cache"
+        return final_metrics(cached[0], corpus, run.cfg, run.precision, features_of=cached[1])
+    run.final_eval = "whole forward"
     model, _ = load_trainable(run.zoo, run.backbone, run.text.query)
     module = ST2SI(
         model, corpus.n_items, pad_id=corpus.pad_id, split_by_length=length_split_pays(run.info.device)

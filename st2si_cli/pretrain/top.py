@@ -73,11 +73,10 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
     if not cfg.activation_cache:
         return module, data
     train = epoch_samples(corpus, cfg, 1)  # sampling "all": the same samples every epoch
-    samples = train + data.valid
     module.eval()
     plan = _plan(run, first, model)
     reused = run.zoo.find(cache_name(plan.key()), kind="features") is not None
-    art, cache = open_or_build(run.zoo, model, samples, plan, info)
+    art, cache = open_or_build(run.zoo, model, _cached_samples(train, data.valid, corpus), plan, info)
     run.activations = {
         "artifact": art.id,
         "layer": first,
@@ -97,6 +96,14 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
     )
 
 
+def _cached_samples(train: list[Sample], valid: list[Sample], corpus: Corpus) -> list[Sample]:
+    """What the cache holds, in this order: the training samples, the validation inputs and the final
+    evaluation's inputs (each history whole, then the alignment samples). Training and validation
+    inputs are prefixes of a history's whole input, and the alignment samples repeat the training
+    ones, so the last part adds only each history's last item to what is computed and stored."""
+    return train + valid + corpus.eval_samples
+
+
 def _plan(run: RunSetup, first: int, model: nn.Module) -> CachePlan:
     cfg = run.cfg
     identity = {
@@ -104,7 +111,7 @@ def _plan(run: RunSetup, first: int, model: nn.Module) -> CachePlan:
         "datasets": [a.id for a in run.datasets],
         "text": run.text.to_dict(),
         "alignment": cfg.alignment,
-        "samples": "train+valid",
+        "samples": "train+valid+eval",
     }
     return CachePlan(
         identity=identity,
@@ -139,10 +146,43 @@ class CachedBatches:
         return (self.cache.batch([offset + i for i in ids], self.device), *batch)
 
 
+def cached_final_features(
+    run: RunSetup, corpus: Corpus, best: dict[str, Tensor]
+) -> tuple[nn.Module, Callable[[list[int]], Tensor]] | None:
+    """For top-K tuning on an fp32 activation cache: (the best weights as a TopST2SI, `features_of(indices
+    into corpus.eval_samples)` from the cache through the top K layers), so the final evaluation needs
+    no pass through the frozen layers. The states entering layer L-K are then exactly what the whole
+    forward computes, and so are the metrics. None (the whole forward runs) for a bf16 cache, whose
+    rounding `st2si eval` does not have, or when the cache is gone."""
+    from st2si_cli.pretrain.weights import load_trainable
+
+    cfg = run.cfg
+    if not (cfg.tune_layers and cfg.activation_cache and cfg.cache_dtype == "fp32"):
+        return None
+    model, _ = load_trainable(run.zoo, run.backbone, run.text.query)
+    first = n_layers(model) - cfg.tune_layers
+    plan = _plan(run, first, model)
+    if run.zoo.find(cache_name(plan.key()), kind="features") is None:
+        return None
+    module = TopST2SI(
+        model, corpus.n_items, first, pad_id=corpus.pad_id, split_by_length=length_split_pays(run.info.device)
+    )
+    module.load_state_dict(best)
+    module.to(run.info.device).eval()
+    train = epoch_samples(corpus, cfg, 1)
+    valid = full_data(run, corpus, corpus.pad_id).valid
+    _art, cache = open_or_build(run.zoo, model, _cached_samples(train, valid, corpus), plan, run.info)
+    batches = CachedBatches(cache, corpus.pad_id, run.info.device)
+    return module, _valid_features(
+        module, batches, corpus.eval_samples, len(train) + len(valid), run.precision
+    )
+
+
 def _valid_features(
     module: TopST2SI, batches: CachedBatches, valid: list[Sample], offset: int, precision: str
 ) -> Callable[[list[int]], Tensor]:
-    """`features_of(indices)` for validation: the top layers on the cached states of the valid inputs."""
+    """`features_of(indices)`: the top layers on the cached states of `valid` (the validation inputs, or
+    the final evaluation's), entry `offset + i` of the cache for sample i."""
 
     def features_of(ids: list[int]) -> Tensor:
         hidden, input_ids, rows, cols, _ = batches(valid, ids, offset)
@@ -152,4 +192,4 @@ def _valid_features(
     return features_of
 
 
-__all__ = ["check_tune_layers", "top_module_and_data"]
+__all__ = ["cached_final_features", "check_tune_layers", "top_module_and_data"]
