@@ -8,7 +8,8 @@ forward at every position). The activation cache is built by the first run and f
 (its key does not depend on the switch), so what differs is the epochs: training and validation
 seconds per epoch are read from each run's history, and the ratio of the medians is printed with
 the two runs' training losses and validation NDCG@10 side by side (the same arithmetic: they agree up
-to float summation order). The record goes to `<out>/<date>-<machine>-last-layer-<domain>-k<K>.json`.
+to float summation order). `--cache-dtype fp32` (the default here) lets the final evaluation read the
+cache too, so a run is the epochs plus little else. The record goes to `<out>/<date>-<machine>-last-layer-<domain>-k<K>.json`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from bench.common import child_env, log, provenance, result_path, run_timed, st2
 def one_run(args: argparse.Namespace, name: str, whole: bool) -> dict[str, Any]:
     argv = st2si_argv(
         "--zoo", args.zoo, "pretrain", "--domain", args.domain, "--backbone", args.backbone, "--tune-layers", str(args.tune_layers),
-        "--epochs", str(args.epochs), "--patience", str(args.epochs), "--out", name, "--json",
+        "--epochs", str(args.epochs), "--patience", str(args.epochs), "--cache-dtype", args.cache_dtype,
+        "--out", name, "--json",
     )  # fmt: skip
     extra = {"OMP_NUM_THREADS": str(args.threads)}
     if whole:
@@ -52,6 +54,9 @@ def main() -> None:
     ap.add_argument("--tune-layers", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--cache-dtype", default="fp32", help="fp32 (default): the final evaluation reads the cache too"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")
     ap.add_argument("--note", default="")
