@@ -7,10 +7,12 @@ For each K it runs `st2si pretrain --domain D --tune-layers K --json` (a child p
 and writes `results/<date>-<machine>-top-layers-<domain>-k<K>.json` and a `.md` beside it. The ILP and
 SASRec figures are read from `results/quality-summary.json` (same split, same metric code); a domain
 missing there gets none. `--epochs` / `--patience` / `--lr` / `--batch-size` / `--precision` /
-`--max-minutes` / `--init-head` / `--valid-every` pass through; a run not ended by early stopping on validation (the
-epoch cap or the clock ended it) is marked NOT CONVERGED. The zoo must hold the domain's dataset; the first K builds its activation
-cache, a rerun with the same K finds it (the file records which). With `--init-head` the report's ILP
-row is that head (valid and test, from its zoo record), the weights top-K tuning started from.
+`--max-minutes` / `--init-head` / `--valid-every` / `--dropout` / `--lora` / `--head-lr` /
+`--cache-dtype` pass through (`--tag T` names the row: backbone `...-top<K>-T`, file `...-k<K>-T.json`);
+a run not ended by early stopping on validation (the epoch cap or the clock ended it) is marked NOT
+CONVERGED. The zoo must hold the domain's dataset; the first K builds its activation cache, a rerun
+with the same K finds it (the file records which). With `--init-head` the report's ILP row is that
+head (valid and test, from its zoo record), the weights top-K tuning started from.
 `--render FILE.json` writes FILE.md again from a result file.
 """
 
@@ -81,8 +83,10 @@ def head_rows(zoo_dir: str | None, refs: list[str]) -> list[dict[str, Any]]:
 def one_run(args: argparse.Namespace, k: int) -> dict[str, Any]:
     argv = [sys.executable, "-m", "st2si_cli"] + (["--zoo", args.zoo] if args.zoo else [])
     argv += ["pretrain", "--domain", args.domain, "--tune-layers", str(k), "--json"]
-    argv += ["--out", f"{args.backbone}-st2si-{args.domain}-top{k}", "--backbone", args.backbone]
-    for flag in ("epochs", "patience", "lr", "batch_size", "precision", "max_minutes", "valid_every"):
+    tag = f"-{args.tag}" if args.tag else ""
+    argv += ["--out", f"{args.backbone}-st2si-{args.domain}-top{k}{tag}", "--backbone", args.backbone]
+    flags = ("epochs", "patience", "lr", "batch_size", "precision", "max_minutes", "valid_every")
+    for flag in (*flags, "dropout", "lora", "head_lr", "cache_dtype"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     for head in args.init_head:
@@ -196,6 +200,13 @@ def main() -> None:
     )
     ap.add_argument("--init-head", action="append", default=[], help="ILP head the ILP starts from")
     ap.add_argument("--valid-every", type=int, default=None, help="also validate every N steps")
+    ap.add_argument("--dropout", type=float, default=None, help="dropout on the tuned layers' outputs")
+    ap.add_argument("--lora", type=int, default=None, help="LoRA rank on the tuned layers")
+    ap.add_argument("--head-lr", type=float, default=None, help="the ILP's own learning rate")
+    ap.add_argument(
+        "--cache-dtype", default=None, help="bf16 | fp32 (fp32: the final evaluation reads the cache)"
+    )
+    ap.add_argument("--tag", default=None, help="names this row's backbone and result file (...-k<K>-<tag>)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     ap.add_argument("--render", type=Path, default=None, help="rewrite the .md of this result file and exit")
     args = ap.parse_args()
@@ -209,7 +220,8 @@ def main() -> None:
         return
     for k in (int(x) for x in args.tune_layers.split(",")):
         record = one_run(args, k)
-        path = write_json(result_path(args.out_dir, "top-layers", f"{args.domain}-k{k}"), record)
+        name = f"{args.domain}-k{k}" + (f"-{args.tag}" if args.tag else "")
+        path = write_json(result_path(args.out_dir, "top-layers", name), record)
         path.with_suffix(".md").write_text(markdown(record))
         print(markdown(record))
         print(f"wrote {path}", file=sys.stderr)
