@@ -58,8 +58,10 @@ def baselines(domain: str) -> dict[str, Any]:
     }
 
 
-def head_rows(zoo_dir: str | None, refs: list[str]) -> list[dict[str, Any]]:
-    """Each starting head's name, ID and stored valid/test metrics (from its zoo record)."""
+def head_rows(zoo_dir: str | None, refs: list[str], domain: str | None = None) -> list[dict[str, Any]]:
+    """Each starting head's name, ID and stored valid/test metrics (from its zoo record); with `domain`,
+    also its per-user test ranks where the zoo holds its backbone's features (`test_ranks`, users in
+    order: what the paired intervals of bench.tuning_summary need)."""
     from st2si_cli import HeadMeta, Zoo
 
     zoo = Zoo(zoo_dir)
@@ -67,17 +69,36 @@ def head_rows(zoo_dir: str | None, refs: list[str]) -> list[dict[str, Any]]:
     for ref in refs:
         head = zoo.get(ref, kind="head")
         m = HeadMeta.of(head).metrics
-        out.append(
-            {
-                "name": head.name,
-                "id": head.id,
-                "valid_ndcg10": m.valid.get("NDCG@10"),
-                "ndcg10": m.test.get("NDCG@10"),
-                "recall10": m.test.get("Recall@10"),
-                "mrr": m.test.get("MRR"),
-            }
-        )
+        row = {
+            "name": head.name,
+            "id": head.id,
+            "valid_ndcg10": m.valid.get("NDCG@10"),
+            "ndcg10": m.test.get("NDCG@10"),
+            "recall10": m.test.get("Recall@10"),
+            "mrr": m.test.get("MRR"),
+        }
+        if domain is not None:
+            row["test_ranks"] = _head_test_ranks(zoo, head, domain)
+        out.append(row)
     return out
+
+
+def _head_test_ranks(zoo: Any, head: Any, domain: str) -> str | None:
+    from bench.quality_st2si import st2si_row
+    from st2si_cli import load_dataset
+
+    dataset_art = zoo.get(domain, kind="dataset")
+    row = st2si_row(zoo, head, load_dataset(zoo, dataset_art.id), dataset_art, None)
+    return " ".join(map(str, row["ranks"])) if row else None
+
+
+def run_ranks(zoo_dir: str | None, run_id: str, domain: str) -> dict[str, str]:
+    """The pretrain run's per-user valid and test ranks (its `ranks.json`), users in order."""
+    from st2si_cli import Zoo
+
+    zoo = Zoo(zoo_dir)
+    art = zoo.get(run_id, kind="run")
+    return json.loads(zoo.file(art, "ranks.json").read_text()).get(domain, {})
 
 
 def one_run(args: argparse.Namespace, k: int) -> dict[str, Any]:
@@ -115,7 +136,8 @@ def one_run(args: argparse.Namespace, k: int) -> dict[str, Any]:
         "stopped_by": res["stopped_by"],
         "history": res["history"],
         "init_heads": args.init_head,
-        "init_head_metrics": head_rows(args.zoo, args.init_head),
+        "init_head_metrics": head_rows(args.zoo, args.init_head, args.domain),
+        "ranks": run_ranks(args.zoo, res["run_id"], args.domain),
         "best_step": res.get("best_step"),
         "precision": args.precision or "auto",
         "epochs": history_epochs,

@@ -280,9 +280,23 @@ class Records:
         if start is None and init:
             known = [h for h in t.get("init_head_metrics") or [] if h.get("name") == init]
             if known:
+                ranks = known[0].get("test_ranks")
                 start = Head(
-                    init, known[0].get("valid_ndcg10"), known[0].get("ndcg10"), None, Path(path).name
+                    init,
+                    known[0].get("valid_ndcg10"),
+                    known[0].get("ndcg10"),
+                    _ranks(known[0], "test_ranks") if ranks else None,
+                    Path(path).name,
                 )
+        model = None
+        if (t.get("ranks") or {}).get("test"):  # the run's own per-user ranks (its final evaluation)
+            model = Head(
+                (t.get("run") or {}).get("backbone") or "",
+                (t.get("valid") or {}).get("NDCG@10"),
+                (t.get("test") or {}).get("ndcg10"),
+                _ranks(t["ranks"], "test"),
+                Path(path).name,
+            )
         record = {
             "metrics": {
                 "valid": t.get("valid", {}),
@@ -301,6 +315,7 @@ class Records:
                 if child.get("returncode", 0) == 0
                 else f"failed (exit {child.get('returncode')})",
                 record=record,
+                model=model,
                 start=start,
                 init=init,
                 seconds=child.get("wall_s"),

@@ -236,6 +236,16 @@ def test_on_an_fp32_cache_the_final_evaluation_reads_the_cache_and_gives_evals_m
         assert result["head_id"] == res.heads["toy"].id
         for m in ("NDCG@10", "Recall@10", "MRR"):
             assert result["metrics"][m] == pytest.approx(res.run.meta["metrics"][split][m], abs=1e-6)
+    # the run keeps each user's valid and test rank, in the order of the users: its metrics again
+    from st2si_cli.metrics import metrics_from_ranks
+
+    ranks = json.loads(zoo.file(res.run, "ranks.json").read_text())["toy"]
+    for split in ("valid", "test"):
+        user_ranks = [int(r) for r in ranks[split].split()]
+        assert len(user_ranks) == 40
+        assert metrics_from_ranks(user_ranks, (10,))["NDCG@10"] == pytest.approx(
+            res.run.meta["metrics"]["domains"]["toy"][split]["NDCG@10"], abs=1e-9
+        )
     # stored: each history's whole input and each alignment sample, once (the rest are their prefixes)
     _model, tokenizer = load_trainable(zoo, zoo.get("tiny-llama4"), "dot")
     corpus = build_corpus(zoo, [zoo.get("toy", kind="dataset")], tokenizer, TextConfig(query="dot"))

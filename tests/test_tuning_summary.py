@@ -277,3 +277,48 @@ def test_a_record_of_another_dataset_is_refused(tmp_path):
             ]
         )
     assert not out.exists()
+
+
+def test_a_top_k_record_with_its_runs_ranks_gets_a_paired_interval_against_its_start(tmp_path):
+    """bench/top_layers.py keeps the run's per-user ranks (its final evaluation) and, for a start that is
+    not in the baseline, the start head's own: the interval is then made from them."""
+    top = tmp_path / "top.json"
+    top.write_text(
+        json.dumps(
+            {
+                "domain": "dom",
+                "command": "python -m bench.top_layers --tune-layers 1 --lora 8 --tag lora8",
+                "cpu": "Some CPU",
+                "cores": 2,
+                "child": {
+                    "command": "python -m st2si_cli pretrain --tune-layers 1 --lora 8 --init-head dom/ilp-new",
+                    "returncode": 0,
+                    "wall_s": 300.0,
+                },
+                "valid": {"NDCG@10": 0.36},
+                "test": {"ndcg10": _ndcg(HEADLR)},
+                "best_epoch": 1,
+                "best_step": 40,
+                "stopped_by": "patience",
+                "run": {"backbone": "b-top1-lora8"},
+                "ranks": {"valid": "1 2 3", "test": " ".join(map(str, HEADLR))},
+                "init_head_metrics": [
+                    {
+                        "name": "dom/ilp-new",
+                        "valid_ndcg10": 0.34,
+                        "ndcg10": _ndcg(DROPOUT),
+                        "test_ranks": " ".join(map(str, DROPOUT)),
+                    }
+                ],
+            }
+        )
+    )
+    entry = _summary(tmp_path, "--top", str(top))
+    tuned, start = entry["tuned"], entry["start"]
+    assert start["head"] == "dom/ilp-new" and start["test_ndcg10"] == pytest.approx(_ndcg(DROPOUT))
+    assert tuned["method"] == "LoRA r=8 on the top 1 layers, from dom/ilp-new"
+    assert tuned["figures_from"].startswith("per-user ranks")
+    want = paired_diff(HEADLR, DROPOUT)
+    assert tuned["test_diff_vs_start_mean"] == pytest.approx(want["mean"])
+    assert tuned["test_diff_vs_start_ci95"] == pytest.approx(want["ci95"])
+    assert tuned["test_diff_vs_sasrec_ci95"] == pytest.approx(paired_diff(HEADLR, SASREC)["ci95"])

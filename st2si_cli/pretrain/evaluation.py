@@ -104,13 +104,16 @@ def final_metrics(
     cfg: PretrainConfig,
     precision: str,
     features_of: Callable[[list[int]], Tensor] | None = None,
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(union metrics, per-domain metrics) of the given weights: valid, test and text->ID accuracy.
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, list[int]]]]:
+    """(union metrics, per-domain metrics, per-domain ranks) of the given weights: valid, test and
+    text->ID accuracy; ranks: {domain: {"valid": [...], "test": [...]}}, each user's target rank in the
+    order of the domain's users (what paired per-user comparisons need).
 
     Per domain the head is its slice of the ILP, ranking that domain's items only (as `st2si eval` does).
     `features_of(indices into corpus.eval_samples)` gives the query features (default: the module's
     whole forward).
     """
+    from st2si_cli.model.scoring import rank_rows
     from st2si_cli.train.head import alignment_accuracy, evaluate_split
 
     module.eval()
@@ -135,14 +138,22 @@ def final_metrics(
             "alignment": alignment_accuracy(w, fs),
         }
 
+    def user_ranks(w: Tensor, fs: FeatureSet, role: int) -> list[int]:
+        rows = fs.rows(role)
+        rows = rows[torch.argsort(fs.owner[rows], stable=True)]  # the domain's users in order
+        return rank_rows(w, fs.feats[rows], fs.targets[rows]).tolist()
+
     union = metrics(weight, feature_set(lambda i: True, 0))
-    per_domain = {}
+    per_domain, ranks = {}, {}
     for k, name in enumerate(corpus.domains):
         off, n = corpus.offsets[k], corpus.sizes[k]
-        per_domain[name] = metrics(
-            weight[off : off + n], feature_set(lambda i, k=k: corpus.eval_domain[i] == k, off)
-        )
-    return union, per_domain
+        fs = feature_set(lambda i, k=k: corpus.eval_domain[i] == k, off)
+        per_domain[name] = metrics(weight[off : off + n], fs)
+        ranks[name] = {split: user_ranks(weight[off : off + n], fs, role) for split, role in SPLITS}
+    return union, per_domain, ranks
+
+
+SPLITS = (("valid", VALID), ("test", TEST))
 
 
 __all__ = ["collect_features", "final_metrics", "module_features", "validate"]

@@ -43,7 +43,7 @@ def store_result(
     t0 = time.time()
     best = merge_lora(load_file(str(run.stage / state.best_file)))  # LoRA folded in: a plain backbone
     run.reporter.message(f"Evaluating the best {_point_name(state)} on valid and test")
-    union, per_domain = _final_metrics(run, corpus, best)
+    union, per_domain, ranks = _final_metrics(run, corpus, best)
     eval_seconds = time.time() - t0
 
     cfg, text, bb_art = run.cfg, run.text, run.backbone
@@ -118,7 +118,12 @@ def store_result(
     }
     art = run.zoo.put(
         "run",
-        {"run.json": json.dumps(meta, indent=1, sort_keys=True).encode()},
+        {
+            "run.json": json.dumps(meta, indent=1, sort_keys=True).encode(),
+            "ranks.json": json.dumps(
+                {d: {split: " ".join(map(str, r)) for split, r in by.items()} for d, by in ranks.items()}
+            ).encode(),
+        },
         meta,
         name=f"run/{name}",
         domain="+".join(corpus.domains),
@@ -159,7 +164,7 @@ def run_flags(run: RunSetup) -> dict[str, Any]:
 
 def _final_metrics(
     run: RunSetup, corpus: Corpus, best: dict[str, Tensor]
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(union, per-domain) metrics of the best weights, loaded into a fresh module (top-K tuning on an
     fp32 activation cache: its top layers on the cached inputs, the same arithmetic)."""
     from st2si_cli.pretrain.top import cached_final_features
