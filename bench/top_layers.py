@@ -8,7 +8,7 @@ and writes `results/<date>-<machine>-top-layers-<domain>-k<K>.json` and a `.md` 
 SASRec figures are read from `results/quality-summary.json` (same split, same metric code); a domain
 missing there gets none. `--epochs` / `--patience` / `--lr` / `--batch-size` / `--precision` /
 `--max-minutes` / `--init-head` / `--valid-every` / `--dropout` / `--lora` / `--head-lr` /
-`--cache-dtype` pass through (`--tag T` names the row: backbone `...-top<K>-T`, file `...-k<K>-T.json`);
+`--cache-dtype` / `--no-alignment` / `--no-multi-query` pass through (`--tag T` names the row: backbone `...-top<K>-T`, file `...-k<K>-T.json`);
 a run not ended by early stopping on validation (the epoch cap or the clock ended it) is marked NOT
 CONVERGED. The zoo must hold the domain's dataset; the first K builds its activation cache, a rerun
 with the same K finds it (the file records which). With `--init-head` the report's ILP row is that
@@ -112,6 +112,7 @@ def one_run(args: argparse.Namespace, k: int) -> dict[str, Any]:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     for head in args.init_head:
         argv += ["--init-head", head]
+    argv += [f"--{f.replace('_', '-')}" for f in ("no_alignment", "no_multi_query") if getattr(args, f)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "ST2SI_NO_PROGRESS": "1"}
     prov = provenance()
     timed = run_timed(argv, env=env, cwd=RESULTS_DIR.parent.parent)
@@ -228,6 +229,8 @@ def main() -> None:
     ap.add_argument(
         "--cache-dtype", default=None, help="bf16 | fp32 (fp32: the final evaluation reads the cache)"
     )
+    ap.add_argument("--no-alignment", action="store_true", help="histories only (no ID-alignment samples)")
+    ap.add_argument("--no-multi-query", action="store_true", help="only the last query of each history")
     ap.add_argument("--tag", default=None, help="names this row's backbone and result file (...-k<K>-<tag>)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     ap.add_argument("--render", type=Path, default=None, help="rewrite the .md of this result file and exit")

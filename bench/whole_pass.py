@@ -102,7 +102,7 @@ def main() -> None:
         wall, rss = timed.wall_s, timed.peak_rss_mb
         out_json = json.loads(timed.stdout)
         command = timed.record()["command"]
-    rec = run_record(args.zoo, out_json["id"])
+    rec = run_record(args.zoo, out_json["head_id"])
     if before is not None and rec["features"]["id"] in before:
         raise SystemExit("the feature cache was there before the run: remove it (st2si zoo rm) and run again")
     pass_s = rec["features"]["seconds"]

@@ -144,7 +144,7 @@ def test_packed_states_entering_a_layer_equal_the_plain_forward_stopped_there(zo
         PackedLlama(bb.model).states_entering(samples, 99)
 
 
-def test_top_k_under_bf16_caches_through_the_packed_pass(zoo):
+def test_top_k_on_a_llama_caches_through_the_packed_pass_in_bf16_and_fp32(zoo):
     from st2si_cli.pretrain.config import PretrainConfig
     from st2si_cli.pretrain.full import pretrain
 
@@ -154,4 +154,6 @@ def test_top_k_under_bf16_caches_through_the_packed_pass(zoo):
     assert cache.meta["pass"] == "packed" and cache.meta["precision"] == "bf16"
     cfg32 = PretrainConfig(epochs=1, lr=1e-3, batch_size=8, tune_layers=1, precision="fp32")
     res32 = pretrain(zoo, ["toy"], backbone="tiny-llama", cfg=cfg32, out="fp32-plain-cache", device="cpu")
-    assert zoo.get(res32.run.meta["timings"]["activation_cache"]["artifact"]).meta["pass"] == "plain"
+    assert zoo.get(res32.run.meta["timings"]["activation_cache"]["artifact"]).meta["pass"] == "packed"
+    opt = pretrain(zoo, ["toy"], backbone="tiny-opt", cfg=cfg32, out="fp32-opt-cache", device="cpu")
+    assert zoo.get(opt.run.meta["timings"]["activation_cache"]["artifact"]).meta["pass"] == "plain"

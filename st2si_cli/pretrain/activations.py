@@ -35,7 +35,7 @@ from st2si_cli.pretrain import distributed as dist
 from st2si_cli.zoo.artifact import write_safetensors_atomic
 from st2si_cli.zoo.store import Artifact, Zoo, canonical_json
 
-ACTIVATION_FORMAT = 2  # bump when the layout or what is cached changes
+ACTIVATION_FORMAT = 3  # bump when the layout or what is cached changes
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -130,12 +130,39 @@ def prefix_roots(samples: Sequence[Sample]) -> list[int]:
     return roots
 
 
+def covering(readers: Sequence[Sample], stored: Sequence[Sample]) -> list[int]:
+    """Per reader, the stored sample whose first rows are its states: the longest of the same owner
+    that starts with its tokens (the first of equal ones). A reader no stored sample covers is an
+    error: the cache was made for other inputs."""
+    by_owner: dict[int, list[int]] = {}
+    for j, s in enumerate(stored):
+        by_owner.setdefault(s.owner, []).append(j)
+    out = []
+    for r in readers:
+        n = len(r.tokens)
+        covers = [j for j in by_owner.get(r.owner, []) if stored[j].tokens[:n] == r.tokens]
+        if not covers:
+            raise St2siError(
+                "a training or validation input is not in the activation cache: rerun to rebuild it"
+            )
+        out.append(max(covers, key=lambda j: (len(stored[j].tokens), -j)))
+    return out
+
+
 def open_or_build(
-    zoo: Zoo, backbone: torch.nn.Module, samples: Sequence[Sample], plan: CachePlan, info: dist.DistInfo
+    zoo: Zoo,
+    backbone: torch.nn.Module,
+    samples: Sequence[Sample],
+    plan: CachePlan,
+    info: dist.DistInfo,
+    readers: Sequence[Sample] | None = None,
 ) -> tuple[Artifact, ActivationCache]:
     """The cache of `samples` (built, or resumed, if the zoo lacks it); every rank opens it.
 
-    `backbone` is the frozen-below model on this rank's device; the pass runs without gradients.
+    `backbone` is the frozen-below model on this rank's device; the pass runs without gradients. The
+    cache is read through `readers` (default: `samples`): entry i holds reader i's states, the first
+    rows of the stored sample that covers it (`covering`), so inputs that are prefixes of stored ones
+    (training and validation inputs of a history, whatever the training flags) need no pass of their own.
     """
     key = plan.key()
     lengths = [len(s.tokens) for s in samples]
@@ -148,6 +175,11 @@ def open_or_build(
         raise St2siError(
             f"the activation cache {art.short_id} does not match these samples: rerun to rebuild it"
         )
+    if readers is not None:
+        cover = covering(readers, samples)
+        index = torch.tensor(
+            [[index[j, 0], index[j, 1], len(r.tokens)] for j, r in zip(cover, readers)], dtype=torch.long
+        ).reshape(-1, 3)
     files = [zoo.file(art, f"shard-{n:05d}.safetensors") for n in range(art.meta["shards"])]
     return art, ActivationCache(files, index)
 
@@ -256,4 +288,4 @@ def _store(zoo: Zoo, stage: Path, layout: tuple[Any, ...], plan: CachePlan, timi
     shutil.rmtree(stage, ignore_errors=True)
 
 
-__all__ = ["ActivationCache", "CachePlan", "cache_name", "open_or_build", "prefix_roots"]
+__all__ = ["ActivationCache", "CachePlan", "cache_name", "covering", "open_or_build", "prefix_roots"]

@@ -76,12 +76,13 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
     module.eval()
     plan = _plan(run, first, model)
     reused = run.zoo.find(cache_name(plan.key()), kind="features") is not None
-    art, cache = open_or_build(run.zoo, model, _cached_samples(train, data.valid, corpus), plan, info)
+    readers = _readers(train, data.valid, corpus)
+    art, cache = open_or_build(run.zoo, model, corpus.eval_samples, plan, info, readers)
     run.activations = {
         "artifact": art.id,
         "layer": first,
         "bytes": art.meta["bytes"],
-        "tokens": art.meta["tokens"],
+        "tokens": sum(len(s.tokens) for s in readers),  # read from it: training, validation, evaluation
         "tokens_stored": art.meta["tokens_stored"],
         "seconds": art.meta["timings"]["seconds"],
         "dtype": art.meta["dtype"],
@@ -96,11 +97,12 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
     )
 
 
-def _cached_samples(train: list[Sample], valid: list[Sample], corpus: Corpus) -> list[Sample]:
-    """What the cache holds, in this order: the training samples, the validation inputs and the final
-    evaluation's inputs (each history whole, then the alignment samples). Training and validation
-    inputs are prefixes of a history's whole input, and the alignment samples repeat the training
-    ones, so the last part adds only each history's last item to what is computed and stored."""
+def _readers(train: list[Sample], valid: list[Sample], corpus: Corpus) -> list[Sample]:
+    """What reads the cache, in this order: the training samples, the validation inputs and the final
+    evaluation's inputs. The cache stores the last (each history whole, then the alignment samples);
+    training and validation inputs are prefixes of a history's whole input, and the alignment samples
+    repeat the evaluation ones, so every training setting (alignment or not, every query or the last)
+    reads the same cache."""
     return train + valid + corpus.eval_samples
 
 
@@ -110,8 +112,7 @@ def _plan(run: RunSetup, first: int, model: nn.Module) -> CachePlan:
         "backbone": run.backbone.id,
         "datasets": [a.id for a in run.datasets],
         "text": run.text.to_dict(),
-        "alignment": cfg.alignment,
-        "samples": "train+valid+eval",
+        "samples": "eval",  # every history whole and every alignment sample (corpus.eval_samples)
     }
     return CachePlan(
         identity=identity,
@@ -125,11 +126,14 @@ def _plan(run: RunSetup, first: int, model: nn.Module) -> CachePlan:
 
 
 def packed_pass(model: nn.Module, precision: str) -> bool:
-    """The activation pass runs packed for a Llama-family backbone under bf16/fp16 autocast (in fp32
-    the plain forward runs, so the cache is exactly what full tuning's frozen layers compute)."""
+    """The activation pass runs packed for a Llama-family backbone (`model/fast.py`: no padding, fused
+    weights), under bf16/fp16 autocast or in fp32; in fp32 it agrees with the plain forward within fp32
+    rounding (tests/test_fast_forward.py), and it is the forward `st2si eval` runs. Other backbones run
+    the plain forward."""
     from st2si_cli.model.fast import supports
 
-    return precision != "fp32" and supports(model)
+    del precision  # every precision: the packed forward runs under the pass's autocast
+    return supports(model)
 
 
 @dataclass
@@ -171,7 +175,8 @@ def cached_final_features(
     module.to(run.info.device).eval()
     train = epoch_samples(corpus, cfg, 1)
     valid = full_data(run, corpus, corpus.pad_id).valid
-    _art, cache = open_or_build(run.zoo, model, _cached_samples(train, valid, corpus), plan, run.info)
+    readers = _readers(train, valid, corpus)
+    _art, cache = open_or_build(run.zoo, model, corpus.eval_samples, plan, run.info, readers)
     batches = CachedBatches(cache, corpus.pad_id, run.info.device)
     return module, _valid_features(
         module, batches, corpus.eval_samples, len(train) + len(valid), run.precision
