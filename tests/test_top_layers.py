@@ -252,6 +252,30 @@ def test_on_an_fp32_cache_the_final_evaluation_reads_the_cache_and_gives_evals_m
     assert timings["activation_cache"]["tokens_stored"] == sum(len(s.tokens) for s in corpus.eval_samples)
 
 
+def test_histories_longer_than_a_window_store_their_earlier_windows_too(zoo):
+    """With windows of 4 items, a longer history's training input is a window the newest one does not
+    start with: it is stored beside the whole-history inputs, and the run reads everything it needs
+    (the final evaluation from the fp32 cache still equals eval's metrics)."""
+    text = TextConfig(query="dot", max_items=4)
+    res = pretrain(
+        zoo,
+        ["toy"],
+        backbone="tiny-llama4",
+        text=text,
+        cfg=PretrainConfig(**FAST, tune_layers=1, cache_dtype="fp32"),
+        out="top1-windows",
+        device="cpu",
+    )
+    _model, tokenizer = load_trainable(zoo, zoo.get("tiny-llama4"), "dot")
+    corpus = build_corpus(zoo, [zoo.get("toy", kind="dataset")], tokenizer, text)
+    cache = res.run.meta["timings"]["activation_cache"]
+    assert cache["tokens_stored"] > sum(len(s.tokens) for s in corpus.eval_samples)
+    assert res.run.meta["timings"]["final_eval"] == "activation cache"
+    result = evaluate(zoo, "toy", backbone="top1-windows", feature_opts=FeatureOptions(dtype="fp32"))
+    for m in ("NDCG@10", "Recall@10", "MRR"):
+        assert result["metrics"][m] == pytest.approx(res.run.meta["metrics"]["test"][m], abs=1e-6)
+
+
 def test_k_equal_to_the_layer_count_is_full_tuning(zoo):
     full = pretrain(zoo, ["toy"], backbone="tiny-opt", cfg=PretrainConfig(**FAST), out="full-a", device="cpu")
     same = pretrain(

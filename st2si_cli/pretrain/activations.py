@@ -130,23 +130,36 @@ def prefix_roots(samples: Sequence[Sample]) -> list[int]:
     return roots
 
 
-def covering(readers: Sequence[Sample], stored: Sequence[Sample]) -> list[int]:
+def _covers(readers: Sequence[Sample], stored: Sequence[Sample]) -> list[int | None]:
     """Per reader, the stored sample whose first rows are its states: the longest of the same owner
-    that starts with its tokens (the first of equal ones). A reader no stored sample covers is an
-    error: the cache was made for other inputs."""
+    that starts with its tokens (the first of equal ones); None where there is none."""
     by_owner: dict[int, list[int]] = {}
     for j, s in enumerate(stored):
         by_owner.setdefault(s.owner, []).append(j)
-    out = []
+    out: list[int | None] = []
     for r in readers:
         n = len(r.tokens)
         covers = [j for j in by_owner.get(r.owner, []) if stored[j].tokens[:n] == r.tokens]
-        if not covers:
-            raise St2siError(
-                "a training or validation input is not in the activation cache: rerun to rebuild it"
-            )
-        out.append(max(covers, key=lambda j: (len(stored[j].tokens), -j)))
+        out.append(max(covers, key=lambda j: (len(stored[j].tokens), -j)) if covers else None)
     return out
+
+
+def covering(readers: Sequence[Sample], stored: Sequence[Sample]) -> list[int]:
+    """`_covers`, where a reader no stored sample covers is an error (the cache was made for other inputs)."""
+    out = _covers(readers, stored)
+    if any(j is None for j in out):
+        raise St2siError("a training or validation input is not in the activation cache: rerun to rebuild it")
+    return [j for j in out if j is not None]
+
+
+def with_uncovered(stored: Sequence[Sample], readers: Sequence[Sample]) -> list[Sample]:
+    """`stored` and, after it, each reader none of them covers (once per distinct owner and tokens): a
+    window of a long history that the newest window does not start with, for instance."""
+    extra: dict[tuple[int, tuple[int, ...]], Sample] = {}
+    for r, j in zip(readers, _covers(readers, stored)):
+        if j is None:
+            extra.setdefault((r.owner, tuple(r.tokens)), r)
+    return [*stored, *extra.values()]
 
 
 def open_or_build(
@@ -288,4 +301,12 @@ def _store(zoo: Zoo, stage: Path, layout: tuple[Any, ...], plan: CachePlan, timi
     shutil.rmtree(stage, ignore_errors=True)
 
 
-__all__ = ["ActivationCache", "CachePlan", "cache_name", "covering", "open_or_build", "prefix_roots"]
+__all__ = [
+    "ActivationCache",
+    "CachePlan",
+    "cache_name",
+    "covering",
+    "open_or_build",
+    "prefix_roots",
+    "with_uncovered",
+]

@@ -25,7 +25,13 @@ from st2si_cli.model.layers import FrozenBelowST2SI, TopST2SI, n_layers
 from st2si_cli.model.samples import Sample, collate
 from st2si_cli.model.st2si import length_split_pays
 from st2si_cli.pretrain import distributed as dist
-from st2si_cli.pretrain.activations import ActivationCache, CachePlan, cache_name, open_or_build
+from st2si_cli.pretrain.activations import (
+    ActivationCache,
+    CachePlan,
+    cache_name,
+    open_or_build,
+    with_uncovered,
+)
 from st2si_cli.pretrain.config import RunSetup
 from st2si_cli.pretrain.corpus import Corpus, epoch_samples
 from st2si_cli.pretrain.loop import TrainData, full_data
@@ -77,7 +83,8 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
     plan = _plan(run, first, model)
     reused = run.zoo.find(cache_name(plan.key()), kind="features") is not None
     readers = _readers(train, data.valid, corpus)
-    art, cache = open_or_build(run.zoo, model, corpus.eval_samples, plan, info, readers)
+    stored = with_uncovered(corpus.eval_samples, readers)
+    art, cache = open_or_build(run.zoo, model, stored, plan, info, readers)
     run.activations = {
         "artifact": art.id,
         "layer": first,
@@ -99,10 +106,11 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
 
 def _readers(train: list[Sample], valid: list[Sample], corpus: Corpus) -> list[Sample]:
     """What reads the cache, in this order: the training samples, the validation inputs and the final
-    evaluation's inputs. The cache stores the last (each history whole, then the alignment samples);
-    training and validation inputs are prefixes of a history's whole input, and the alignment samples
-    repeat the evaluation ones, so every training setting (alignment or not, every query or the last)
-    reads the same cache."""
+    evaluation's inputs. The cache stores the last (each history whole, then the alignment samples)
+    and any input none of them starts with (an earlier window of a history longer than one);
+    training and validation inputs are otherwise prefixes of a history's whole input, and the
+    alignment samples repeat the evaluation ones, so every training setting (alignment or not, every
+    query or the last) reads the same cache."""
     return train + valid + corpus.eval_samples
 
 
@@ -112,7 +120,7 @@ def _plan(run: RunSetup, first: int, model: nn.Module) -> CachePlan:
         "backbone": run.backbone.id,
         "datasets": [a.id for a in run.datasets],
         "text": run.text.to_dict(),
-        "samples": "eval",  # every history whole and every alignment sample (corpus.eval_samples)
+        "samples": "eval+uncovered",  # histories whole, alignment samples, inputs they do not start
     }
     return CachePlan(
         identity=identity,
@@ -176,7 +184,8 @@ def cached_final_features(
     train = epoch_samples(corpus, cfg, 1)
     valid = full_data(run, corpus, corpus.pad_id).valid
     readers = _readers(train, valid, corpus)
-    _art, cache = open_or_build(run.zoo, model, corpus.eval_samples, plan, run.info, readers)
+    stored = with_uncovered(corpus.eval_samples, readers)
+    _art, cache = open_or_build(run.zoo, model, stored, plan, run.info, readers)
     batches = CachedBatches(cache, corpus.pad_id, run.info.device)
     return module, _valid_features(
         module, batches, corpus.eval_samples, len(train) + len(valid), run.precision
