@@ -41,14 +41,14 @@ def time_log_figures(text: str) -> tuple[float, float]:
 
 
 def feature_ids(zoo: str) -> set[str]:
-    from st2si_cli.zoo.store import Zoo
+    from st2si_cli import Zoo
 
     return {a.id for a in Zoo(Path(zoo)).ls(kind="features")}
 
 
 def run_record(zoo: str, head_id: str) -> dict[str, Any]:
     """The head's and its feature cache's figures, read from the zoo."""
-    from st2si_cli.zoo.store import Zoo
+    from st2si_cli import Zoo
 
     z = Zoo(Path(zoo))
     head = z.get(head_id)
