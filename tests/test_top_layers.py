@@ -276,6 +276,26 @@ def test_histories_longer_than_a_window_store_their_earlier_windows_too(zoo):
         assert result["metrics"][m] == pytest.approx(res.run.meta["metrics"]["test"][m], abs=1e-6)
 
 
+def test_every_training_setting_reads_the_same_cache(zoo):
+    """Without alignment samples, or with the last query only, a run reads the cache the default run
+    built: the same inputs, or prefixes of them, are stored. (fp32: the bf16 top-1 cache is left for the
+    CLI test below to build.)"""
+    runs = [
+        pretrain(
+            zoo,
+            ["toy"],
+            backbone="tiny-llama4",
+            cfg=PretrainConfig(**FAST, tune_layers=1, cache_dtype="fp32", **flags),
+            out=f"shared-cache-{i}",
+            device="cpu",
+        )  # fmt: skip
+        for i, flags in enumerate([{}, {"alignment": False}, {"multi_query": False}])
+    ]
+    caches = [r.run.meta["timings"]["activation_cache"] for r in runs]
+    assert len({c["artifact"] for c in caches}) == 1
+    assert [c["reused"] for c in caches[1:]] == [True, True]
+
+
 def test_k_equal_to_the_layer_count_is_full_tuning(zoo):
     full = pretrain(zoo, ["toy"], backbone="tiny-opt", cfg=PretrainConfig(**FAST), out="full-a", device="cpu")
     same = pretrain(

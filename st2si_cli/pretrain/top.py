@@ -14,6 +14,8 @@ layers run at every step instead. The stored result is a whole backbone plus hea
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,10 +82,9 @@ def top_module_and_data(run: RunSetup, corpus: Corpus, model: nn.Module) -> tupl
         return module, data
     train = epoch_samples(corpus, cfg, 1)  # sampling "all": the same samples every epoch
     module.eval()
-    plan = _plan(run, first, model)
-    reused = run.zoo.find(cache_name(plan.key()), kind="features") is not None
     readers = _readers(train, data.valid, corpus)
-    stored = with_uncovered(corpus.eval_samples, readers)
+    plan, stored = _plan(run, first, model, readers, corpus)
+    reused = run.zoo.find(cache_name(plan.key()), kind="features") is not None
     art, cache = open_or_build(run.zoo, model, stored, plan, info, readers)
     run.activations = {
         "artifact": art.id,
@@ -114,15 +115,23 @@ def _readers(train: list[Sample], valid: list[Sample], corpus: Corpus) -> list[S
     return train + valid + corpus.eval_samples
 
 
-def _plan(run: RunSetup, first: int, model: nn.Module) -> CachePlan:
+def _plan(
+    run: RunSetup, first: int, model: nn.Module, readers: list[Sample], corpus: Corpus
+) -> tuple[CachePlan, list[Sample]]:
+    """The cache's plan and what it stores: every history whole, every alignment sample, and the readers
+    none of those starts with. The key holds a digest of the stored samples (owner and length each),
+    so inputs that would store something else get a cache of their own."""
     cfg = run.cfg
+    stored = with_uncovered(corpus.eval_samples, readers)
+    digest = hashlib.sha256(json.dumps([[s.owner, len(s.tokens)] for s in stored]).encode()).hexdigest()
     identity = {
         "backbone": run.backbone.id,
         "datasets": [a.id for a in run.datasets],
         "text": run.text.to_dict(),
-        "samples": "eval+uncovered",  # histories whole, alignment samples, inputs they do not start
+        "samples": "eval+uncovered",
+        "stored": digest[:32],
     }
-    return CachePlan(
+    plan = CachePlan(
         identity=identity,
         first_layer=first,
         dtype=cfg.cache_dtype,
@@ -131,6 +140,7 @@ def _plan(run: RunSetup, first: int, model: nn.Module) -> CachePlan:
         max_batch=cfg.eval_max_batch,
         packed=packed_pass(model, run.precision),
     )
+    return plan, stored
 
 
 def packed_pass(model: nn.Module, precision: str) -> bool:
@@ -173,7 +183,10 @@ def cached_final_features(
         return None
     model, _ = load_trainable(run.zoo, run.backbone, run.text.query)
     first = n_layers(model) - cfg.tune_layers
-    plan = _plan(run, first, model)
+    train = epoch_samples(corpus, cfg, 1)
+    valid = full_data(run, corpus, corpus.pad_id).valid
+    readers = _readers(train, valid, corpus)
+    plan, stored = _plan(run, first, model, readers, corpus)
     if run.zoo.find(cache_name(plan.key()), kind="features") is None:
         return None
     module = TopST2SI(
@@ -181,10 +194,6 @@ def cached_final_features(
     )
     module.load_state_dict(best)
     module.to(run.info.device).eval()
-    train = epoch_samples(corpus, cfg, 1)
-    valid = full_data(run, corpus, corpus.pad_id).valid
-    readers = _readers(train, valid, corpus)
-    stored = with_uncovered(corpus.eval_samples, readers)
     _art, cache = open_or_build(run.zoo, model, stored, plan, run.info, readers)
     batches = CachedBatches(cache, corpus.pad_id, run.info.device)
     return module, _valid_features(
