@@ -138,19 +138,18 @@ def _plan(
         precision=run.precision,
         batch_tokens=cfg.eval_batch_tokens,
         max_batch=cfg.eval_max_batch,
-        packed=packed_pass(model, run.precision),
+        packed=packed_pass(model),
     )
     return plan, stored
 
 
-def packed_pass(model: nn.Module, precision: str) -> bool:
+def packed_pass(model: nn.Module) -> bool:
     """The activation pass runs packed for a Llama-family backbone (`model/fast.py`: no padding, fused
     weights), under bf16/fp16 autocast or in fp32; in fp32 it agrees with the plain forward within fp32
     rounding (tests/test_fast_forward.py), and it is the forward `st2si eval` runs. Other backbones run
     the plain forward."""
     from st2si_cli.model.fast import supports
 
-    del precision  # every precision: the packed forward runs under the pass's autocast
     return supports(model)
 
 
