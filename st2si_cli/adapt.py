@@ -86,10 +86,16 @@ def get_features(
     device = opts.device
     if size > 1 and device == "cuda":  # one card per rank
         device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
-    backbone = load_backbone(zoo, bb_art.id, dtype=dtype, device=device, query=text.query)
     ds = ds if ds is not None else read_dataset(zoo, dataset_art.id)
+    origin = None
+    backbone = None
+    if size == 1 and device == "cpu" and dtype_name(resolve_dtype(dtype, device)) == "float32":
+        backbone, origin = _from_activations(zoo, bb_art, dataset_art, text)
+    if backbone is None:
+        backbone = load_backbone(zoo, bb_art.id, dtype=dtype, device=device, query=text.query)
+    how = f"from activation cache {origin['activations']}, layers {origin['layer']}.." if origin else ""
     reporter.message(
-        f"Computing features with {bb_art.name or bb_art.short_id} ({dtype_name(backbone.dtype)})"
+        f"Computing features with {bb_art.name or bb_art.short_id} ({dtype_name(backbone.dtype)}) {how}".strip()
     )
     art, fs = compute_features(
         zoo,
@@ -98,6 +104,7 @@ def get_features(
         dataset_art.id,
         text,
         alignment=opts.alignment,
+        origin=origin,
         batch_tokens=opts.batch_tokens,
         max_batch=opts.max_batch,
         on_start=reporter.features_start,
@@ -105,6 +112,30 @@ def get_features(
     )
     reporter.features_done()
     return art, fs, bb_art
+
+
+def _from_activations(zoo: Zoo, bb_art: Artifact, dataset_art: Artifact, text: TextConfig) -> tuple[Any, Any]:
+    """(a Backbone whose `st2si()` reads a matching fp32 activation cache, its record for the features'
+    meta) where the zoo holds one (`features/from_activations.py`), else (None, None)."""
+    import torch
+
+    from st2si_cli.backbones.load import Backbone
+    from st2si_cli.features.from_activations import activation_source
+
+    found = activation_source(zoo, bb_art, dataset_art, text)
+    if found is None:
+        return None, None
+    source, art, tokenizer = found
+    backbone = Backbone(
+        model=source.model,
+        tokenizer=tokenizer,
+        hidden_size=source.cache.hidden_size,
+        artifact_id=bb_art.id,
+        name=bb_art.name,
+        dtype=torch.float32,
+    )
+    backbone._st2si = source
+    return backbone, {"activations": art.short_id, "layer": source.layer}
 
 
 def adapt(

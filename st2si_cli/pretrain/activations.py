@@ -183,7 +183,7 @@ def open_or_build(
     if art is None:
         _build(zoo, backbone, samples, plan, info)
         art = zoo.get(cache_name(key), kind="features")
-    index = _load_index(zoo, art)
+    index = load_index(zoo, art)
     if index[:, 2].tolist() != lengths:
         raise St2siError(
             f"the activation cache {art.short_id} does not match these samples: rerun to rebuild it"
@@ -197,7 +197,7 @@ def open_or_build(
     return art, ActivationCache(files, index)
 
 
-def _load_index(zoo: Zoo, art: Artifact) -> Tensor:
+def load_index(zoo: Zoo, art: Artifact) -> Tensor:
     from safetensors.torch import load_file
 
     return load_file(str(zoo.file(art, "index.safetensors")))["index"]
@@ -306,6 +306,7 @@ __all__ = [
     "CachePlan",
     "cache_name",
     "covering",
+    "load_index",
     "open_or_build",
     "prefix_roots",
     "with_uncovered",
