@@ -95,6 +95,12 @@ def method(flags: dict[str, str]) -> str:
         parts.append(f"lr {flags['lr']}")
     if flags.get("head-lr"):
         parts.append(f"ILP lr {flags['head-lr']}")
+    for flag, words in (
+        ("no-alignment", "histories only (no ID alignment)"),
+        ("no-multi-query", "last query only"),
+    ):
+        if flag in flags:
+            parts.append(words)
     if flags.get("valid-every"):
         parts.append(f"validated every {flags['valid-every']} steps")
     parts.append(f"from {flags['init-head']}" if flags.get("init-head") else "from random ILP rows")

@@ -126,6 +126,7 @@ def _from_activations(zoo: Zoo, bb_art: Artifact, dataset_art: Artifact, text: T
     if found is None:
         return None, None
     source, art, tokenizer = found
+    zoo.hold(art)  # `zoo rm` refuses the cache while it is read
     backbone = Backbone(
         model=source.model,
         tokenizer=tokenizer,

@@ -37,14 +37,19 @@ def zoo(tmp_path_factory):
         pretrain(
             zoo, ["toy"], backbone=backbone, cfg=cfg, text=TEXT, out=f"t{k}-{backbone}-{dtype}", device="cpu"
         )
+    cfg = PretrainConfig(**FAST, tune_layers=1, cache_dtype="fp32")
+    pretrain(zoo, ["toy"], backbone="tiny-llama4", cfg=cfg, text=WINDOWS, out="t1-windows", device="cpu")
     return zoo
 
 
-def whole_pass(zoo, backbone: str) -> torch.Tensor:
+WINDOWS = TextConfig(query="dot", max_items=4)  # histories longer than a window: earlier windows too
+
+
+def whole_pass(zoo, backbone: str, text: TextConfig = TEXT) -> torch.Tensor:
     """The features the whole fp32 forward gives, in the feature cache's row order."""
-    bb = load_backbone(zoo, backbone, dtype="fp32", device="cpu", query=TEXT.query)
+    bb = load_backbone(zoo, backbone, dtype="fp32", device="cpu", query=text.query)
     ds = load_dataset(zoo, "toy")
-    itok = ItemTokenizer.create(bb.tokenizer, TEXT)
+    itok = ItemTokenizer.create(bb.tokenizer, text)
     samples = build_samples(ds, itok, itok.encode_items(ds.items), alignment=True, every_position=True)
     return torch.cat(features_per_sample(bb.st2si(), samples))
 
@@ -71,7 +76,7 @@ def test_no_source_where_the_features_would_differ(zoo):
     dataset = zoo.get("toy", kind="dataset")
     llama = zoo.get("tiny-llama4")
     assert {a.meta["dtype"] for a in matching_caches(zoo, llama, dataset, TEXT)} == {"fp32"}  # not the bf16
-    assert matching_caches(zoo, llama, dataset, TextConfig(query="dot", max_items=4)) == []
+    assert matching_caches(zoo, llama, dataset, TextConfig(query="dot", max_items=5)) == []
     assert activation_source(zoo, llama, dataset, TextConfig(query="dot", max_tokens=512)) is None
     art, _fs, _ = get_features(zoo, "tiny-llama4", dataset, TEXT, FeatureOptions(dtype="bf16"))
     assert "origin" not in art.meta
@@ -110,3 +115,21 @@ def test_a_top_k_result_reads_its_sources_cache_up_to_its_first_tuned_layer(zoo)
         ref = whole_pass(zoo, tuned.id)
         torch.testing.assert_close(fs.feats, ref, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(ref, whole_pass(zoo, "tiny-llama4"), atol=1e-3)  # it was tuned
+
+
+def test_windows_the_cache_does_not_hold_run_the_whole_backbone(zoo):
+    """With windows of 4 items a long history's feature samples include earlier windows that no stored
+    sample starts with (the run stored its own training windows, not these): those run the whole
+    backbone, the rest read the cache, and together they are the whole pass's features."""
+    from st2si_cli.pretrain.activations import covers
+
+    dataset = zoo.get("toy", kind="dataset")
+    source, _art, tokenizer = activation_source(zoo, zoo.get("tiny-llama4"), dataset, WINDOWS)
+    ds = load_dataset(zoo, "toy")
+    itok = ItemTokenizer.create(tokenizer, WINDOWS)
+    samples = build_samples(ds, itok, itok.encode_items(ds.items), alignment=True, every_position=True)
+    missing = [j for j in covers(samples, source.stored) if j is None]
+    assert 0 < len(missing) < len(samples)
+    art, fs, _ = get_features(zoo, "tiny-llama4", dataset, WINDOWS, FeatureOptions(dtype="fp32"))
+    assert art.meta["origin"]["layer"] == 3
+    torch.testing.assert_close(fs.feats, whole_pass(zoo, "tiny-llama4", WINDOWS), rtol=1e-4, atol=1e-5)

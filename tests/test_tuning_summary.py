@@ -322,3 +322,14 @@ def test_a_top_k_record_with_its_runs_ranks_gets_a_paired_interval_against_its_s
     assert tuned["test_diff_vs_start_mean"] == pytest.approx(want["mean"])
     assert tuned["test_diff_vs_start_ci95"] == pytest.approx(want["ci95"])
     assert tuned["test_diff_vs_sasrec_ci95"] == pytest.approx(paired_diff(HEADLR, SASREC)["ci95"])
+
+
+def test_the_method_names_the_training_samples_flags():
+    from bench.tuning_records import method, pretrain_flags
+
+    flags = pretrain_flags("st2si pretrain --tune-layers 1 --lr 1e-05 --no-alignment --init-head dom/ilp")
+    assert method(flags) == "top-1 tuning, lr 1e-05, histories only (no ID alignment), from dom/ilp"
+    flags = pretrain_flags("st2si pretrain --no-multi-query --no-alignment")
+    assert method(flags) == (
+        "full tuning, histories only (no ID alignment), last query only, from random ILP rows"
+    )

@@ -83,20 +83,44 @@ class ActivationSource:
         self.model, self.layer, self.cache, self.stored, self.pad_id = model, layer, cache, stored, pad_id
 
     def hidden_at(self, samples: Sequence[Sample]) -> Any:
+        """Samples the cache covers (each a prefix of a stored one) run the layers above it on their
+        cached states; any other (an earlier window of a history longer than one, which the run stored
+        among its own extra inputs) runs the whole backbone. Results in sample order."""
+        import torch
+
+        from st2si_cli.pretrain.activations import covers
+
+        entries = covers(samples, self.stored)
+        cached = [i for i, j in enumerate(entries) if j is not None]
+        whole = [i for i, j in enumerate(entries) if j is None]
+        parts: dict[int, Any] = {}
+        with torch.no_grad():
+            if cached:
+                parts.update(
+                    zip(cached, self._from_cache([samples[i] for i in cached], [entries[i] for i in cached]))
+                )
+            if whole:
+                parts.update(zip(whole, self._whole([samples[i] for i in whole])))
+        return torch.cat([parts[i] for i in range(len(samples))])
+
+    def _from_cache(self, samples: Sequence[Sample], entries: Sequence[Any]) -> list[Any]:
         import torch
 
         from st2si_cli.model.layers import run_from
-        from st2si_cli.pretrain.activations import covering
 
-        entries = covering(samples, self.stored)
         batch = collate(samples, self.pad_id, "cpu")
         hidden = torch.zeros(len(samples), batch.input_ids.shape[1], self.cache.hidden_size)
         for b, (s, j) in enumerate(zip(samples, entries)):
             hidden[b, : len(s.tokens)] = self.cache.get(j)[: len(s.tokens)].float()
         rows, cols = batch.query_rows, batch.query_cols
-        with torch.no_grad():
-            h = run_from(self.model, batch.input_ids, hidden, self.layer, (rows, cols))
-        return h[rows, cols]
+        h = run_from(self.model, batch.input_ids, hidden, self.layer, (rows, cols))[rows, cols]
+        return list(h.split([len(s.query_pos) for s in samples]))
+
+    def _whole(self, samples: Sequence[Sample]) -> list[Any]:
+        batch = collate(samples, self.pad_id, "cpu")
+        h = self.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+        h = h[batch.query_rows, batch.query_cols]
+        return list(h.split([len(s.query_pos) for s in samples]))
 
 
 def activation_source(

@@ -130,7 +130,7 @@ def prefix_roots(samples: Sequence[Sample]) -> list[int]:
     return roots
 
 
-def _covers(readers: Sequence[Sample], stored: Sequence[Sample]) -> list[int | None]:
+def covers(readers: Sequence[Sample], stored: Sequence[Sample]) -> list[int | None]:
     """Per reader, the stored sample whose first rows are its states: the longest of the same owner
     that starts with its tokens (the first of equal ones); None where there is none."""
     by_owner: dict[int, list[int]] = {}
@@ -145,8 +145,8 @@ def _covers(readers: Sequence[Sample], stored: Sequence[Sample]) -> list[int | N
 
 
 def covering(readers: Sequence[Sample], stored: Sequence[Sample]) -> list[int]:
-    """`_covers`, where a reader no stored sample covers is an error (the cache was made for other inputs)."""
-    out = _covers(readers, stored)
+    """`covers`, where a reader no stored sample covers is an error (the cache was made for other inputs)."""
+    out = covers(readers, stored)
     if any(j is None for j in out):
         raise St2siError("a training or validation input is not in the activation cache: rerun to rebuild it")
     return [j for j in out if j is not None]
@@ -156,7 +156,7 @@ def with_uncovered(stored: Sequence[Sample], readers: Sequence[Sample]) -> list[
     """`stored` and, after it, each reader none of them covers (once per distinct owner and tokens): a
     window of a long history that the newest window does not start with, for instance."""
     extra: dict[tuple[int, tuple[int, ...]], Sample] = {}
-    for r, j in zip(readers, _covers(readers, stored)):
+    for r, j in zip(readers, covers(readers, stored)):
         if j is None:
             extra.setdefault((r.owner, tuple(r.tokens)), r)
     return [*stored, *extra.values()]
@@ -306,6 +306,7 @@ __all__ = [
     "CachePlan",
     "cache_name",
     "covering",
+    "covers",
     "load_index",
     "open_or_build",
     "prefix_roots",
