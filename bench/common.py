@@ -52,6 +52,16 @@ def machine_name() -> str:
     return f"{slug}-{cpu_count()}c"
 
 
+def cpu_bf16() -> bool | None:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX): the same model name can come with
+    and without it, and it decides the fp32/bf16 timings. None where /proc/cpuinfo is not there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def today() -> str:
     return time.strftime("%Y-%m-%d")
 
@@ -102,6 +112,7 @@ def provenance() -> dict[str, Any]:
         "machine": machine_name(),
         "cpu": cpu_model(),
         "cores": cpu_count(),
+        "cpu_bf16": cpu_bf16(),
         "torch_threads": torch.get_num_threads(),
         "load_average_start": load_average(),
         "python": platform.python_version(),
