@@ -86,6 +86,17 @@ def test_name_moves_to_newer_artifact(zoo: Zoo) -> None:
     assert [a.id for a in zoo.ls(kind="head")] == [new.id, old.id]
 
 
+def test_an_artifact_found_by_one_of_its_names_carries_that_name(zoo: Zoo) -> None:
+    """The same weights stored twice under two names (a tuning run that kept its start) are one
+    artifact; each name finds it and it carries the name it was asked by."""
+    base = zoo.put("backbone", {"w": b"same"}, {}, name="smollm2-135m")
+    again = zoo.put("backbone", {"w": b"same"}, {}, name="smollm2-135m-tuned-kept-start")
+    assert again.id == base.id
+    assert zoo.get("smollm2-135m").name == "smollm2-135m"
+    assert zoo.get("smollm2-135m-tuned-kept-start", kind="backbone").name == "smollm2-135m-tuned-kept-start"
+    assert zoo.get(base.id).name == "smollm2-135m-tuned-kept-start"  # by ID: the newest name
+
+
 def test_put_from_files_and_move_from_staging(zoo: Zoo, tmp_path: Path) -> None:
     src = tmp_path / "catalog.jsonl"
     src.write_bytes(b"items\n")

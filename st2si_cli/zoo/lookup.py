@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,7 +74,10 @@ class Lookups:
         if rows:
             art = self._by_id(rows[0][1])
             if art is not None:
-                return art
+                # Found by one of its names: it carries that one. Several names can hold one artifact
+                # (a tuning run that kept its start stores the source's weights under a new name), and
+                # what a command prints and names after it (`DOMAIN/BACKBONE`) is the name it was given.
+                return dataclasses.replace(art, name=ref)
         if len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref):
             id_rows = list(self.db["artifacts"].rows_where("id LIKE ?", [ref + "%"]))
             if kind:
