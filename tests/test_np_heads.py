@@ -40,7 +40,11 @@ def test_erf_and_gelu_are_torchs():
     assert got.dtype == np.float32
     exact = torch.nn.functional.gelu(x.double()).float()  # float64, rounded once
     torch.testing.assert_close(torch.from_numpy(got), exact, rtol=2e-7, atol=1e-12)
-    torch.testing.assert_close(torch.from_numpy(got), torch.nn.functional.gelu(x), rtol=2e-6, atol=5e-7)
+    # torch's own fp32 gelu is an approximation whose error depends on the CPU's vector code (up to
+    # 8e-7 on AVX-512): ours is within that error of it, element by element, plus our own rounding
+    theirs = torch.nn.functional.gelu(x)
+    ours = torch.from_numpy(got)
+    assert torch.all((ours - theirs).abs() <= (theirs - exact).abs() + 2e-7 * exact.abs() + 1e-12)
 
 
 def test_layer_norm_and_log_softmax_are_torchs():
