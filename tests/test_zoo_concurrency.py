@@ -117,3 +117,26 @@ def test_a_claimed_cache_waits_for_its_owner(tmp_path: Path) -> None:
         lock.release()
         assert child.stdout.readline().strip() == "got it"
         assert child.wait(timeout=60) == 0
+
+
+def test_a_view_another_process_made_meanwhile_is_kept(tmp_path: Path, monkeypatch) -> None:
+    """Two processes (the ranks of a torchrun job) build one artifact's view at once: the one that
+    finishes second keeps the first one's sound view, never moving it from under a loader reading it."""
+    import st2si_cli.zoo.views as views
+
+    zoo = Zoo(tmp_path / "zoo")
+    art = zoo.put("backbone", {"config.json": b"{}", "model.bin": b"weights"}, {}, name="bb")
+    real_mkdtemp = views.tempfile.mkdtemp
+    made = {}
+
+    def other_process_first(*args, **kwargs):
+        if not made:  # the other process builds and publishes the view while this one starts its own
+            made["ino"] = None  # (its own mkdtemp call comes back here)
+            made["ino"] = views.build_view(zoo.root, art.id, art.files).stat().st_ino
+        return real_mkdtemp(*args, **kwargs)
+
+    monkeypatch.setattr(views.tempfile, "mkdtemp", other_process_first)
+    target = views.build_view(zoo.root, art.id, art.files)
+    assert target.stat().st_ino == made["ino"]  # the other's folder, not moved aside and replaced
+    assert views.view_is_sound(zoo.root, target, art.files)
+    assert not [p for p in (zoo.root / "tmp").iterdir() if "view" in p.name]  # this one's copy is gone

@@ -39,6 +39,11 @@ def build_view(root: Path, art_id: str, files: Mapping[str, str]) -> Path:
         dest = tmp / fname
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(link_target(root, fname, sha), dest)
+    if target.is_dir() and view_is_sound(root, target, files):
+        # another process made it while this one built its own: keep theirs (moving a sound view
+        # aside would pull it from under a loader reading it, e.g. the other rank of a torchrun job)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target
     if target.exists():  # unsound: move it aside first (a non-empty folder cannot be replaced)
         old = Path(tempfile.mkdtemp(dir=root / "tmp", prefix=tmp_prefix("oldview")))
         try:
