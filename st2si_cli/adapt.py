@@ -104,7 +104,6 @@ def get_features(
         dataset_art.id,
         text,
         alignment=opts.alignment,
-        origin=origin,
         batch_tokens=opts.batch_tokens,
         max_batch=opts.max_batch,
         on_start=reporter.features_start,
@@ -136,7 +135,7 @@ def _from_activations(zoo: Zoo, bb_art: Artifact, dataset_art: Artifact, text: T
         dtype=torch.float32,
     )
     backbone._st2si = source
-    return backbone, {"activations": art.short_id, "layer": source.layer}
+    return backbone, source.origin
 
 
 def adapt(

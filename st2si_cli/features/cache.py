@@ -157,7 +157,6 @@ def _compute_features(
     batch_tokens: int = 16384,
     max_batch: int = 64,
     shard_seconds: float = 120.0,
-    origin: dict[str, Any] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
 ) -> tuple[Artifact, FeatureSet]:
@@ -284,7 +283,8 @@ def _compute_features(
         }
         if size > 1:  # the meta, not the identity: the ID is the one a single process stores
             meta["ranks"] = size
-        if origin:  # computed from an activation cache (features/from_activations.py), not a whole pass
+        origin = getattr(model, "origin", None)  # an activation cache's reader, not a whole pass
+        if origin:  # (features/from_activations.py)
             meta["origin"] = origin
         art = zoo.put(
             "features",

@@ -80,7 +80,11 @@ class ActivationSource:
     entering layer `layer`, through the layers above it and the final norm."""
 
     def __init__(self, model: Any, layer: int, cache: Any, stored: Sequence[Sample], pad_id: int):
+        from st2si_cli.model.st2si import ST2SI
+
         self.model, self.layer, self.cache, self.stored, self.pad_id = model, layer, cache, stored, pad_id
+        self.whole = ST2SI(model, None, pad_id=pad_id)  # for samples the cache does not cover
+        self.origin: dict[str, Any] = {"layer": layer}  # what the feature cache's record says (`cache.py`)
 
     def hidden_at(self, samples: Sequence[Sample]) -> Any:
         """Samples the cache covers (each a prefix of a stored one) run the layers above it on their
@@ -100,7 +104,9 @@ class ActivationSource:
                     zip(cached, self._from_cache([samples[i] for i in cached], [entries[i] for i in cached]))
                 )
             if whole:
-                parts.update(zip(whole, self._whole([samples[i] for i in whole])))
+                rest = [samples[i] for i in whole]  # the whole backbone (packed where it can be)
+                h = self.whole.hidden_at(rest).float()
+                parts.update(zip(whole, h.split([len(s.query_pos) for s in rest])))
         return torch.cat([parts[i] for i in range(len(samples))])
 
     def _from_cache(self, samples: Sequence[Sample], entries: Sequence[Any]) -> list[Any]:
@@ -114,12 +120,6 @@ class ActivationSource:
             hidden[b, : len(s.tokens)] = self.cache.get(j)[: len(s.tokens)].float()
         rows, cols = batch.query_rows, batch.query_cols
         h = run_from(self.model, batch.input_ids, hidden, self.layer, (rows, cols))[rows, cols]
-        return list(h.split([len(s.query_pos) for s in samples]))
-
-    def _whole(self, samples: Sequence[Sample]) -> list[Any]:
-        batch = collate(samples, self.pad_id, "cpu")
-        h = self.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
-        h = h[batch.query_rows, batch.query_cols]
         return list(h.split([len(s.query_pos) for s in samples]))
 
 
@@ -150,6 +150,7 @@ def activation_source(
     files = [zoo.file(art, f"shard-{n:05d}.safetensors") for n in range(art.meta["shards"])]
     cache = ActivationCache(files, index[: len(stored)])
     source = ActivationSource(model, int(art.meta["layer"]), cache, stored, corpus.pad_id)
+    source.origin["activations"] = art.short_id
     return source, art, tokenizer
 
 
